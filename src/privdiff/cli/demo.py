@@ -1,0 +1,25 @@
+"""`privdiff demo`: the main job on the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from privdiff.cli import app
+
+console = Console()
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the demo's runs go."),
+    steps: int = typer.Option(None, help="Override the fine-tuning steps (quick looks)."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Fine-tune a LoRA on the private digits from the shipped base, sample, write runs/demo/."""
+    from privdiff.demo import run_demo
+
+    result = run_demo(out, steps=steps, show_progress=not quiet)
+    console.print(result.describe())

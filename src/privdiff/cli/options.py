@@ -1,0 +1,25 @@
+"""Shared option handling: CLI flags become dotted config overrides, so the config stays the truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from privdiff.config import RunConfig, load_config
+
+
+def build_config(config_file: Path | None, flags: dict[str, Any], extra: list[str] | None,
+                 base: RunConfig | None = None) -> RunConfig:
+    """Config file (or `base`) <- explicit flags (`section.key` -> value, None = not given) <- --set."""
+    overrides = [f"{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None]
+    return load_config(config_file, overrides + list(extra or []), base=base)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)

@@ -1,0 +1,229 @@
+"""Run configuration: dataclasses per room, composed into `RunConfig`.
+
+Loaded from YAML with the safe loader, overridden by dotted keys (`train.steps=100`), validated
+on load, and saved fully resolved next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from privdiff.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # a built-in dataset name, or a folder in the imagefolder layout
+    image_size: int = 32
+    num_examples: int | None = 256  # seeded subset of the dataset; null = all of it
+    seed: int = 0  # picks the subset
+
+
+@dataclass
+class MembershipConfig:
+    """Manifest proportions (smp-lora.md §2); defaults reproduce the 433/400, 200/233, 200/200 split."""
+
+    manifest: str | None = None  # an existing membership.json to reuse (results stay paired)
+    seed: int = 0
+    member_fraction: float = 0.52
+    member_aux_fraction: float = 0.462
+    nonmember_aux_fraction: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = None  # local Stable Diffusion folder; null = the shipped tiny base
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 4.0  # scale alpha/rank = 0.5, as the reference recipe (smp-lora.md §3)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"
+    steps: int = 600
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None  # gradient-norm clipping of the batch gradient (not DP)
+    caption_dropout: float = 0.0  # probability of training on the empty prompt (for guidance)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    num_images: int = 16
+    num_inference_steps: int = 25
+    scheduler: str = "ddim"  # ddim | ddpm
+    guidance_scale: float = 3.0
+    seed: int = 0
+    prompts: list[str] | None = None  # null = captions of the private data, one per image
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/finetune"
+    data: DataConfig = field(default_factory=DataConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "RunConfig":
+        """Raises ConfigError on the first invalid value."""
+        checks = [
+            (self.data.image_size >= 8 and self.data.image_size % 8 == 0,
+             "data.image_size must be a multiple of 8 and >= 8"),
+            (self.data.num_examples is None or self.data.num_examples >= 4,
+             "data.num_examples must be >= 4 (or null for all)"),
+            (0 < self.membership.member_fraction < 1, "membership.member_fraction must be in (0, 1)"),
+            (0 < self.membership.member_aux_fraction < 1, "membership.member_aux_fraction must be in (0, 1)"),
+            (0 < self.membership.nonmember_aux_fraction < 1,
+             "membership.nonmember_aux_fraction must be in (0, 1)"),
+            (self.lora.rank >= 1, "lora.rank must be >= 1"),
+            (self.lora.alpha > 0, "lora.alpha must be > 0"),
+            (bool(self.lora.target_modules), "lora.target_modules must not be empty"),
+            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (self.train.steps >= 1, "train.steps must be >= 1"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.learning_rate > 0, "train.learning_rate must be > 0"),
+            (self.train.max_grad_norm is None or self.train.max_grad_norm > 0,
+             "train.max_grad_norm must be > 0 (or null)"),
+            (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
+            (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+            (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
+            (self.sample.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
+            (self.sample.scheduler in ("ddim", "ddpm"), "sample.scheduler must be 'ddim' or 'ddpm'"),
+            (self.sample.guidance_scale >= 1, "sample.guidance_scale must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Builds dataclass `cls` from a dict, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{_join(where, unknown[0])}'")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        path = _join(where, key)
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"config key '{path}' may not be null")
+    if hint is bool or text.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif "list" in text:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif hint is float or text.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int or text.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is str or text.startswith("str"):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{path}' has invalid value {value!r} (expected {_type_name(hint)})")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, values, "").validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: RunConfig | None = None) -> RunConfig:
+    """Loads a YAML config (safe loader) onto `base` (defaults), applies `key=value` overrides.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or invalid value.
+    """
+    values = (base or RunConfig()).to_dict()
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        _merge(values, loaded or {}, "")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _merge(values, _nest(key.split("."), value), "")
+    return config_from_dict(values)
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def _merge(into: dict[str, Any], new: Any, where: str) -> None:
+    if not isinstance(new, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping")
+    for key, value in new.items():
+        path = _join(where, str(key))
+        if key not in into:
+            raise ConfigError(f"unknown config key '{path}'")
+        if isinstance(into[key], dict):
+            _merge(into[key], value, path)
+        else:
+            into[key] = value
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    from privdiff.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

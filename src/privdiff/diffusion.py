@@ -1,0 +1,54 @@
+"""The per-example denoising loss, shared by training, DP clipping and loss-based attacks.
+
+Everything about the noise schedule goes through the diffusers scheduler (`add_noise`,
+`get_velocity`), never re-derived here, so the quantity attacked is the quantity trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+
+def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model is trained to predict: the noise (epsilon) or the velocity (v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type '{kind}'")
+
+
+def per_example_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
+                     context: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     reduce: bool = True) -> torch.Tensor:
+    """Denoising MSE of each example.
+
+    Args:
+        unet: a `UNet2DConditionModel` (adapters, if any, already attached).
+        scheduler: the training noise scheduler.
+        latents: clean latents z0, shape (B, C, h, w).
+        context: text-encoder hidden states, shape (B, L, D).
+        noise: the Gaussian noise n, same shape as `latents`.
+        timesteps: integer timesteps, shape (B,).
+        reduce: mean over latent elements (B,) when True, else the element-wise squared error
+            (B, C, h, w) used as the proxy attacker's feature.
+
+    Returns:
+        (B,) losses, one per example: nothing is averaged across the batch, so each entry depends
+        on its own example only (the property DP clipping relies on).
+    """
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+    error = (prediction.float() - training_target(scheduler, latents, noise, timesteps).float()) ** 2
+    return error.mean(dim=(1, 2, 3)) if reduce else error
+
+
+def draw_noise_and_timesteps(shape: torch.Size, num_train_timesteps: int,
+                             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded draw of (noise (B, C, h, w), timesteps (B,)) uniform over [0, T)."""
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator)
+    return noise, timesteps

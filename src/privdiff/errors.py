@@ -1,0 +1,17 @@
+"""Errors that the CLI turns into one-line messages and a non-zero exit."""
+
+
+class PrivdiffError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class ConfigError(PrivdiffError):
+    """An invalid run configuration or command-line option."""
+
+
+class DataError(PrivdiffError):
+    """A dataset that cannot be used as given (names the offending file)."""
+
+
+class ModelError(PrivdiffError):
+    """A checkpoint or adapter that cannot be loaded or does not match."""

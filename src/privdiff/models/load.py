@@ -1,0 +1,90 @@
+"""Loading Stable Diffusion pipelines from local folders only (nothing is ever downloaded)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from privdiff.errors import ModelError
+
+BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd-glyphs"
+CHECKSUM_FILE = "SHA256SUMS"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(folder: Path) -> None:
+    """Checks every file listed in `folder/SHA256SUMS` (sha256sum format).
+
+    Raises:
+        ModelError: a listed file is missing or its hash differs.
+    """
+    sums = folder / CHECKSUM_FILE
+    if not sums.exists():
+        return
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        path = folder / name.lstrip("*")
+        if not path.exists():
+            raise ModelError(f"{folder}: missing file {name} listed in {CHECKSUM_FILE}")
+        if sha256_file(path) != digest:
+            raise ModelError(f"{path}: sha256 does not match {CHECKSUM_FILE} (corrupt or modified)")
+
+
+def write_checksums(folder: Path) -> None:
+    """Writes `SHA256SUMS` over the weight and config files of a saved pipeline."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE
+                   and p.suffix in (".safetensors", ".json", ".txt"))
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    (folder / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
+
+
+def _quiet_hf_loading() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
+    """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder, on the CPU.
+
+    Args:
+        path: folder saved by `save_pretrained` (model_index.json, unet/, vae/, text_encoder/,
+            tokenizer/, scheduler/); None loads the shipped tiny base model after checking its hashes.
+
+    Raises:
+        ModelError: the folder is missing, not in the diffusers layout, or fails to load.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = Path(path) if path is not None else BASE_MODEL_DIR
+    if not folder.is_dir():
+        raise ModelError(f"pretrained model folder not found: {folder}")
+    if not (folder / "model_index.json").exists():
+        raise ModelError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    verify_checksums(folder)
+    _quiet_hf_loading()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load pipeline from {folder}: {first}") from None
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return pipe

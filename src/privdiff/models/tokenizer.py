@@ -1,0 +1,73 @@
+"""A tiny word-level CLIP tokenizer built in code.
+
+The real CLIP tokenizer has 49k BPE merges learned on web text; shipping it would add megabytes and
+tie the tiny models to a vocabulary they never use. This builds a byte-level BPE with the same file
+format (`vocab.json` + `merges.txt`) whose merges spell out a fixed word list, so every caption word
+privdiff generates is one token and any other text still tokenizes (character by character).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+MAX_LENGTH = 16
+
+_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray",
+            "brown", "cyan", "magenta")
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_WORDS = ("a", "an", "the", "of", "on", "in", "and", "with", "photo", "picture", "image", "drawing",
+          "handwritten", "digit", "number", "letter", "capital", "small", "face", "person", "portrait",
+          "circle", "filled", "outline", "background", "foreground", "sks", "identity", "object",
+          "shape", "dark", "light", "bright", "grayscale", "texture", "pattern")
+WORDS: tuple[str, ...] = (_WORDS + _COLOURS + _NUMBERS + tuple("abcdefghijklmnopqrstuvwxyz")
+                          + tuple("0123456789"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # Same reversible byte -> printable-character table as GPT-2/CLIP BPE.
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_vocab_and_merges(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]:
+    """Returns a CLIP-format vocabulary and merge list in which each word of `words` is one token."""
+    base = list(_bytes_to_unicode().values())
+    vocab_list = base + [c + "</w>" for c in base]
+    merges: list[str] = []
+    known = set(vocab_list)
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merged = current + nxt
+            if merged not in known:
+                merges.append(f"{current} {nxt}")
+                vocab_list.append(merged)
+                known.add(merged)
+            current = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def build_tokenizer(max_length: int = MAX_LENGTH) -> CLIPTokenizer:
+    """Builds the tiny tokenizer (no files needed afterwards: `save_pretrained` writes its own)."""
+    vocab, merges = build_vocab_and_merges()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length,
+                                  pad_token="<|endoftext|>")
+    return tokenizer

@@ -1,0 +1,106 @@
+"""Sampling images from a (LoRA-adapted) pipeline, and saving them as a PNG grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from privdiff.config import SampleConfig
+from privdiff.training.checkpoint import atomic_replace
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def default_prompts(captions: list[str], num_images: int) -> list[str]:
+    """The distinct captions of a dataset, sorted and cycled to `num_images` prompts."""
+    unique = sorted(set(captions))
+    return [unique[i % len(unique)] for i in range(num_images)]
+
+
+@torch.no_grad()
+def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], cfg: SampleConfig,
+                  image_size: int) -> np.ndarray:
+    """Generates one image per prompt with the configured sampler and guidance.
+
+    Returns:
+        (N, H, W, 3) uint8 images. The same `cfg.seed` gives the same images.
+    """
+    original = pipe.scheduler
+    pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(original.config)
+    pipe.unet.eval()
+    try:
+        out = pipe(prompts, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   generator=torch.Generator().manual_seed(cfg.seed), height=image_size, width=image_size,
+                   output_type="np")
+    finally:
+        pipe.scheduler = original
+    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """(N, H, W, 3) uint8 -> one grid image with `pad` pixels of white between tiles."""
+    n, h, w, _ = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    return Image.fromarray(grid)
+
+
+def save_grid(images: np.ndarray, path: Path, scale: int = 2) -> None:
+    """Saves the grid atomically, upscaled `scale` times (nearest) so tiny images stay visible."""
+    grid = image_grid(images)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    atomic_replace(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str | None,
+                   prompts: list[str] | None, num_images: int, steps: int, scheduler: str,
+                   guidance_scale: float, seed: int, out: Path) -> Path:
+    """Loads the base (+ adapter from `lora` or `run_dir`) and writes a sample grid to `out`.
+
+    Raises:
+        ConfigError: conflicting or missing inputs; ModelError: base or adapter cannot be loaded.
+    """
+    import json
+
+    import yaml
+
+    from privdiff.errors import ConfigError
+    from privdiff.models.load import load_pipeline
+    from privdiff.models.lora import LORA_WEIGHT_NAME, load_lora_into_unet
+
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler '{scheduler}' (choose ddim or ddpm)")
+    if run_dir is not None and lora is not None:
+        raise ConfigError("give a run folder or --lora, not both")
+    image_size = 32
+    if run_dir is not None:
+        summary_path = Path(run_dir) / "summary.json"
+        if not summary_path.exists():
+            raise ConfigError(f"{run_dir} is not a finished run folder (no summary.json)")
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        summary = json.loads(summary_path.read_text())
+        pretrained = pretrained or config["model"]["pretrained"]
+        image_size = config["data"]["image_size"]
+        prompts = prompts or summary.get("sample_prompts")
+        lora = Path(run_dir) / LORA_WEIGHT_NAME
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt (or a run folder, whose captions are used)")
+    pipe = load_pipeline(pretrained)
+    if run_dir is None:
+        image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if lora is not None:
+        load_lora_into_unet(pipe.unet, Path(lora))
+    cfg = SampleConfig(num_images=num_images, num_inference_steps=steps, scheduler=scheduler,
+                       guidance_scale=guidance_scale, seed=seed)
+    images = sample_images(pipe, [prompts[i % len(prompts)] for i in range(num_images)], cfg, image_size)
+    save_grid(images, out)
+    return Path(out)

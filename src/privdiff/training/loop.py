@@ -1,0 +1,99 @@
+"""The one training loop: seeding, batches, progress, logging, atomic checkpoints and resume.
+
+Methods plug in through `TrainingMethod`; the loop never branches on which method it runs.
+Every step's randomness is derived from (seed, step), so a run resumed from a checkpoint at step
+s continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from privdiff.seeding import generator
+from privdiff.training.checkpoint import load_checkpoint, save_checkpoint
+from privdiff.training.methods.base import TrainBatch, TrainingMethod
+from privdiff.training.task import DiffusionTask
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    resumed_from: int = 0
+
+
+def make_batch(task: DiffusionTask, indices: torch.Tensor, caption_dropout: float,
+               rng: torch.Generator) -> TrainBatch:
+    contexts = task.contexts[indices]
+    if caption_dropout > 0:
+        drop = torch.rand(len(indices), generator=rng) < caption_dropout  # (B,)
+        contexts = torch.where(drop[:, None, None], task.null_context.expand_as(contexts), contexts)
+    return TrainBatch(indices=indices, latents=task.latents[indices], contexts=contexts)
+
+
+def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume: bool = False,
+          show_progress: bool = True, on_step: StepCallback | None = None,
+          description: str = "training") -> TrainResult:
+    """Trains `task.unet` with `method` for `config.train.steps` steps.
+
+    Args:
+        task: cached training inputs and the UNet.
+        method: the training method (its `prepare` is called here).
+        run_dir: where `checkpoint.pt` is written every `train.checkpoint_every` steps.
+        resume: continue from `run_dir/checkpoint.pt` when it exists.
+        show_progress: draw a rich progress bar.
+        on_step: called after every step with (step, metrics); may raise to stop the run.
+
+    Returns:
+        The step count, the logged history and the wall time of this call.
+    """
+    cfg = method.config.train
+    method.prepare(task)
+    history: list[dict[str, float]] = []
+    start = 0
+    running_saved: list[float] = []
+    state = load_checkpoint(run_dir) if resume else None
+    if state is not None:
+        method.load_state_dict(state["method"])
+        history, start = state["history"], state["step"]
+        running_saved = state.get("running", [])
+    began = time.perf_counter()
+    progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                        disable=not show_progress, transient=False)
+    with progress:
+        bar = progress.add_task(description, total=cfg.steps, completed=start, loss=float("nan"))
+        running: list[float] = list(running_saved)
+        for step in range(start, cfg.steps):
+            rng = generator(cfg.seed, "step", step)
+            indices = method.batch_indices(step, task.num_examples, rng)
+            batch = make_batch(task, indices, cfg.caption_dropout, rng)
+            metrics = method.step(task, batch, rng)
+            running.append(metrics["loss"])
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                history.append({"step": step + 1, **metrics, "loss_avg": sum(running) / len(running)})
+                running = []
+            progress.update(bar, advance=1, loss=metrics["loss"])
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(run_dir, {"step": step + 1, "method": method.state_dict(),
+                                          "history": history, "running": running})
+            if on_step is not None:
+                on_step(step + 1, metrics)
+    return TrainResult(steps=cfg.steps, history=history, wall_time_s=time.perf_counter() - began,
+                       resumed_from=start)
+
+
+def describe_history(history: list[dict[str, Any]]) -> str:
+    if not history:
+        return "no steps logged"
+    return f"final loss {history[-1]['loss_avg']:.4f} after {history[-1]['step']} steps"

@@ -1,0 +1,74 @@
+"""The interface every training method implements; the loop never branches on a method name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from privdiff.config import RunConfig
+from privdiff.training.task import DiffusionTask
+
+
+@dataclass
+class TrainBatch:
+    """One step's examples: rows of the task's cached tensors.
+
+    Attributes:
+        indices: (B,) row indices into the task.
+        latents: (B, C, h, w).
+        contexts: (B, L, D), with caption dropout already applied.
+    """
+
+    indices: torch.Tensor
+    latents: torch.Tensor
+    contexts: torch.Tensor
+
+
+class TrainingMethod(ABC):
+    """A way of training the UNet of a `DiffusionTask` (plain LoRA, DP-LoRA, SMP-LoRA, ...)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def prepare(self, task: DiffusionTask) -> None:
+        """Attaches adapters and builds the optimizer (the model is already on its device)."""
+
+    @abstractmethod
+    def step(self, task: DiffusionTask, batch: TrainBatch, rng: torch.Generator) -> dict[str, float]:
+        """Runs one optimisation step; returns scalar metrics, at least `loss`."""
+
+    def batch_indices(self, step: int, num_examples: int, rng: torch.Generator) -> torch.Tensor:
+        """Rows of step `step`: shuffled epochs of fixed-size batches (drop-last)."""
+        size = min(self.config.train.batch_size, num_examples)
+        per_epoch = num_examples // size
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(num_examples, generator=rng_for_epoch(self.config.train.seed, epoch))
+        return order[offset * size:(offset + 1) * size]
+
+    def privacy_spent(self) -> dict[str, Any] | None:
+        """The privacy guarantee so far (None for methods without one)."""
+        return None
+
+    def adapter_metadata(self) -> dict[str, str]:
+        """Extra safetensors header fields for the exported adapter."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: trainable weights, optimizer, method state."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+
+def rng_for_epoch(seed: int, epoch: int) -> torch.Generator:
+    from privdiff.seeding import generator
+
+    return generator(seed, "epoch-order", epoch)

@@ -1,0 +1,144 @@
+"""A fine-tuning run end to end, writing the run folder every later command reads.
+
+Run folder contract:
+    config.yaml                        the fully resolved config
+    membership.json                    the membership manifest used
+    checkpoint.pt                      latest training state (resume)
+    history.json                       logged training metrics (training curves)
+    pytorch_lora_weights.safetensors   the adapter, diffusers LoRA format
+    samples.png                        a grid of generated samples
+    summary.json                       written last: method, steps, seed, dataset, versions,
+                                       git commit, wall time, metrics {}, privacy {}
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from privdiff.config import RunConfig, save_config
+from privdiff.data import ImageDataset, Manifest, build_manifest, load_dataset, load_manifest
+from privdiff.errors import ConfigError, DataError
+from privdiff.models.load import load_pipeline
+from privdiff.models.lora import LORA_WEIGHT_NAME, save_lora
+from privdiff.sampling import default_prompts, sample_images, save_grid
+from privdiff.seeding import seed_everything
+from privdiff.training.checkpoint import atomic_write_json
+from privdiff.training.loop import StepCallback, TrainResult, train
+from privdiff.training.methods import get_method
+from privdiff.training.run_info import run_record
+from privdiff.training.task import build_task
+
+RUN_FILES = ("config.yaml", "membership.json", "checkpoint.pt", "history.json", LORA_WEIGHT_NAME,
+             "samples.png", "summary.json")
+
+
+@dataclass
+class RunInputs:
+    """Everything validated before the run folder is touched."""
+
+    dataset: ImageDataset
+    manifest: Manifest
+    members: ImageDataset
+
+
+def prepare_inputs(config: RunConfig) -> RunInputs:
+    """Loads and validates the data and the manifest (raises before anything is written)."""
+    dataset = load_dataset(config.data)
+    if config.membership.manifest:
+        manifest = load_manifest(Path(config.membership.manifest), dataset.content_hash)
+    else:
+        manifest = build_manifest([ex.id for ex in dataset.examples], dataset.name, dataset.content_hash,
+                                  config.membership)
+    members = dataset.subset(manifest.members)
+    if config.train.batch_size > len(members):
+        raise ConfigError(f"train.batch_size {config.train.batch_size} is larger than the "
+                          f"{len(members)} training members")
+    return RunInputs(dataset=dataset, manifest=manifest, members=members)
+
+
+def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> bool:
+    """Creates or checks the run folder; returns whether training resumes from a checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output path {run_dir} exists and is not a folder")
+    existing = [p for p in run_dir.iterdir()] if run_dir.exists() else []
+    if existing and resume:
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"cannot resume: {run_dir} has no config.yaml")
+        if yaml.safe_load(saved.read_text()) != config.to_dict():
+            raise ConfigError(f"cannot resume: the config differs from the one saved in {saved}")
+        return (run_dir / "checkpoint.pt").exists()
+    if existing and not overwrite:
+        raise ConfigError(f"output folder {run_dir} is not empty: pass --resume to continue it or "
+                          f"--overwrite to replace it")
+    if existing:
+        unknown = [p.name for p in existing if p.name not in RUN_FILES and not p.name.startswith(".")
+                   and p.name not in ("audit", "metrics.json", "report.html", "report.json")]
+        if unknown:
+            raise ConfigError(f"refusing to overwrite {run_dir}: it holds files privdiff did not write "
+                              f"(e.g. {unknown[0]})")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                 show_progress: bool = True, on_step: StepCallback | None = None) -> Path:
+    """Fine-tunes per `config` and writes the run folder; returns its path.
+
+    Raises:
+        PrivdiffError: invalid data, config or model, before anything is written.
+    """
+    began = time.perf_counter()
+    config.validate()
+    method = get_method(config.train.method)(config)
+    inputs = prepare_inputs(config)
+    pipe = load_pipeline(config.model.pretrained)
+    run_dir = Path(config.output_dir)
+    resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
+    save_config(config, run_dir / "config.yaml")
+    atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
+
+    seed_everything(config.train.seed)
+    task = build_task(pipe, inputs.members)
+    if not set(task.example_ids) <= set(inputs.manifest.members):
+        raise DataError("internal: a training batch would contain a non-member")
+    result = train(task, method, run_dir, resume=resuming, show_progress=show_progress, on_step=on_step,
+                   description=f"fine-tuning ({method.name})")
+    save_lora(run_dir / LORA_WEIGHT_NAME, pipe.unet, config.lora, method.adapter_metadata())
+    atomic_write_json(run_dir / "history.json", result.history)
+    prompts = config.sample.prompts or default_prompts(inputs.members.captions(), config.sample.num_images)
+    save_grid(sample_images(pipe, prompts, config.sample, config.data.image_size), run_dir / "samples.png")
+    atomic_write_json(run_dir / "summary.json",
+                      build_summary(config, inputs, result, method.privacy_spent(),
+                                    time.perf_counter() - began, task.unet, prompts))
+    return run_dir
+
+
+def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, privacy: dict | None,
+                  wall_time_s: float, unet: torch.nn.Module, prompts: list[str]) -> dict:
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return {
+        "method": config.train.method,
+        "steps": result.steps,
+        "seed": config.train.seed,
+        "dataset": {"name": inputs.dataset.name, "hash": inputs.dataset.content_hash,
+                    "num_examples": len(inputs.dataset), "num_train_members": len(inputs.members),
+                    "image_size": config.data.image_size},
+        "membership": inputs.manifest.counts(),
+        "pretrained": config.model.pretrained or "privdiff:tiny-sd-glyphs",
+        "num_trainable_params": trainable,
+        "final_loss": result.history[-1]["loss_avg"] if result.history else None,
+        "resumed_from_step": result.resumed_from,
+        "sample_prompts": prompts,
+        **run_record(),
+        "wall_time_s": round(wall_time_s, 3),
+        "metrics": {},
+        "privacy": privacy or {},
+    }
