@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -113,7 +113,8 @@ def load_lora_into_unet(unet: UNet2DConditionModel, path: Path, cfg: LoRAConfig 
                          alpha=float(meta.get("unet.lora_alpha", ranks[0])),
                          target_modules=list(meta.get("unet.target_modules", ["to_q", "to_k", "to_v", "to_out.0"])))
     add_lora(unet, cfg)
-    state = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
+    state = convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")})
     try:
         result = set_peft_model_state_dict(unet, state)
     except RuntimeError as err:
@@ -121,3 +122,6 @@ def load_lora_into_unet(unet: UNet2DConditionModel, path: Path, cfg: LoRAConfig 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"{path}: adapter does not match this UNet (unexpected key {unexpected[0]})")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ModelError(f"{path}: adapter does not match this UNet (missing key {missing[0]})")

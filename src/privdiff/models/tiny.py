@@ -28,6 +28,7 @@ class TinySDConfig:
     cross_attention_dim: int = 32
     attention_head_dim: int = 8
     text_layers: int = 2
+    norm_num_groups: int = 8
     num_train_timesteps: int = 1000
 
 
@@ -43,7 +44,7 @@ def build_vae(cfg: TinySDConfig) -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg.vae_channels,
                          down_block_types=("DownEncoderBlock2D",) * blocks,
                          up_block_types=("UpDecoderBlock2D",) * blocks, layers_per_block=1,
-                         latent_channels=cfg.latent_channels, norm_num_groups=8,
+                         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
                          sample_size=cfg.image_size)
 
 
@@ -55,7 +56,7 @@ def build_unet(cfg: TinySDConfig) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=8)
+        norm_num_groups=cfg.norm_num_groups)
 
 
 def build_text_encoder(cfg: TinySDConfig, vocab_size: int, bos: int, eos: int) -> CLIPTextModel:

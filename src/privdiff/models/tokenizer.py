@@ -42,23 +42,41 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_vocab_and_merges(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]:
-    """Returns a CLIP-format vocabulary and merge list in which each word of `words` is one token."""
+    """Returns a CLIP-format vocabulary and merge list in which each word of `words` is one token.
+
+    A small BPE training run over the word list: merge the most frequent adjacent pair (ties by
+    text) until every word is a single symbol. Encoding applies merges in the learned order, so
+    each listed word reproduces its training segmentation: one token.
+    """
     base = list(_bytes_to_unicode().values())
     vocab_list = base + [c + "</w>" for c in base]
+    words_as_symbols = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
     merges: list[str] = []
-    known = set(vocab_list)
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for nxt in symbols[1:]:
-            merged = current + nxt
-            if merged not in known:
-                merges.append(f"{current} {nxt}")
-                vocab_list.append(merged)
-                known.add(merged)
-            current = merged
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in words_as_symbols:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(f"{best[0]} {best[1]}")
+        vocab_list.append(best[0] + best[1])
+        words_as_symbols = [_merge_pair(symbols, best) for symbols in words_as_symbols]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 def build_tokenizer(max_length: int = MAX_LENGTH) -> CLIPTokenizer:

@@ -89,7 +89,6 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progres
     Returns:
         A summary with the final VAE reconstruction loss, the UNet loss and the scaling factor.
     """
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     seed_everything(cfg.seed)
     model_cfg = TinySDConfig()
     pipe = build_tiny_pipeline(model_cfg, seed=cfg.seed)
