@@ -73,7 +73,7 @@ def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str |
 
     import yaml
 
-    from privdiff.errors import ConfigError
+    from privdiff.errors import ConfigError, ModelError
     from privdiff.models.load import load_pipeline
     from privdiff.models.lora import LORA_WEIGHT_NAME, load_lora_into_unet
 
@@ -92,6 +92,8 @@ def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str |
         image_size = config["data"]["image_size"]
         prompts = prompts or summary.get("sample_prompts")
         lora = Path(run_dir) / LORA_WEIGHT_NAME
+    if lora is not None and not Path(lora).is_file():
+        raise ModelError(f"LoRA file not found: {lora}")
     if not prompts:
         raise ConfigError("no prompts: pass --prompt (or a run folder, whose captions are used)")
     pipe = load_pipeline(pretrained)

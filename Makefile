@@ -1,0 +1,31 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+# Both create .venv on first use (about 2 minutes), then reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# This machine kind keeps the CPU build of torch on local disk; elsewhere pip takes torch from PyPI.
+TORCH_WHEELS := $(wildcard /opt/wheels)
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS)) torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/privdiff demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_finetune.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from privdiff.cli import run
+
+run()

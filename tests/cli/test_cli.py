@@ -1,0 +1,81 @@
+"""The CLI is thin: options become config, errors become one line and exit code 2."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from privdiff.cli import main
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert "privdiff 0.1.0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--steps", "0"], "train.steps must be >= 1"),
+    (["--data", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
+    (["--pretrained", "/no/such/folder"], "pretrained model folder not found"),
+    (["--batch-size", "500"], "larger than the 133 training members"),
+])
+def test_finetune_bad_options(args: list[str], message: str, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--out", str(out), "--quiet", *args]) == 2
+    assert message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_finetune_cli_then_sample(tmp_path: Path, tiny_pipeline_dir: Path, capsys):
+    out = tmp_path / "run"
+    code = main(["finetune", "--pretrained", str(tiny_pipeline_dir), "--out", str(out), "--steps", "2",
+                 "--batch-size", "4", "--num-examples", "16", "--set", "sample.num_images=2",
+                 "--set", "sample.num_inference_steps=2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "summary.json").exists()
+
+    grid_a, grid_b = tmp_path / "a.png", tmp_path / "b.png"
+    for grid in (grid_a, grid_b):
+        assert main(["sample", str(out), "--num-images", "3", "--steps", "2", "--out", str(grid)]) == 0
+    assert np.array_equal(np.asarray(Image.open(grid_a)), np.asarray(Image.open(grid_b)))  # seeded
+    assert main(["sample", str(out), "--num-images", "3", "--steps", "2", "--scheduler", "ddpm",
+                 "--prompt", "a handwritten digit one", "--out", str(tmp_path / "c.png")]) == 0
+
+
+def test_sample_errors(tmp_path: Path, capsys):
+    assert main(["sample", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "not a finished run folder" in _one_line_error(capsys)
+    assert main(["sample", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no prompts" in _one_line_error(capsys)
+    assert main(["sample", "--lora", str(tmp_path / "missing.safetensors"), "--prompt", "a",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "LoRA file not found" in _one_line_error(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_config_file_via_cli(tmp_path: Path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  steps: -4\n")
+    assert main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert "train.steps must be >= 1" in _one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "20", "--quiet"]) == 0
+    summary = json.loads((out / "lora" / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["dataset"]["name"] == "digits"
+    assert summary["membership"] == {"member_aux": 61, "member_test": 72, "nonmember_aux": 62,
+                                     "nonmember_test": 61}
+    assert "demo finished" in capsys.readouterr().out
