@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from privdiff.data.examples import Example, ImageDataset
 from privdiff.errors import DataError
-from privdiff.models.tokenizer import _COLOURS, _NUMBERS
+from privdiff.data.vocabulary import COLOURS, NUMBER_WORDS
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -27,7 +27,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245), "black": (10, 10, 10), "gray": (128, 128, 128),
     "brown": (120, 75, 35), "cyan": (40, 210, 220), "magenta": (220, 40, 200),
 }
-assert set(PALETTE) == set(_COLOURS)
+assert set(PALETTE) == set(COLOURS)
 
 
 def _resize(gray_or_rgb: np.ndarray, size: int) -> np.ndarray:
@@ -45,7 +45,7 @@ def load_digits(image_size: int, num_examples: int | None, seed: int) -> ImageDa
     bunch = sk_digits()
     order = pick_subset(len(bunch.images), num_examples, seed)
     examples = [Example(id=f"digits-{i:04d}", image=_resize(bunch.images[i] / 16.0, image_size),
-                        caption=f"a handwritten digit {_NUMBERS[int(bunch.target[i])]}")
+                        caption=f"a handwritten digit {NUMBER_WORDS[int(bunch.target[i])]}")
                 for i in order]
     return ImageDataset("digits", examples)
 

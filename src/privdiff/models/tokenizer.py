@@ -14,17 +14,11 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from privdiff.data.vocabulary import CAPTION_WORDS
+
 MAX_LENGTH = 16
 
-_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray",
-            "brown", "cyan", "magenta")
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-_WORDS = ("a", "an", "the", "of", "on", "in", "and", "with", "photo", "picture", "image", "drawing",
-          "handwritten", "digit", "number", "letter", "capital", "small", "face", "person", "portrait",
-          "circle", "filled", "outline", "background", "foreground", "sks", "identity", "object",
-          "shape", "dark", "light", "bright", "grayscale", "texture", "pattern")
-WORDS: tuple[str, ...] = (_WORDS + _COLOURS + _NUMBERS + tuple("abcdefghijklmnopqrstuvwxyz")
-                          + tuple("0123456789"))
+WORDS = CAPTION_WORDS
 
 
 def _bytes_to_unicode() -> dict[int, str]:
