@@ -7,7 +7,7 @@ a UNet2DConditionModel on that latent and a 2-layer CLIP text encoder over the t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionPipeline,
@@ -100,6 +100,3 @@ def build_controlnet(unet: UNet2DConditionModel, conditioning_channels: int = 3)
         unet, conditioning_embedding_out_channels=tuple(min(c, 16) for c in (16, 32, 64)[: len(block_out) + 1]),
         conditioning_channels=conditioning_channels)
 
-
-def tiny_config_dict(cfg: TinySDConfig) -> dict:
-    return asdict(cfg)

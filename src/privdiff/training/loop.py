@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -92,8 +91,3 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
     return TrainResult(steps=cfg.steps, history=history, wall_time_s=time.perf_counter() - began,
                        resumed_from=start)
 
-
-def describe_history(history: list[dict[str, Any]]) -> str:
-    if not history:
-        return "no steps logged"
-    return f"final loss {history[-1]['loss_avg']:.4f} after {history[-1]['step']} steps"

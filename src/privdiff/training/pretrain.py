@@ -9,7 +9,6 @@ embedding, and keeps the recipe short.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,4 +124,4 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progres
     return {"vae_reconstruction_loss": float(np.mean(vae_history[-50:])),
             "unet_loss": result.history[-1]["loss_avg"], "scaling_factor": pipe.vae.config.scaling_factor,
             "wall_time_s": result.wall_time_s, "mean_vae_loss_first_50": float(np.mean(vae_history[:50])),
-            "latent_std_before_scaling": std, "steps": cfg.unet_steps, "log10_ratio": math.log10(std)}
+            "latent_std_before_scaling": std, "steps": cfg.unet_steps}
