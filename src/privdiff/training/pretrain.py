@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from rich.progress import Progress
 
 from privdiff.config import RunConfig, TrainConfig
@@ -114,8 +115,6 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progres
     recipe = {"recipe": asdict(cfg), "model": asdict(model_cfg),
               "data": f"glyphs (privdiff.data.builtin.load_glyphs, n={cfg.num_glyphs}, seed={cfg.seed})",
               "reproduce": "privdiff pretrain --out DIR (defaults are this recipe)"}
-    import yaml
-
     atomic_write_text(staging / "RECIPE.yaml", yaml.safe_dump(recipe, sort_keys=False))
     write_checksums(staging)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -23,7 +23,7 @@ import yaml
 
 from privdiff.config import RunConfig, save_config
 from privdiff.data import ImageDataset, Manifest, build_manifest, load_dataset, load_manifest
-from privdiff.errors import ConfigError, DataError
+from privdiff.errors import ConfigError
 from privdiff.models.load import load_pipeline
 from privdiff.models.lora import LORA_WEIGHT_NAME, save_lora
 from privdiff.sampling import default_prompts, sample_images, save_grid
@@ -66,7 +66,7 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: 
     """Creates or checks the run folder; returns whether training resumes from a checkpoint."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output path {run_dir} exists and is not a folder")
-    existing = [p for p in run_dir.iterdir()] if run_dir.exists() else []
+    existing = list(run_dir.iterdir()) if run_dir.exists() else []
     if existing and resume:
         saved = run_dir / "config.yaml"
         if not saved.exists():
@@ -107,8 +107,6 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
 
     seed_everything(config.train.seed)
     task = build_task(pipe, inputs.members)
-    if not set(task.example_ids) <= set(inputs.manifest.members):
-        raise DataError("internal: a training batch would contain a non-member")
     result = train(task, method, run_dir, resume=resuming, show_progress=show_progress, on_step=on_step,
                    description=f"fine-tuning ({method.name})")
     save_lora(run_dir / LORA_WEIGHT_NAME, pipe.unet, config.lora, method.adapter_metadata())

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from privdiff.config import RunConfig
+from privdiff.seeding import generator
 from privdiff.training.task import DiffusionTask
 
 
@@ -69,6 +70,4 @@ class TrainingMethod(ABC):
 
 
 def rng_for_epoch(seed: int, epoch: int) -> torch.Generator:
-    from privdiff.seeding import generator
-
     return generator(seed, "epoch-order", epoch)
