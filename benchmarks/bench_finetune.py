@@ -9,7 +9,6 @@ Prints a table and writes JSON (default: benchmarks/results/bench_finetune.json)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import print_table, write_json
 
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG
@@ -81,20 +81,15 @@ def main() -> None:
     result = {"benchmark": "finetune", "quick": args.quick, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "machine": platform.machine(), **run_record(),
               "finetune": step_result, "demo": demo}
-    rows = [("fine-tuning steps/s (LoRA, batch 16)", f"{step_result['steps_per_s']:.2f}"),
+    rows = [("measure", "value"),
+            ("fine-tuning steps/s (LoRA, batch 16)", f"{step_result['steps_per_s']:.2f}"),
             ("examples/s", f"{step_result['examples_per_s']:.1f}"),
             ("median step time (s)", f"{step_result['median_step_s']:.4f}"),
             ("peak RSS, in-process (MiB)", f"{step_result['peak_rss_mib']:.0f}"),
             (f"demo wall time, {demo['demo_steps']} steps (s)", f"{demo['demo_wall_time_s']:.1f}"),
             ("demo peak RSS (MiB)", f"{demo['demo_peak_rss_mib']:.0f}")]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  value")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-
+    print_table(rows)
+    write_json(args.out, result)
 
 if __name__ == "__main__":
     main()

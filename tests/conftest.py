@@ -97,3 +97,17 @@ def write_image_folder(root: Path, n: int = 6, size: int = 20, mode: str = "RGB"
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished (6-step) fine-tuning run on 32 digits, shared by evaluation and report tests."""
+    from privdiff.training.run import run_training
+
+    tmp = tmp_path_factory.mktemp("finished")
+    return run_training(tiny_run_config(tmp, tiny_pipeline_dir, **{"train.learning_rate": 0.05}),
+                        show_progress=False)
+
+
+FAST_EVAL = {"num_samples": 20, "num_inference_steps": 3, "bootstrap": 20, "kid_subsets": 5,
+             "batch_size": 8}

@@ -8,14 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privdiff.config import RunConfig, load_config
+from privdiff.metrics.evaluate import EvalConfig, evaluate_run
+from privdiff.report import write_report
 from privdiff.training.run import run_training
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
+# Quick mode of the evaluation spec (256 samples instead of 1 000) keeps the demo in minutes.
+DEMO_EVAL = {"num_samples": 256}
+HEADLINE_METRICS = ("kid/members", "fid/members", "accuracy/digit", "heldout_loss/member_test",
+                    "heldout_loss/nonmember_test")
+
+
 @dataclass
 class DemoResult:
     run_dirs: dict[str, Path]
+    report: Path
     wall_time_s: float
 
     def describe(self) -> str:
@@ -23,7 +32,12 @@ class DemoResult:
         for name, path in self.run_dirs.items():
             summary = json.loads((path / "summary.json").read_text())
             lines.append(f"  {name:<6} {path}  (final loss {summary['final_loss']:.4f}, "
-                         f"{summary['steps']} steps, samples: {path / 'samples.png'})")
+                         f"{summary['steps']} steps)")
+            for key in HEADLINE_METRICS:
+                if key in summary["metrics"]:
+                    m = summary["metrics"][key]
+                    lines.append(f"         {key:<28} {m['value']:.4g}  [{m['ci'][0]:.4g}, {m['ci'][1]:.4g}]")
+        lines.append(f"report card: {self.report}")
         return "\n".join(lines)
 
 
@@ -33,7 +47,11 @@ def demo_config(out: Path, name: str, steps: int | None = None) -> RunConfig:
 
 
 def run_demo(out: Path, steps: int | None = None, show_progress: bool = True) -> DemoResult:
-    """Fine-tunes plain LoRA on the private digits (the runs later issues compare against)."""
+    """Fine-tunes plain LoRA on the private digits, evaluates it and writes the report card."""
     began = time.perf_counter()
     lora_dir = run_training(demo_config(out, "lora", steps), overwrite=True, show_progress=show_progress)
-    return DemoResult(run_dirs={"lora": lora_dir}, wall_time_s=time.perf_counter() - began)
+    runs = {"lora": lora_dir}
+    for path in runs.values():
+        evaluate_run(path, EvalConfig(**DEMO_EVAL), show_progress=show_progress)
+    report = write_report(list(runs.values()), Path(out) / "report.html")
+    return DemoResult(run_dirs=runs, report=report, wall_time_s=time.perf_counter() - began)

@@ -42,6 +42,42 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], cfg: Sample
     return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
 
 
+@torch.no_grad()
+def sample_seeded(pipe: StableDiffusionPipeline, prompts: list[str], *, seed: int, num_inference_steps: int,
+                  scheduler: str, guidance_scale: float, image_size: int, batch_size: int = 125,
+                  description: str = "generating samples", show_progress: bool = True) -> np.ndarray:
+    """One image per prompt; image i starts from the latent of stream (seed, "sample", i).
+
+    Each image depends on its index only, not on the batching, so every model evaluated with the
+    same seed starts from identical latents (paired comparisons).
+
+    Returns:
+        (N, H, W, 3) uint8 images.
+    """
+    from rich.progress import Progress
+
+    from privdiff.seeding import generator
+
+    original = pipe.scheduler
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(original.config)
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    chunks = []
+    try:
+        with Progress(disable=not show_progress, transient=True) as progress:
+            bar = progress.add_task(description, total=len(prompts))
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                generators = [generator(seed, "sample", start + i) for i in range(len(batch))]
+                out = pipe(batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           generator=generators, height=image_size, width=image_size, output_type="np")
+                chunks.append((np.clip(out.images, 0, 1) * 255).round().astype(np.uint8))
+                progress.advance(bar, len(batch))
+    finally:
+        pipe.scheduler = original
+    return np.concatenate(chunks)
+
+
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> Image.Image:
     """(N, H, W, 3) uint8 -> one grid image with `pad` pixels of white between tiles."""
     n, h, w, _ = images.shape

@@ -8,13 +8,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_quick(script: str, out: Path) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
 @pytest.mark.slow
 def test_bench_finetune_quick_writes_json(tmp_path: Path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finetune.py"), "--quick",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result, stdout = run_quick("bench_finetune.py", tmp_path / "bench.json")
     assert result["finetune"]["steps_per_s"] > 0 and result["finetune"]["peak_rss_mib"] > 0
     assert result["demo"]["demo_wall_time_s"] > 0
-    assert "steps/s" in proc.stdout
+    assert "steps/s" in stdout
+
+
+@pytest.mark.slow
+def test_bench_evaluate_quick_writes_json(tmp_path: Path):
+    result, stdout = run_quick("bench_evaluate.py", tmp_path / "bench.json")
+    assert result["num_samples"] == 20 and result["total_s"] > 0
+    assert set(result["timings_s"]) == {"load_s", "generation_s", "features_s", "statistics_s", "heldout_loss_s"}
+    assert "generation throughput" in stdout

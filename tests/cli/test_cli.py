@@ -78,4 +78,10 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert summary["steps"] == 20 and summary["dataset"]["name"] == "digits"
     assert summary["membership"] == {"member_aux": 61, "member_test": 72, "nonmember_aux": 62,
                                      "nonmember_test": 61}
-    assert "demo finished" in capsys.readouterr().out
+    assert summary["metrics"]["fid/members"]["n_generated"] == 256  # quick evaluation mode
+    assert (out / "lora" / "metrics.json").is_file()
+    printed = capsys.readouterr().out
+    assert "demo finished" in printed and f"report card: {out / 'report.html'}" in printed
+    page = (out / "report.html").read_text()
+    assert "kid/members" in page and "https://" not in page
+    assert (out / "report.json").is_file()

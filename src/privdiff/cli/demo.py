@@ -9,7 +9,7 @@ from rich.console import Console
 
 from privdiff.cli import app
 
-console = Console()
+console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
 
 @app.command()
@@ -22,4 +22,4 @@ def demo(
     from privdiff.demo import run_demo
 
     result = run_demo(out, steps=steps, show_progress=not quiet)
-    console.print(result.describe())
+    console.print(result.describe(), soft_wrap=True, highlight=False, markup=False)

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from privdiff.cli import app
 
-console = Console()
+console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
 
 @app.command()

@@ -10,7 +10,7 @@ from rich.console import Console
 from privdiff.cli import app
 from privdiff.cli.options import build_config
 
-console = Console()
+console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
 
 @app.command()

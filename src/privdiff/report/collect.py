@@ -1,0 +1,64 @@
+"""Reading run folders into the plain data a report is made of (also written as report.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from privdiff.errors import ConfigError
+from privdiff.metrics.evaluate import record_key
+from privdiff.run_folder import open_run
+
+
+def _read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
+
+
+def collect_run(path: str | Path) -> dict:
+    """One run's figures: settings, privacy, metric records, training history and image paths."""
+    run = open_run(path)
+    cfg = run.config
+    metrics = _read_json(run.path / "metrics.json") or {}
+    audit = _read_json(run.path / "audit" / "audit.json")
+    eval_grid = run.path / "eval" / "samples.png"
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "method": run.summary.get("method", cfg.train.method),
+        "dataset": run.summary.get("dataset", {}),
+        "membership": run.summary.get("membership", {}),
+        "pretrained": run.summary.get("pretrained"),
+        "settings": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+                     "learning_rate": cfg.train.learning_rate, "lora_rank": cfg.lora.rank,
+                     "lora_alpha": cfg.lora.alpha, "seed": cfg.train.seed,
+                     "caption_dropout": cfg.train.caption_dropout},
+        "privacy": run.summary.get("privacy") or {},
+        "wall_time_s": run.summary.get("wall_time_s"),
+        "git_commit": run.summary.get("git_commit"),
+        "metrics": {record_key(r): r for r in metrics.get("records", [])},
+        "eval_config": metrics.get("config"),
+        "extractor": metrics.get("extractor"),
+        "history": run.history,
+        "audit": audit,
+        "images": {"samples": str(run.path / "samples.png") if (run.path / "samples.png").is_file() else None,
+                   "eval_samples": str(eval_grid) if eval_grid.is_file() else None},
+    }
+
+
+def collect(paths: list[str | Path]) -> dict:
+    if not paths:
+        raise ConfigError("report: give at least one run folder")
+    runs = [collect_run(p) for p in paths]
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):  # two folders with one name: qualify by parent
+        for r in runs:
+            r["name"] = f"{Path(r['path']).parent.name}/{r['name']}"
+    keys = []
+    for r in runs:
+        keys += [k for k in r["metrics"] if k not in keys]
+    return {"runs": runs, "metric_keys": keys}

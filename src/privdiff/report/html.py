@@ -1,0 +1,144 @@
+"""The report card: one self-contained HTML page (inline CSS and images, no script, no URL)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from datetime import datetime, timezone
+from pathlib import Path
+
+from privdiff import __version__
+from privdiff.report import plots
+
+STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;
+background:#fff;padding:0 1em}
+img{max-width:100%;height:auto}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:1.8em}
+table{border-collapse:collapse;font-size:.88em;margin:.6em 0}th,td{border:1px solid #ddd;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f3f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ci{color:#666;font-size:.9em}.muted{color:#666;font-size:.85em}.grid{display:flex;flex-wrap:wrap;gap:1.2em}
+.card{border:1px solid #e3e3e3;border-radius:6px;padding:.6em}.card img{image-rendering:pixelated;max-width:360px}
+.dp{color:#0a6;font-weight:600}.nodp{color:#b50}
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _privacy_cell(privacy: dict) -> str:
+    if not privacy or privacy.get("epsilon") is None:
+        return '<span class="nodp">no formal guarantee</span>'
+    return (f'<span class="dp">ε = {fmt(privacy["epsilon"])}, δ = {fmt(privacy.get("delta"))}</span>'
+            f'<br><span class="muted">σ = {fmt(privacy.get("noise_multiplier"))}, '
+            f'C = {fmt(privacy.get("max_grad_norm"))}, {_e(privacy.get("accountant", ""))}</span>')
+
+
+def _runs_table(runs: list[dict]) -> str:
+    head = ("<tr><th>run</th><th>method</th><th>data</th><th>training</th><th>LoRA</th>"
+            "<th>privacy</th><th>wall time</th></tr>")
+    rows = []
+    for r in runs:
+        d, m, s = r["dataset"], r["membership"], r["settings"]
+        members = m.get("member_aux", 0) + m.get("member_test", 0)
+        rows.append(
+            f"<tr><td><b>{_e(r['name'])}</b></td><td>{_e(r['method'])}</td>"
+            f"<td>{_e(d.get('name', '?'))} ({members} members of {d.get('num_examples', '?')})</td>"
+            f"<td>{s['steps']} steps, batch {s['batch_size']}, lr {fmt(s['learning_rate'])}, seed {s['seed']}</td>"
+            f"<td>rank {s['lora_rank']}, α {fmt(s['lora_alpha'])}</td><td>{_privacy_cell(r['privacy'])}</td>"
+            f"<td class=num>{fmt(r['wall_time_s'])} s</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _sizes(record: dict) -> str:
+    parts = []
+    if "n_generated" in record:
+        parts.append(f"{record['n_generated']} gen.")
+    if "n_reference" in record:
+        parts.append(f"{record['n_reference']} ref.")
+    return ", ".join(parts)
+
+
+def _metrics_table(runs: list[dict], keys: list[str]) -> str:
+    head = "<tr><th>metric</th>" + "".join(f"<th>{_e(r['name'])}</th>" for r in runs) + "</tr>"
+    rows = []
+    for key in keys:
+        cells = []
+        for r in runs:
+            rec = r["metrics"].get(key)
+            if rec is None:
+                cells.append("<td>–</td>")
+                continue
+            lo, hi = rec["ci"]
+            cells.append(f'<td class=num>{fmt(rec["value"])} <span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>'
+                         f'<br><span class=muted>{_e(_sizes(rec))}</span></td>')
+        rows.append(f"<tr><td>{_e(key)}</td>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _eval_notes(runs: list[dict]) -> str:
+    notes = []
+    extractors = sorted({r["extractor"] for r in runs if r["extractor"]})
+    if extractors:
+        notes.append("Feature extractor: " + ", ".join(f"<code>{_e(x)}</code>" for x in extractors)
+                     + (" — <b>different extractors: FID/KID are not comparable across these runs</b>"
+                        if len(extractors) > 1 else ""))
+    configs = [r["eval_config"] for r in runs if r["eval_config"]]
+    if configs:
+        c = configs[0]
+        notes.append(f"Sampler: {_e(c['scheduler']).upper()}, {c['num_inference_steps']} steps, η = 0, guidance "
+                     f"{fmt(c['guidance_scale'])}; {c['num_samples']} samples, seeds 0…{c['num_samples'] - 1} "
+                     f"from eval seed {c['eval_seed']}; 95 % intervals from {c['bootstrap']} bootstrap resamples "
+                     f"(Clopper–Pearson for accuracies).")
+    notes.append("FID/KID use privdiff's offline extractor, not Inception: they are not comparable with "
+                 "published FIDs. Held-out losses are computed on private examples and are not covered "
+                 "by any DP guarantee.")
+    return "".join(f'<p class="muted">{n}</p>' for n in notes)
+
+
+def _samples(runs: list[dict]) -> str:
+    cards = []
+    for r in runs:
+        path = r["images"]["eval_samples"] or r["images"]["samples"]
+        if path is None:
+            continue
+        label = "evaluation samples (first 100)" if r["images"]["eval_samples"] else "training-time samples"
+        cards.append(f'<div class=card><b>{_e(r["name"])}</b> <span class=muted>{label}</span><br>'
+                     f'{_img(Path(path).read_bytes(), r["name"] + " samples")}</div>')
+    return f"<div class=grid>{''.join(cards)}</div>" if cards else "<p class=muted>no sample grids</p>"
+
+
+def render(report: dict) -> str:
+    """The HTML page for `report` (the output of `collect`)."""
+    runs, keys = report["runs"], report["metric_keys"]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = [f"<h1>privdiff report card</h1><p class=muted>{len(runs)} run(s) · privdiff {_e(__version__)}"
+            f" · generated {when}</p>", "<h2>Runs</h2>", _runs_table(runs), "<h2>Utility</h2>"]
+    if keys:
+        body += [_metrics_table(runs, keys), _eval_notes(runs)]
+        figure = plots.metric_comparison(runs, keys)
+        if figure:
+            body.append(_img(figure, "metric comparison"))
+    else:
+        body.append("<p class=muted>not evaluated yet: run <code>privdiff evaluate RUN_DIR</code></p>")
+    body += ["<h2>Samples</h2>", _samples(runs)]
+    for title, figure in (("Training curves", plots.training_curves(runs)),
+                          ("Held-out denoising loss by timestep", plots.heldout_by_timestep(runs))):
+        if figure:
+            body += [f"<h2>{title}</h2>", _img(figure, title)]
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>privdiff report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")

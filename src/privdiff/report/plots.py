@@ -1,0 +1,85 @@
+"""Report figures as PNG bytes (matplotlib, Agg backend, no external resources)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _png(fig: "plt.Figure") -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def training_curves(runs: list[dict]) -> bytes | None:
+    """Training loss (running average) against step, one line per run."""
+    if not any(r["history"] for r in runs):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, run in enumerate(runs):
+        history = [h for h in run["history"] if "loss_avg" in h]
+        if history:
+            ax.plot([h["step"] for h in history], [h["loss_avg"] for h in history],
+                    label=run["name"], color=COLOURS[i % len(COLOURS)])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (running mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def metric_comparison(runs: list[dict], keys: list[str]) -> bytes | None:
+    """One panel per metric: each run's value with its 95 % interval."""
+    keys = [k for k in keys if any(k in r["metrics"] for r in runs)]
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for i, run in enumerate(runs):
+            record = run["metrics"].get(key)
+            if record is None:
+                continue
+            lo, hi = record["ci"]
+            ax.errorbar([i], [record["value"]], yerr=[[record["value"] - lo], [hi - record["value"]]],
+                        fmt="o", color=COLOURS[i % len(COLOURS)], capsize=4)
+        ax.set_title(key, fontsize=9)
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels([r["name"] for r in runs], fontsize=7, rotation=20)
+        ax.set_xlim(-0.6, len(runs) - 0.4)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def heldout_by_timestep(runs: list[dict]) -> bytes | None:
+    """Held-out denoising loss per timestep, test members (solid) vs test non-members (dashed)."""
+    panels = [(r, r["metrics"].get("heldout_loss/member_test"), r["metrics"].get("heldout_loss/nonmember_test"))
+              for r in runs]
+    panels = [p for p in panels if p[1] and p[2]]
+    if not panels:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, (run, members, others) in enumerate(panels):
+        colour = COLOURS[i % len(COLOURS)]
+        ax.plot(members["timesteps"], members["per_timestep"], "-o", ms=3, color=colour,
+                label=f"{run['name']}: test members")
+        ax.plot(others["timesteps"], others["per_timestep"], "--s", ms=3, color=colour,
+                label=f"{run['name']}: test non-members")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("denoising MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _png(fig)
