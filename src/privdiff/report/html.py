@@ -19,7 +19,7 @@ margin-top:1.8em}
 table{border-collapse:collapse;font-size:.88em;margin:.6em 0}th,td{border:1px solid #ddd;padding:.3em .6em;
 text-align:left;vertical-align:top}th{background:#f3f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ci{color:#666;font-size:.9em}.muted{color:#666;font-size:.85em}.grid{display:flex;flex-wrap:wrap;gap:1.2em}
-.card{border:1px solid #e3e3e3;border-radius:6px;padding:.6em}.card img{image-rendering:pixelated;max-width:360px}
+.card{border:1px solid #e3e3e3;border-radius:6px;padding:.6em}.card img{image-rendering:pixelated;max-width:480px}
 .dp{color:#0a6;font-weight:600}.nodp{color:#b50}
 """
 
