@@ -34,3 +34,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def fixed_noise(shape: tuple[int, ...], seed: int, purpose: str, example_id: str, draw: int) -> torch.Tensor:
+    """The draw-th fixed noise of an example: identical under every model scored with `seed`."""
+    return torch.randn(shape, generator=generator(seed, purpose, example_id, draw))

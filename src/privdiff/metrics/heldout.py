@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from privdiff.diffusion import per_example_loss
-from privdiff.seeding import generator
+from privdiff.seeding import fixed_noise as seeded_noise
 
 HELDOUT_ROLES = ("member_test", "nonmember_test", "nonmember_aux")
 
@@ -19,7 +19,7 @@ def heldout_timesteps(num_train_timesteps: int, count: int = 8) -> list[int]:
 
 def fixed_noise(latent_shape: tuple[int, ...], seed: int, example_id: str, draw: int) -> torch.Tensor:
     """The noise of (seed, example, draw): identical for every model scored with the same seed."""
-    return torch.randn(latent_shape, generator=generator(seed, "heldout", example_id, draw))
+    return seeded_noise(latent_shape, seed, "heldout", example_id, draw)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ def collect_run(path: str | Path) -> dict:
     cfg = run.config
     metrics = _read_json(run.path / "metrics.json") or {}
     audit = _read_json(run.path / "audit" / "audit.json")
+    control = _read_json(run.path / "audit" / "control" / "audit.json")
     eval_grid = run.path / "eval" / "samples.png"
     return {
         "name": run.name,
@@ -45,8 +46,10 @@ def collect_run(path: str | Path) -> dict:
         "extractor": metrics.get("extractor"),
         "history": run.history,
         "audit": audit,
+        "control_audit": control,
         "images": {"samples": str(run.path / "samples.png") if (run.path / "samples.png").is_file() else None,
-                   "eval_samples": str(eval_grid) if eval_grid.is_file() else None},
+                   "eval_samples": str(eval_grid) if eval_grid.is_file() else None,
+                   "roc": str(roc) if (roc := run.path / "audit" / "roc_loglog.png").is_file() else None},
     }
 
 

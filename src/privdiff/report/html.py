@@ -122,6 +122,53 @@ def _samples(runs: list[dict]) -> str:
     return f"<div class=grid>{''.join(cards)}</div>" if cards else "<p class=muted>no sample grids</p>"
 
 
+def _audit_section(runs: list[dict]) -> str:
+    audited = [r for r in runs if r["audit"]]
+    if not audited:
+        return "<p class=muted>not audited yet: run <code>privdiff audit RUN_DIR</code></p>"
+    parts = []
+    for r in audited:
+        a = r["audit"]
+        head = ("<tr><th>attack</th><th>AUC</th><th>TPR@0.1% FPR</th><th>TPR@1% FPR</th><th>TPR@5% FPR</th>"
+                "<th>ASR (aux threshold)</th><th>queries/example</th><th>examples/s</th></tr>")
+        rows = []
+        for name, x in a["attacks"].items():
+            tpr = "".join(
+                f"<td class=num>{fmt(x['tpr_at_fpr'][k])} <span class=ci>[{fmt(x['tpr_at_fpr_ci'][k][0])}, "
+                f"{fmt(x['tpr_at_fpr_ci'][k][1])}]</span>{' <span class=muted>(resolution-limited)</span>' if x['resolution_limited'][k] else ''}</td>"
+                for k in ("0.001", "0.01", "0.05"))
+            best = " <b>(best on aux)</b>" if name == a["best_attack"] else ""
+            rows.append(f"<tr><td>{_e(name)}{best}</td><td class=num>{fmt(x['auc'])} <span class=ci>"
+                        f"[{fmt(x['auc_ci'][0])}, {fmt(x['auc_ci'][1])}]</span></td>{tpr}"
+                        f"<td class=num>{fmt(x['asr'])} ({fmt(x['asr_aux_threshold'])})</td>"
+                        f"<td class=num>{x['queries_per_example']}</td><td class=num>{fmt(x['examples_per_second'])}</td></tr>")
+        cp, one = a["eps_lower_bound"]["cp"], a["eps_lower_bound"].get("one_run")
+        bounds = (f"Empirical ε lower bound, Clopper–Pearson at the aux-chosen threshold of {_e(cp['attack'])}: "
+                  f"<b>{fmt(cp['eps'])}</b> (TP {cp['tp']}/{cp['n_members']}, FP {cp['fp']}/{cp['n_nonmembers']}, "
+                  f"δ = {fmt(cp['delta'])}; indicative only — examples of one run are not independent trials).")
+        if one:
+            bounds += (f"<br>One-run canary audit ({_e(one['attack'])}): {one['v']}/{one['r']} guesses correct on "
+                       f"{one['m']} canaries → ε lower bound <b>{fmt(one['eps'])}</b> at p = {one['p']}, "
+                       f"δ = {fmt(one['delta'])}.")
+        if a.get("claimed_epsilon") is not None:
+            bounds += f"<br>Claimed ε of this run: {fmt(a['claimed_epsilon'])}."
+        control = r.get("control_audit")
+        if control:
+            spread = 3 * control["null_auc_sd"]
+            worst = max(abs(x["auc"] - 0.5) for x in control["attacks"].values())
+            verdict = "all attacks at chance" if worst <= spread else "<b>an attack is above chance: the split leaks</b>"
+            bounds += (f"<br>Control (base model, no adapter): largest |AUC − 0.5| = {fmt(worst)} against a 3-sd null "
+                       f"band of {fmt(spread)} — {verdict}.")
+        roc = _img(Path(r["images"]["roc"]).read_bytes(), f"{r['name']} ROC") if r["images"]["roc"] else ""
+        parts.append(f"<h3>{_e(r['name'])}</h3><p class=muted>test split: {a['n_members_test']} members, "
+                     f"{a['n_nonmembers_test']} non-members; null AUC sd {fmt(a['null_auc_sd'])}; "
+                     f"attacks fitted on {a['n_members_aux']} + {a['n_nonmembers_aux']} auxiliary examples; "
+                     f"95 % stratified bootstrap intervals ({a['config']['bootstrap']} resamples)</p>"
+                     f"<table>{head}{''.join(rows)}</table><p>{bounds}</p>{roc}")
+    caveats = "".join(f"<li>{_e(c)}</li>" for c in audited[0]["audit"]["caveats"])
+    return "".join(parts) + f"<p class=muted>Caveats:</p><ul class=muted>{caveats}</ul>"
+
+
 def render(report: dict) -> str:
     """The HTML page for `report` (the output of `collect`)."""
     runs, keys = report["runs"], report["metric_keys"]
@@ -135,7 +182,7 @@ def render(report: dict) -> str:
             body.append(_img(figure, "metric comparison"))
     else:
         body.append("<p class=muted>not evaluated yet: run <code>privdiff evaluate RUN_DIR</code></p>")
-    body += ["<h2>Samples</h2>", _samples(runs)]
+    body += ["<h2>Membership audit</h2>", _audit_section(runs), "<h2>Samples</h2>", _samples(runs)]
     for title, figure in (("Training curves", plots.training_curves(runs)),
                           ("Held-out denoising loss by timestep", plots.heldout_by_timestep(runs))):
         if figure:

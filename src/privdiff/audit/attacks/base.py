@@ -1,0 +1,61 @@
+"""The one scoring interface every membership attack plugs into (membership-audit spec §3)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from privdiff.audit.model import Candidates, Denoiser
+from privdiff.audit.roc import auc
+
+
+class Attack(ABC):
+    """fit on the auxiliary split, then score; higher scores mean "member"."""
+
+    name: ClassVar[str]
+    access: ClassVar[str]  # "gray" | "white" | "gray+shadow"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.fitted: dict = {}
+
+    def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates) -> None:
+        """Chooses the attack's parameters on auxiliary data only (default: nothing to fit)."""
+
+    @abstractmethod
+    def score(self, model: Denoiser, examples: Candidates) -> np.ndarray: ...
+
+    @abstractmethod
+    def queries_per_example(self) -> int: ...
+
+
+class GridAttack(Attack):
+    """An attack with one parameter (a timestep) chosen by the highest AUC on the aux split."""
+
+    grid: ClassVar[tuple[int, ...]]
+
+    @abstractmethod
+    def score_at(self, model: Denoiser, examples: Candidates, value: int) -> np.ndarray: ...
+
+    def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates) -> None:
+        labels = np.r_[np.ones(len(aux_members)), np.zeros(len(aux_nonmembers))]
+        both = Candidates.join(aux_members, aux_nonmembers)
+        aucs = {v: auc(self.score_at(model, both, model.scale_timestep(v)), labels) for v in self.grid}
+        best = max(aucs, key=lambda v: (aucs[v], -v))
+        self.fitted = {"t": model.scale_timestep(best), "aux_auc": aucs[best],
+                       "aux_auc_by_value": {str(k): v for k, v in aucs.items()}}
+
+    def score(self, model: Denoiser, examples: Candidates) -> np.ndarray:
+        if "t" not in self.fitted:
+            raise RuntimeError(f"{self.name}: fit() before score()")
+        return self.score_at(model, examples, self.fitted["t"])
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    ATTACKS[cls.name] = cls
+    return cls

@@ -1,0 +1,110 @@
+"""One-run canary audit (Steinke, Nasr, Jagielski, arXiv 2305.08846; membership-audit spec §6.2).
+
+Canaries are held-out examples of the private distribution that are in no manifest role. Each is
+included independently with probability 1/2, one extra run is trained with the run's recipe on
+members + included canaries, and the chosen attack guesses IN for the k highest-scoring canaries
+and OUT for the k lowest (k = m/8, fixed in advance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from privdiff.audit.attacks import ATTACKS
+from privdiff.audit.bounds import one_run_eps
+from privdiff.audit.model import Candidates, Denoiser
+from privdiff.data import load_dataset
+from privdiff.data.manifest import Manifest
+from privdiff.errors import ConfigError
+from privdiff.run_folder import RunFolder, open_run
+from privdiff.seeding import numpy_rng
+
+
+def draw_canaries(spare_ids: list[str], m: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """m canaries from ids in no manifest role, and their independent Bernoulli(1/2) inclusion."""
+    if m < 8:
+        raise ConfigError("canary audit: need at least 8 canaries")
+    if len(spare_ids) < m:
+        raise ConfigError(f"canary audit: {m} canaries requested but only {len(spare_ids)} examples of this "
+                          f"dataset are outside the manifest (use fewer canaries or a larger dataset)")
+    rng = numpy_rng(seed, "canaries")
+    chosen = sorted(rng.choice(len(spare_ids), size=m, replace=False).tolist())
+    included = numpy_rng(seed, "canary-inclusion").random(m) < 0.5
+    return [spare_ids[i] for i in chosen], included
+
+
+def canary_manifest(base: Manifest, canaries: list[str], included: np.ndarray, dataset_hash: str) -> Manifest:
+    """The canary run trains on the members plus the included canaries; its other roles are unused."""
+    roles = dict(base.roles)
+    for cid, inside in zip(canaries, included):
+        roles[cid] = "member_test" if inside else "nonmember_test"
+    return Manifest(roles=roles, seed=base.seed, dataset=base.dataset, dataset_hash=dataset_hash,
+                    proportions=base.proportions)
+
+
+def guesses(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[int, int]:
+    """(r, v): guess IN for the k highest scores and OUT for the k lowest; v of the r guesses correct."""
+    order = np.argsort(scores, kind="stable")
+    out_guess, in_guess = order[:k], order[len(order) - k:]
+    return 2 * k, int(included[in_guess].sum() + (~included[out_guess]).sum())
+
+
+def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = "loss", seed: int = 0,
+                 p: float = 0.05, show_progress: bool = True) -> dict:
+    """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound."""
+    from privdiff.audit.run import encode_candidates
+    from privdiff.config import load_config
+    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.training.run import run_training
+    from privdiff.training.task import encode_images, encode_prompts
+
+    if attack not in ATTACKS:
+        raise ConfigError(f"canary audit: unknown attack '{attack}' (choose from {', '.join(ATTACKS)})")
+    run: RunFolder = open_run(run_dir)
+    full = load_dataset(dataclasses.replace(run.config.data, num_examples=None))
+    base = run.manifest
+    spare = [e.id for e in full.examples if e.id not in base.roles]
+    canaries, included = draw_canaries(spare, num_canaries, seed)
+    out_dir = run.path / "audit"
+    out_dir.mkdir(exist_ok=True)
+    manifest_path = out_dir / "canary.membership.json"
+    atomic_write_json(manifest_path, canary_manifest(base, canaries, included, full.content_hash).to_json())
+    folder = out_dir / "canary-run"
+    cfg = load_config(run.path / "config.yaml", [f"output_dir={folder}", "data.num_examples=null",
+                                                 f"membership.manifest={manifest_path}", "sample.num_images=1",
+                                                 "sample.num_inference_steps=1"])
+    if not (folder / "summary.json").exists():
+        run_training(cfg, overwrite=True, show_progress=show_progress)
+    canary_run = open_run(folder)
+    pipe = canary_run.pipeline()
+    model = Denoiser(pipe.unet, pipe.scheduler)
+    chosen = ATTACKS[attack](seed)
+    aux = encode_candidates(run, pipe, ("member_aux", "nonmember_aux"))
+    chosen.fit(model, aux["member_aux"], aux["nonmember_aux"])  # fitted on aux only, before any canary
+    subset = full.subset(canaries)
+    scores = chosen.score(model, Candidates(canaries, encode_images(pipe, subset.images_tensor()),
+                                            encode_prompts(pipe, subset.captions())))
+    k = num_canaries // 8
+    r, v = guesses(scores, included, k)
+    privacy = run.summary.get("privacy") or {}
+    delta = float(privacy.get("delta", 0.0))
+    result = {"m": num_canaries, "k_in": k, "k_out": k, "r": r, "v": v, "p": p, "delta": delta,
+              "eps": one_run_eps(num_canaries, r, v, delta=delta, p=p),
+              "eps_delta_1e-5": one_run_eps(num_canaries, r, v, delta=1e-5, p=p),
+              "attack": attack, "attack_fitted": {k_: v_ for k_, v_ in chosen.fitted.items()
+                                                  if k_ != "aux_auc_by_value"},
+              "num_included": int(included.sum()), "canary_source": "held-out examples outside the manifest",
+              "claimed_epsilon": privacy.get("epsilon")}
+    atomic_write_json(out_dir / "canaries.json", {**result, "canaries": canaries,
+                                                  "included": included.astype(int).tolist(),
+                                                  "scores": scores.tolist()})
+    audit_path = out_dir / "audit.json"
+    if audit_path.exists():
+        audit = json.loads(audit_path.read_text())
+        audit["eps_lower_bound"]["one_run"] = result
+        atomic_write_json(audit_path, audit)
+    return result

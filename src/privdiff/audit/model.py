@@ -1,0 +1,73 @@
+"""What an attacker queries: a denoiser ε_θ(x_t, t, c) and candidate examples in model space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from privdiff.seeding import fixed_noise
+
+
+@dataclass
+class Candidates:
+    """Examples as the attacker holds them: clean latents x0 and caption embeddings c."""
+
+    ids: list[str]
+    latents: torch.Tensor   # (N, C, h, w)
+    contexts: torch.Tensor  # (N, L, D)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, index: np.ndarray | list[int]) -> "Candidates":
+        index = list(np.asarray(index, dtype=np.int64))
+        return Candidates([self.ids[i] for i in index], self.latents[index], self.contexts[index])
+
+    @staticmethod
+    def join(*parts: "Candidates") -> "Candidates":
+        return Candidates([i for p in parts for i in p.ids], torch.cat([p.latents for p in parts]),
+                          torch.cat([p.contexts for p in parts]))
+
+    def noises(self, seed: int, count: int, purpose: str = "audit") -> torch.Tensor:
+        """(count, N, C, h, w): the fixed noises of §2, keyed by (seed, example id, k)."""
+        shape = tuple(self.latents.shape[1:])
+        return torch.stack([torch.stack([fixed_noise(shape, seed, purpose, i, k) for i in self.ids])
+                            for k in range(count)])
+
+
+class Denoiser:
+    """Batched, gradient-free access to a UNet's conditional noise prediction; counts queries."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: DDPMScheduler, batch_size: int = 256):
+        self.unet = unet.eval()
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.batch_size = batch_size
+        self.queries = 0
+
+    @torch.no_grad()
+    def eps(self, x_t: torch.Tensor, t: int | torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """ε_θ(x_t, t, c) for a batch (one query per example)."""
+        n = len(x_t)
+        steps = torch.full((n,), int(t), dtype=torch.long) if not torch.is_tensor(t) else t.long()
+        out = [self.unet(x_t[i:i + self.batch_size], steps[i:i + self.batch_size],
+                         encoder_hidden_states=contexts[i:i + self.batch_size]).sample.float()
+               for i in range(0, n, self.batch_size)]
+        self.queries += n
+        return torch.cat(out)
+
+    def sqrt_alphas(self, t: int) -> tuple[float, float]:
+        a = float(self.alphas_cumprod[int(t)])
+        return a ** 0.5, (1 - a) ** 0.5
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) n, through the scheduler."""
+        return self.scheduler.add_noise(x0, noise, torch.full((len(x0),), int(t), dtype=torch.long))
+
+    def scale_timestep(self, t: int) -> int:
+        """Timesteps in the spec assume T = 1000; scale them to this scheduler."""
+        return min(self.num_train_timesteps - 1, round(t * self.num_train_timesteps / 1000))

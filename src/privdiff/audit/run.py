@@ -1,0 +1,188 @@
+"""`privdiff audit`: every attack on one run, fitted on aux, evaluated on test (spec §8 outputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from privdiff.audit.attacks import ATTACKS, DEFAULT_ATTACKS, SHADOW_ATTACKS, Attack, ShadowSet
+from privdiff.audit.bounds import clopper_pearson_eps
+from privdiff.audit.model import Candidates, Denoiser
+from privdiff.audit.roc import (attack_metrics, null_auc_sd, roc_curve, stratified_bootstrap,
+                                tpr_interval_at_threshold)
+from privdiff.errors import ConfigError
+from privdiff.run_folder import RunFolder, open_run
+
+CAVEATS = [
+    "Members and non-members are drawn from one distribution by the manifest; a user-supplied split "
+    "must pass the control check (base model at chance) before its numbers mean anything.",
+    "Small-data, many-epoch fine-tuning is where membership attacks are strong; results do not transfer "
+    "to large pre-training.",
+    "Sample sizes bound what can be claimed: the smallest non-zero FPR is 1/n_nonmembers, and the "
+    "certifiable epsilon is capped by the test-set size.",
+    "Timesteps, thresholds and the best attack are chosen on the auxiliary split, never on test.",
+    "Defended models must be audited with shadows trained under the same defence (adaptive attacks).",
+    "AUC and ASR are reported for comparison with diffusion-MIA papers; TPR at low FPR is the worst case.",
+]
+
+
+@dataclass
+class AuditConfig:
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    audit_seed: int = 0
+    shadows: int = 8            # for lira-online / lira-offline; must be even
+    bootstrap: int = 1000
+    cp_fpr: float = 0.05        # FPR targeted on aux by the threshold of the Clopper-Pearson bound
+    batch_size: int = 256
+    control: bool = False       # audit the base model without the adapter (must be at chance)
+
+    def validate(self) -> "AuditConfig":
+        unknown = [a for a in self.attacks if a not in ATTACKS and a not in SHADOW_ATTACKS]
+        if unknown:
+            raise ConfigError(f"unknown attack '{unknown[0]}' (choose from "
+                              f"{', '.join([*ATTACKS, *SHADOW_ATTACKS])})")
+        if not self.attacks:
+            raise ConfigError("audit: no attacks selected")
+        if any(a in SHADOW_ATTACKS for a in self.attacks) and (self.shadows < 2 or self.shadows % 2):
+            raise ConfigError(f"audit: --shadows must be even and >= 2 for LiRA, got {self.shadows}")
+        if self.bootstrap < 20:
+            raise ConfigError("audit: bootstrap must be >= 20 resamples")
+        return self
+
+
+def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str, Candidates]:
+    from privdiff.training.task import encode_images, encode_prompts
+
+    dataset, manifest = run.dataset(), run.manifest
+    out = {}
+    for role in roles:
+        subset = dataset.subset(manifest.ids(role))
+        if len(subset) == 0:
+            raise ConfigError(f"{run.path}: the manifest has no '{role}' examples to audit")
+        out[role] = Candidates([e.id for e in subset.examples], encode_images(pipe, subset.images_tensor()),
+                               encode_prompts(pipe, subset.captions()))
+    return out
+
+
+def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates], cfg: AuditConfig) -> dict:
+    """Fit on aux, score test, and every figure of spec §5 with its interval and sample sizes."""
+    began = time.perf_counter()
+    attack.fit(model, data["member_aux"], data["nonmember_aux"])
+    fit_s = time.perf_counter() - began
+    aux = Candidates.join(data["member_aux"], data["nonmember_aux"])
+    aux_labels = np.r_[np.ones(len(data["member_aux"])), np.zeros(len(data["nonmember_aux"]))]
+    aux_scores = attack.score(model, aux)
+    test = Candidates.join(data["member_test"], data["nonmember_test"])
+    labels = np.r_[np.ones(len(data["member_test"])), np.zeros(len(data["nonmember_test"]))]
+    began = time.perf_counter()
+    scores = attack.score(model, test)
+    score_s = time.perf_counter() - began
+    metrics = attack_metrics(scores, labels)
+    ci = stratified_bootstrap(scores, labels, resamples=cfg.bootstrap, seed=cfg.audit_seed)
+    # Thresholds fixed on aux, applied to test: balanced accuracy, and the FPR target of the CP bound.
+    fpr_a, tpr_a, thr_a = roc_curve(aux_scores, aux_labels)
+    balanced = thr_a[1:][np.argmax(((tpr_a + 1 - fpr_a) / 2)[1:])]
+    at_balanced = tpr_interval_at_threshold(scores, labels, balanced)
+    ok = fpr_a[1:] <= cfg.cp_fpr
+    cp_threshold = thr_a[1:][ok][np.argmax(tpr_a[1:][ok])] if ok.any() else np.inf
+    at_cp = tpr_interval_at_threshold(scores, labels, cp_threshold)
+    aux_auc = attack.fitted.get("aux_auc")
+    if aux_auc is None:
+        aux_auc = attack_metrics(aux_scores, aux_labels).auc
+    record = {
+        "auc": metrics.auc, "auc_ci": ci["auc"], "asr": metrics.asr, "asr_ci": ci["asr"],
+        "asr_aux_threshold": (at_balanced["tp"] + len(data["nonmember_test"]) - at_balanced["fp"]) / len(labels),
+        "tpr_at_fpr": metrics.tpr_at_fpr, "tpr_at_fpr_ci": {k.removeprefix("tpr@"): v for k, v in ci.items()
+                                                             if k.startswith("tpr@")},
+        "tpr_at_fpr_conservative": metrics.tpr_at_fpr_conservative,
+        "resolution_limited": metrics.resolution_limited,
+        "tpr_at_aux_threshold": at_cp, "aux_auc": aux_auc,
+        "queries_per_example": attack.queries_per_example(), "access": attack.access,
+        "fitted": {k: v for k, v in attack.fitted.items() if k != "aux_auc_by_value"},
+        "aux_auc_by_value": attack.fitted.get("aux_auc_by_value"),
+        "examples_per_second": len(labels) / score_s if score_s > 0 else None,
+        "fit_seconds": fit_s, "n_members": metrics.n_members, "n_nonmembers": metrics.n_nonmembers,
+    }
+    if hasattr(attack, "margins"):  # the proxy with R = 1, for parity with the reference
+        record["auc_r1"] = attack_metrics(attack.margins(model, test)[0], labels).auc
+    return {"record": record, "scores": scores, "labels": labels, "ids": test.ids}
+
+
+def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progress: bool = True,
+              shadows: ShadowSet | None = None) -> dict:
+    """Audits a finished run; writes RUN_DIR/audit/{audit.json, scores.npz, roc_loglog.png}."""
+    from rich.progress import Progress
+
+    from privdiff.audit.plots import roc_plot
+    from privdiff.training.checkpoint import atomic_replace, atomic_write_json
+    from privdiff.training.run_info import run_record
+
+    began = time.perf_counter()
+    cfg = (cfg or AuditConfig()).validate()
+    run = open_run(run_dir)
+    if cfg.control:
+        from privdiff.models.load import load_pipeline
+
+        pipe = load_pipeline(run.config.model.pretrained)
+    else:
+        pipe = run.pipeline()
+    model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
+    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"))
+    out_dir = run.path / "audit" / ("control" if cfg.control else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(a in SHADOW_ATTACKS for a in cfg.attacks) and shadows is None:
+        from privdiff.audit.shadows import train_shadows
+
+        shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress)
+    results = {}
+    with Progress(disable=not show_progress, transient=True) as progress:
+        bar = progress.add_task("auditing", total=len(cfg.attacks))
+        for name in cfg.attacks:
+            progress.update(bar, description=f"attack: {name}")
+            attack = SHADOW_ATTACKS[name](shadows, cfg.audit_seed) if name in SHADOW_ATTACKS else \
+                ATTACKS[name](cfg.audit_seed)
+            results[name] = evaluate_attack(attack, model, data, cfg)
+            progress.advance(bar)
+
+    records = {name: r["record"] for name, r in results.items()}
+    best = max(records, key=lambda n: records[n]["aux_auc"])
+    privacy = run.summary.get("privacy") or {}
+    delta = float(privacy.get("delta", 0.0))
+    at = records[best]["tpr_at_aux_threshold"]
+    cp = clopper_pearson_eps(at["tp"], at["n_members"], at["fp"], at["n_nonmembers"], delta=delta)
+    n1, n0 = len(data["member_test"]), len(data["nonmember_test"])
+    audit = {
+        "run": str(run.path), "target": "base model, no adapter (control)" if cfg.control else "fine-tuned adapter",
+        "manifest_hash": run.manifest.dataset_hash, "audit_seed": cfg.audit_seed,
+        "config": dataclasses.asdict(cfg), "n_members_test": n1, "n_nonmembers_test": n0,
+        "n_members_aux": len(data["member_aux"]), "n_nonmembers_aux": len(data["nonmember_aux"]),
+        "null_auc_sd": null_auc_sd(n1, n0), "attacks": records, "best_attack": best,
+        "best_attack_rule": "highest AUC on the auxiliary split",
+        "eps_lower_bound": {"cp": {**cp, "attack": best, "threshold_fpr_on_aux": cfg.cp_fpr,
+                                   "tp": at["tp"], "fp": at["fp"], "n_members": at["n_members"],
+                                   "n_nonmembers": at["n_nonmembers"], "indicative": True,
+                                   "note": "many examples of one training run are not independent trials: "
+                                           "indicative leakage scale only (the one-run canary audit is the "
+                                           "rigorous single-run bound)"},
+                            "one_run": None},
+        "claimed_epsilon": privacy.get("epsilon"), "caveats": CAVEATS, **run_record(),
+        "wall_time_s": round(time.perf_counter() - began, 3),
+    }
+    ids = results[cfg.attacks[0]]["ids"]
+    labels = results[cfg.attacks[0]]["labels"]
+    atomic_replace(out_dir / "scores.npz", lambda tmp: np.savez_compressed(
+        open(tmp, "wb"), ids=np.array(ids), labels=labels, **{n: r["scores"] for n, r in results.items()}))
+    atomic_replace(out_dir / "roc_loglog.png", lambda tmp: open(tmp, "wb").write(
+        roc_plot({n: (r["scores"], r["labels"], records[n]["auc"]) for n, r in results.items()}, n1, n0)))
+    atomic_write_json(out_dir / "audit.json", audit)
+    return audit
+
+
+def load_audit(run_dir: str | Path, control: bool = False) -> dict | None:
+    path = Path(run_dir) / "audit" / ("control" if control else "") / "audit.json"
+    return json.loads(path.read_text()) if path.is_file() else None

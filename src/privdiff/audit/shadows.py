@@ -1,0 +1,65 @@
+"""Shadow LoRAs for LiRA: the target's recipe on balanced random halves of the manifest pool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from privdiff.audit.attacks.lira import ShadowSet
+from privdiff.audit.model import Denoiser
+from privdiff.data.manifest import Manifest
+from privdiff.run_folder import RunFolder, open_run
+from privdiff.seeding import derive_seed, numpy_rng
+
+
+def balanced_masks(num_shadows: int, pool_size: int, seed: int) -> np.ndarray:
+    """(N, |P|) IN masks where every example is IN for exactly N/2 shadows: a uniform matrix, and per
+    example the N/2 shadows with the smallest values (as the LiRA reference code)."""
+    if num_shadows < 2 or num_shadows % 2:
+        raise ValueError("the number of shadows must be even and >= 2")
+    order = numpy_rng(seed, "lira-masks").random((num_shadows, pool_size)).argsort(axis=0).argsort(axis=0)
+    return order < num_shadows // 2
+
+
+def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
+    """The shadow trains on `in_ids` only (as members); every other pool id is a non-member."""
+    roles = {i: ("member_aux" if i in in_ids else "nonmember_aux") for i in base.roles}
+    return Manifest(roles=roles, seed=base.seed, dataset=base.dataset, dataset_hash=base.dataset_hash,
+                    proportions=base.proportions)
+
+
+def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
+                  show_progress: bool = True) -> ShadowSet:
+    """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe."""
+    from privdiff.config import load_config
+    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.training.run import run_training
+
+    base = run.manifest
+    pool = list(base.roles)
+    masks = balanced_masks(num_shadows, len(pool), seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"pool": pool, "seed": seed, "masks": masks.astype(int).tolist()}
+    record_path = out_dir / "masks.json"
+    if record_path.exists() and json.loads(record_path.read_text()) != record:
+        raise ValueError(f"{out_dir} holds shadows with other masks; remove it to retrain")
+    atomic_write_json(record_path, record)
+    models, in_ids = [], []
+    for j in range(num_shadows):
+        ids = {pool[k] for k in np.flatnonzero(masks[j])}
+        folder = out_dir / f"shadow-{j:02d}"
+        manifest_path = out_dir / f"shadow-{j:02d}.membership.json"
+        atomic_write_json(manifest_path, shadow_manifest(base, ids).to_json())
+        cfg = load_config(run.path / "config.yaml", [
+            f"output_dir={folder}", f"membership.manifest={manifest_path}",
+            f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}", "sample.num_images=1",
+            "sample.num_inference_steps=1"])
+        if not (folder / "summary.json").exists():
+            run_training(cfg, overwrite=True, show_progress=show_progress)
+        shadow = open_run(folder)
+        pipe = shadow.pipeline()
+        models.append(Denoiser(pipe.unet, pipe.scheduler))
+        in_ids.append(ids)
+    return ShadowSet(models=models, in_ids=in_ids)

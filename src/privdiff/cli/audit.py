@@ -1,0 +1,55 @@
+"""`privdiff audit`: membership attacks on a run, ROC, and empirical ε lower bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from privdiff.cli import app
+
+console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
+
+
+@app.command()
+def audit(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (its membership.json is used)."),
+    attacks: str = typer.Option(None, help="Comma-separated attacks: loss, pia, secmi, sima, proxy, "
+                                           "lira-online, lira-offline (default: the first five)."),
+    shadows: int = typer.Option(8, help="Shadow LoRAs for LiRA (even; trained with the run's recipe)."),
+    canaries: int = typer.Option(0, help="One-run canary audit with this many canaries (0 = skip)."),
+    canary_attack: str = typer.Option(None, help="Attack for the canary audit (default: the best attack)."),
+    seed: int = typer.Option(0, help="Audit seed (fixed noises, shadow masks, canaries)."),
+    bootstrap: int = typer.Option(1000, help="Stratified bootstrap resamples."),
+    control: bool = typer.Option(False, help="Audit the base model without the adapter (the control: must be "
+                                             "at chance) -> RUN_DIR/audit/control/."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Run membership-inference attacks -> RUN_DIR/audit/audit.json, scores.npz, roc_loglog.png."""
+    from privdiff.audit.attacks import DEFAULT_ATTACKS
+    from privdiff.audit.canaries import canary_audit
+    from privdiff.audit.run import AuditConfig, run_audit
+
+    names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else list(DEFAULT_ATTACKS)
+    cfg = AuditConfig(attacks=names, audit_seed=seed, shadows=shadows, bootstrap=bootstrap, control=control)
+    result = run_audit(run_dir, cfg, show_progress=not quiet)
+    n1, n0 = result["n_members_test"], result["n_nonmembers_test"]
+    console.print(f"test split: {n1} members, {n0} non-members (null AUC sd {result['null_auc_sd']:.3f})",
+                  highlight=False)
+    for name, r in result["attacks"].items():
+        lo, hi = r["auc_ci"]
+        console.print(f"  {name:<13} AUC {r['auc']:.3f} [{lo:.3f}, {hi:.3f}]  TPR@5%FPR "
+                      f"{r['tpr_at_fpr']['0.05']:.3f}  ASR {r['asr']:.3f}  {r['queries_per_example']} queries/ex",
+                      highlight=False)
+    cp = result["eps_lower_bound"]["cp"]
+    console.print(f"best attack (by aux AUC): {result['best_attack']}; indicative ε lower bound "
+                  f"(Clopper-Pearson) {cp['eps']:.2f}", highlight=False)
+    if canaries and not control:
+        one_run = canary_audit(run_dir, num_canaries=canaries, attack=canary_attack or
+                               (result["best_attack"] if result["best_attack"] in DEFAULT_ATTACKS else "loss"),
+                               seed=seed, show_progress=not quiet)
+        console.print(f"one-run canary audit: {one_run['v']}/{one_run['r']} guesses correct on "
+                      f"{one_run['m']} canaries -> ε lower bound {one_run['eps']:.2f} (p = {one_run['p']})",
+                      highlight=False)
+    console.print(f"audit: {Path(run_dir) / 'audit' / ('control' if control else '') / 'audit.json'}")
