@@ -125,3 +125,16 @@ def test_cli_audit_and_report_show_the_audit(audited, tmp_path, capsys):
     assert "Membership audit" in page and "Clopper" in page and "Control (base model" in page
     assert main(["audit", str(run), "--attacks", "nope"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+
+
+def test_an_evaluated_and_audited_run_can_be_overwritten(audited, tmp_path):
+    from privdiff.config import load_config
+    from privdiff.training.run import run_training
+
+    run, _ = audited
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "eval").mkdir(exist_ok=True)
+    cfg = load_config(copy / "config.yaml", [f"output_dir={copy}"])
+    run_training(cfg, overwrite=True, show_progress=False)
+    assert not (copy / "audit").exists() and (copy / "summary.json").is_file()

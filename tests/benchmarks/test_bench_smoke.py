@@ -29,3 +29,11 @@ def test_bench_evaluate_quick_writes_json(tmp_path: Path):
     assert result["num_samples"] == 20 and result["total_s"] > 0
     assert set(result["timings_s"]) == {"load_s", "generation_s", "features_s", "statistics_s", "heldout_loss_s"}
     assert "generation throughput" in stdout
+
+
+@pytest.mark.slow
+def test_bench_audit_quick_writes_json(tmp_path: Path):
+    result, stdout = run_quick("bench_audit.py", tmp_path / "bench.json")
+    assert set(result["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline"}
+    assert all(r["queries_per_example"] >= 1 and r["examples_per_second"] > 0 for r in result["attacks"].values())
+    assert "queries/example" in stdout

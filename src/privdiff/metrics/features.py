@@ -140,7 +140,9 @@ def save_classifier(folder: Path, net: ClassifierNet, label_names: dict[str, lis
     from privdiff.models.load import write_checksums
 
     folder.mkdir(parents=True, exist_ok=True)
-    metadata = {"privdiff.extractor": name, "privdiff.labels": json.dumps(label_names)}
+    # One metadata key: safetensors keeps the header metadata in a hash map whose order varies
+    # between writes, so two keys would make identical weights hash differently.
+    metadata = {"privdiff.extractor": json.dumps({"name": name, "labels": label_names}, sort_keys=True)}
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS_NAME),
               metadata=metadata)
     write_checksums(folder)
@@ -160,12 +162,13 @@ def load_classifier(folder: Path) -> ClassifierExtractor:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        labels = json.loads(meta["privdiff.labels"])
+        header = json.loads(meta["privdiff.extractor"])
+        labels = {head: header["labels"][head] for head in sorted(header["labels"])}
         net = ClassifierNet({k: len(v) for k, v in labels.items()})
         net.load_state_dict(load_file(str(path)))
     except (KeyError, ValueError, RuntimeError, OSError) as err:
         raise ModelError(f"{path} is not a privdiff classifier: {str(err).splitlines()[0]}") from err
-    name = meta.get("privdiff.extractor", folder.name)
+    name = header.get("name", folder.name)
     return ClassifierExtractor(net, labels, f"{name}@sha256:{sha256_file(path)[:16]}")
 
 

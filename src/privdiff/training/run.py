@@ -7,6 +7,8 @@ Run folder contract:
     history.json                       logged training metrics (training curves)
     pytorch_lora_weights.safetensors   the adapter, diffusers LoRA format
     samples.png                        a grid of generated samples
+    metrics.json, eval/                written by `privdiff evaluate`
+    audit/                             written by `privdiff audit`
     summary.json                       written last: method, steps, seed, dataset, versions,
                                        git commit, wall time, metrics {}, privacy {}
 """
@@ -79,7 +81,7 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: 
                           f"--overwrite to replace it")
     if existing:
         unknown = [p.name for p in existing if p.name not in RUN_FILES and not p.name.startswith(".")
-                   and p.name not in ("audit", "metrics.json", "report.html", "report.json")]
+                   and p.name not in ("audit", "eval", "metrics.json", "report.html", "report.json")]
         if unknown:
             raise ConfigError(f"refusing to overwrite {run_dir}: it holds files privdiff did not write "
                               f"(e.g. {unknown[0]})")
