@@ -86,5 +86,8 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert "kid/members" in page and "https://" not in page and "Membership audit" in page
     audit = json.loads((out / "lora" / "audit" / "audit.json").read_text())
     assert set(audit["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy"}
-    assert (out / "lora" / "audit" / "control" / "audit.json").is_file()
+    # Control at the demo's sizes (spec §9.8): on the base model every attack is within 3 null sd of 0.5.
+    control = json.loads((out / "lora" / "audit" / "control" / "audit.json").read_text())
+    for name, attack in control["attacks"].items():
+        assert abs(attack["auc"] - 0.5) <= 3 * control["null_auc_sd"], (name, attack["auc"])
     assert (out / "report.json").is_file()
