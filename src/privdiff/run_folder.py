@@ -73,3 +73,20 @@ def open_run(path: str | Path) -> RunFolder:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{summary_path} is not valid JSON ({err.msg})") from None
     return RunFolder(path=path, config=load_config(path / "config.yaml"), summary=summary)
+
+
+def train_like(run: RunFolder, folder: Path, manifest: Manifest, overrides: list[str] | None = None,
+               show_progress: bool = True) -> RunFolder:
+    """Trains the run's recipe on another membership (a LiRA shadow, the canary run) into `folder`,
+    reusing a finished one; its manifest is saved beside the folder. Sampling is cut to one image."""
+    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.training.run import run_training
+
+    manifest_path = folder.with_name(folder.name + ".membership.json")
+    atomic_write_json(manifest_path, manifest.to_json())
+    cfg = load_config(run.path / "config.yaml", [f"output_dir={folder}", f"membership.manifest={manifest_path}",
+                                                 "sample.num_images=1", "sample.num_inference_steps=1",
+                                                 *(overrides or [])])
+    if not (folder / "summary.json").exists():
+        run_training(cfg, overwrite=True, show_progress=show_progress)
+    return open_run(folder)

@@ -109,7 +109,7 @@ def test_canary_audit_end_to_end(audited):
     assert result["r"] == 4 and 0 <= result["v"] <= 4 and result["eps"] >= 0
     audit = json.loads((run / "audit" / "audit.json").read_text())
     assert audit["eps_lower_bound"]["one_run"]["m"] == 16
-    canary_manifest = json.loads((run / "audit" / "canary.membership.json").read_text())
+    canary_manifest = json.loads((run / "audit" / "canary-run.membership.json").read_text())
     trained = {i for i, r in canary_manifest["roles"].items() if r.startswith("member")}
     included = {c for c, keep in zip(saved["canaries"], saved["included"]) if keep}
     assert included <= trained and not (set(saved["canaries"]) - included) & trained

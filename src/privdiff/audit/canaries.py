@@ -20,7 +20,7 @@ from privdiff.audit.model import Candidates, Denoiser
 from privdiff.data import load_dataset
 from privdiff.data.manifest import Manifest
 from privdiff.errors import ConfigError
-from privdiff.run_folder import RunFolder, open_run
+from privdiff.run_folder import RunFolder, open_run, train_like
 from privdiff.seeding import numpy_rng
 
 
@@ -57,9 +57,7 @@ def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = 
                  p: float = 0.05, show_progress: bool = True) -> dict:
     """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound."""
     from privdiff.audit.run import encode_candidates
-    from privdiff.config import load_config
     from privdiff.training.checkpoint import atomic_write_json
-    from privdiff.training.run import run_training
     from privdiff.training.task import encode_images, encode_prompts
 
     if attack not in ATTACKS:
@@ -71,15 +69,8 @@ def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = 
     canaries, included = draw_canaries(spare, num_canaries, seed)
     out_dir = run.path / "audit"
     out_dir.mkdir(exist_ok=True)
-    manifest_path = out_dir / "canary.membership.json"
-    atomic_write_json(manifest_path, canary_manifest(base, canaries, included, full.content_hash).to_json())
-    folder = out_dir / "canary-run"
-    cfg = load_config(run.path / "config.yaml", [f"output_dir={folder}", "data.num_examples=null",
-                                                 f"membership.manifest={manifest_path}", "sample.num_images=1",
-                                                 "sample.num_inference_steps=1"])
-    if not (folder / "summary.json").exists():
-        run_training(cfg, overwrite=True, show_progress=show_progress)
-    canary_run = open_run(folder)
+    canary_run = train_like(run, out_dir / "canary-run", canary_manifest(base, canaries, included, full.content_hash),
+                            ["data.num_examples=null"], show_progress)
     pipe = canary_run.pipeline()
     model = Denoiser(pipe.unet, pipe.scheduler)
     chosen = ATTACKS[attack](seed)

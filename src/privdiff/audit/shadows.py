@@ -10,7 +10,7 @@ import numpy as np
 from privdiff.audit.attacks.lira import ShadowSet
 from privdiff.audit.model import Denoiser
 from privdiff.data.manifest import Manifest
-from privdiff.run_folder import RunFolder, open_run
+from privdiff.run_folder import RunFolder, train_like
 from privdiff.seeding import derive_seed, numpy_rng
 
 
@@ -33,9 +33,7 @@ def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
 def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
                   show_progress: bool = True) -> ShadowSet:
     """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe."""
-    from privdiff.config import load_config
     from privdiff.training.checkpoint import atomic_write_json
-    from privdiff.training.run import run_training
 
     base = run.manifest
     pool = list(base.roles)
@@ -49,16 +47,8 @@ def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
     models, in_ids = [], []
     for j in range(num_shadows):
         ids = {pool[k] for k in np.flatnonzero(masks[j])}
-        folder = out_dir / f"shadow-{j:02d}"
-        manifest_path = out_dir / f"shadow-{j:02d}.membership.json"
-        atomic_write_json(manifest_path, shadow_manifest(base, ids).to_json())
-        cfg = load_config(run.path / "config.yaml", [
-            f"output_dir={folder}", f"membership.manifest={manifest_path}",
-            f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}", "sample.num_images=1",
-            "sample.num_inference_steps=1"])
-        if not (folder / "summary.json").exists():
-            run_training(cfg, overwrite=True, show_progress=show_progress)
-        shadow = open_run(folder)
+        shadow = train_like(run, out_dir / f"shadow-{j:02d}", shadow_manifest(base, ids),
+                            [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}"], show_progress)
         pipe = shadow.pipeline()
         models.append(Denoiser(pipe.unet, pipe.scheduler))
         in_ids.append(ids)

@@ -47,11 +47,6 @@ def bootstrap_interval(statistic: Callable[..., float], sizes: Sequence[int], *,
     return float(lo - shift), float(hi - shift)
 
 
-def expand_counts(counts: np.ndarray) -> np.ndarray:
-    """Count vector -> the resampled indices (each original index repeated by its count)."""
-    return np.repeat(np.arange(len(counts)), counts.astype(np.int64))
-
-
 def mean_interval(values: np.ndarray, *, resamples: int = 200, seed: int = 0,
                   key: str = "mean") -> tuple[float, float]:
     """Bootstrap interval of a mean."""
