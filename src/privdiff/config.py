@@ -63,6 +63,24 @@ class TrainConfig:
 
 
 @dataclass
+class DPConfig:
+    """DP-SGD settings of `train.method: dp-lora` (dp-lora.md §9); N = number of training members."""
+
+    target_epsilon: float | None = 8.0  # sigma is calibrated to it; null when noise_multiplier is given
+    delta: float | None = None  # null = min(1e-5, 0.1/N); delta >= 1/N is refused
+    noise_multiplier: float | None = None  # fixed sigma instead of a target epsilon (never both)
+    max_grad_norm: float = 1e-3  # per-example clip norm C (flat, over all LoRA tensors)
+    noise_multiplicity: int = 4  # K (t, noise) draws averaged inside each example before clipping
+    expected_batch_size: int | None = None  # B; Poisson rate q = B/N; null = min(64, N // 4)
+    physical_batch_size: int = 16  # examples per forward/backward chunk (memory), never changes the result
+    epochs: float | None = 50.0  # steps = ceil(epochs / q); null = use train.steps
+    accountant: str = "prv"  # prv (tight) | rdp (comparability with older work)
+    eps_error: float = 1e-3  # PRV accuracy; its epsilon is an upper bound about this much above PLD
+    engine: str = "hooks"  # per-example gradients: hooks (Opacus, fast) | functorch (vmap of grad)
+    secure_rng: bool = False  # Opacus secure mode (needs torchcsprng) for noise and Poisson masks
+
+
+@dataclass
 class SampleConfig:
     num_images: int = 16
     num_inference_steps: int = 25
@@ -80,6 +98,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> "RunConfig":
@@ -105,6 +124,7 @@ class RunConfig:
             (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
             (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            *self.dp_checks(),
             (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
             (self.sample.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
             (self.sample.scheduler in ("ddim", "ddpm"), "sample.scheduler must be 'ddim' or 'ddpm'"),
@@ -114,6 +134,27 @@ class RunConfig:
             if not ok:
                 raise ConfigError(message)
         return self
+
+    def dp_checks(self) -> list[tuple[bool, str]]:
+        """Checks that need no data; N-dependent ones (delta < 1/N, B <= N) run when N is known."""
+        dp = self.dp
+        return [
+            (dp.target_epsilon is None or dp.target_epsilon > 0, "dp.target_epsilon must be > 0"),
+            (dp.noise_multiplier is None or dp.noise_multiplier >= 0, "dp.noise_multiplier must be >= 0"),
+            ((dp.target_epsilon is None) != (dp.noise_multiplier is None),
+             "give either a target epsilon (dp.target_epsilon) or a noise multiplier (dp.noise_multiplier), "
+             "not both" if dp.target_epsilon is not None else
+             "give a target epsilon (dp.target_epsilon) or a noise multiplier (dp.noise_multiplier)"),
+            (dp.delta is None or 0 < dp.delta < 1, "dp.delta must be in (0, 1)"),
+            (dp.max_grad_norm > 0, "dp.max_grad_norm must be > 0"),
+            (dp.noise_multiplicity >= 1, "dp.noise_multiplicity must be >= 1"),
+            (dp.expected_batch_size is None or dp.expected_batch_size >= 1, "dp.expected_batch_size must be >= 1"),
+            (dp.physical_batch_size >= 1, "dp.physical_batch_size must be >= 1"),
+            (dp.epochs is None or dp.epochs > 0, "dp.epochs must be > 0 (or null to use train.steps)"),
+            (dp.accountant in ("prv", "rdp"), "dp.accountant must be 'prv' or 'rdp'"),
+            (0 < dp.eps_error < 1, "dp.eps_error must be in (0, 1)"),
+            (dp.engine in ("hooks", "functorch"), "dp.engine must be 'hooks' or 'functorch'"),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

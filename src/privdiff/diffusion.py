@@ -40,10 +40,22 @@ def per_example_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: t
         (B,) losses, one per example: nothing is averaged across the batch, so each entry depends
         on its own example only (the property DP clipping relies on).
     """
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
-    error = (prediction.float() - training_target(scheduler, latents, noise, timesteps).float()) ** 2
+    noisy, target = noisy_and_target(scheduler, latents, noise, timesteps)
+    error = squared_error(unet, noisy, timesteps, context, target)
     return error.mean(dim=(1, 2, 3)) if reduce else error
+
+
+def noisy_and_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model input x_t and the regression target for (z0, noise, t); no gradient needed."""
+    return scheduler.add_noise(latents, noise, timesteps), training_target(scheduler, latents, noise, timesteps)
+
+
+def squared_error(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                  target: torch.Tensor) -> torch.Tensor:
+    """Element-wise squared error of the UNet's prediction, (B, C, h, w), in float32."""
+    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+    return (prediction.float() - target.float()) ** 2
 
 
 def draw_noise_and_timesteps(shape: torch.Size, num_train_timesteps: int,

@@ -16,7 +16,7 @@ console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapp
 @app.command()
 def finetune(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (defaults if omitted)."),
-    method: str = typer.Option(None, help="Training method: lora (more arrive with later methods)."),
+    method: str = typer.Option(None, help="Training method: lora | dp-lora."),
     data: str = typer.Option(None, help="Built-in dataset (digits, faces, glyphs, fill) or imagefolder path."),
     num_examples: int = typer.Option(None, help="Seeded subset size of the private dataset."),
     pretrained: str = typer.Option(None, help="Local Stable Diffusion folder (default: shipped tiny base)."),
@@ -28,21 +28,58 @@ def finetune(
     alpha: float = typer.Option(None, help="LoRA alpha (scale = alpha / rank)."),
     seed: int = typer.Option(None, help="Training seed."),
     membership: str = typer.Option(None, help="Reuse this membership.json (paired comparisons)."),
+    target_epsilon: float = typer.Option(None, help="dp-lora: epsilon to calibrate the noise to (default 8)."),
+    delta: float = typer.Option(None, help="dp-lora: delta (default min(1e-5, 0.1/N); must be < 1/N)."),
+    noise_multiplier: float = typer.Option(None, help="dp-lora: fixed noise multiplier instead of a target epsilon."),
+    max_grad_norm: float = typer.Option(None, help="dp-lora: per-example clip norm C (default 1e-3)."),
+    noise_multiplicity: int = typer.Option(None, help="dp-lora: K draws averaged inside each example (default 4)."),
+    expected_batch_size: int = typer.Option(None, help="dp-lora: expected Poisson batch B (default min(64, N/4))."),
+    physical_batch_size: int = typer.Option(None, help="dp-lora: examples per forward/backward chunk (memory)."),
+    epochs: float = typer.Option(None, help="dp-lora: epochs, steps = epochs / q (default 50; --steps overrides)."),
+    accountant: str = typer.Option(None, help="dp-lora: prv (default) or rdp."),
+    distributed: bool = typer.Option(False, help="dp-lora under torchrun: data parallel with Opacus DPDDP."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Fine-tune a LoRA on the private split and write a run folder."""
+    """Fine-tune a LoRA on the private split (plainly or with DP-SGD) and write a run folder."""
+    from privdiff.errors import ConfigError
     from privdiff.training.run import run_training
 
+    if target_epsilon is not None and noise_multiplier is not None:
+        raise ConfigError("give --target-epsilon or --noise-multiplier, not both")
+    if epochs is not None and steps is not None:
+        raise ConfigError("give --epochs or --steps, not both")
+    implied = (["dp.target_epsilon=null"] if noise_multiplier is not None else []) + \
+              (["dp.epochs=null"] if steps is not None else [])
     cfg = build_config(config, {
         "train.method": method, "data.name": data, "data.num_examples": num_examples,
         "model.pretrained": pretrained, "output_dir": out, "train.steps": steps,
         "train.batch_size": batch_size, "train.learning_rate": learning_rate, "lora.rank": rank,
-        "lora.alpha": alpha, "train.seed": seed, "membership.manifest": membership}, set_)
-    run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet)
+        "lora.alpha": alpha, "train.seed": seed, "membership.manifest": membership,
+        "dp.target_epsilon": target_epsilon, "dp.delta": delta, "dp.noise_multiplier": noise_multiplier,
+        "dp.max_grad_norm": max_grad_norm, "dp.noise_multiplicity": noise_multiplicity,
+        "dp.expected_batch_size": expected_batch_size, "dp.physical_batch_size": physical_batch_size,
+        "dp.epochs": epochs, "dp.accountant": accountant}, implied + list(set_ or []))
+    run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
+                           distributed=distributed)
+    if run_dir is None:
+        return  # a non-main process of a distributed run
     console.print(f"run folder: [bold]{run_dir}[/]")
+    _print_privacy(run_dir)
+
+
+def _print_privacy(run_dir: Path) -> None:
+    import json
+
+    privacy = json.loads((Path(run_dir) / "summary.json").read_text()).get("privacy") or {}
+    if privacy:
+        eps = privacy["epsilon"]
+        console.print(f"privacy: ({'inf' if eps is None else f'{eps:.3f}'}, {privacy['delta']:.3g})-DP "
+                      f"({privacy['accountant'].upper()}; PLD {privacy['epsilon_pld']}) with sigma "
+                      f"{privacy['noise_multiplier']}, q {privacy['sample_rate']:.4g}, {privacy['steps']} steps, "
+                      f"C {privacy['max_grad_norm']}, K {privacy['noise_multiplicity']}")
 
 
 @app.command()

@@ -58,8 +58,10 @@ def _quiet_hf_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
-    """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder, on the CPU.
+def load_pipeline(path: str | Path | None = None, device: str = "cpu") -> StableDiffusionPipeline:
+    """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder onto `device`.
+
+    The model is on its device before any adapter is added (dp-lora.md §11.1).
 
     Args:
         path: folder saved by `save_pretrained` (model_index.json, unet/, vae/, text_encoder/,
@@ -84,6 +86,8 @@ def load_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load pipeline from {folder}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
+    if device != "cpu":
+        pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()

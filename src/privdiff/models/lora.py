@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -47,6 +48,7 @@ def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig) -> list[torch.nn.Param
         unet.add_adapter(peft_config(cfg))
     except ValueError as err:
         raise ModelError(f"cannot add LoRA to the UNet: {str(err).splitlines()[0]}") from None
+    cast_training_params(unet, torch.float32)  # fp32 adapters on a low-precision base, same Parameter objects
     params = [p for _, p in sorted(unet.named_parameters()) if p.requires_grad]
     if not params:
         raise ModelError(f"no LoRA parameters created for target modules {cfg.target_modules}")

@@ -7,6 +7,7 @@ s continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from privdiff.distributed import current_world
 from privdiff.seeding import generator
 from privdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
@@ -31,11 +33,17 @@ class TrainResult:
     resumed_from: int = 0
 
 
+def json_safe(row: dict[str, float | None]) -> dict[str, float | None]:
+    """NaN and infinities become null (strict JSON; e.g. the loss of an empty DP batch)."""
+    return {k: (v if v is None or math.isfinite(v) else None) for k, v in row.items()}
+
+
 def make_batch(task: DiffusionTask, indices: torch.Tensor, caption_dropout: float,
                rng: torch.Generator) -> TrainBatch:
     contexts = task.contexts[indices]
     if caption_dropout > 0:
-        drop = torch.rand(len(indices), generator=rng) < caption_dropout  # (B,)
+        # One draw per example row, whatever the batch: a process's share sees the same drops.
+        drop = (torch.rand(task.num_examples, generator=rng) < caption_dropout)[indices]  # (B,)
         contexts = torch.where(drop[:, None, None], task.null_context.expand_as(contexts), contexts)
     return TrainBatch(indices=indices, latents=task.latents[indices], contexts=contexts)
 
@@ -57,7 +65,9 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
         The step count, the logged history and the wall time of this call.
     """
     cfg = method.config.train
+    world = current_world()
     method.prepare(task)
+    total = method.total_steps()
     history: list[dict[str, float]] = []
     start = 0
     running_saved: list[float] = []
@@ -69,25 +79,28 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
     began = time.perf_counter()
     progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-                        disable=not show_progress, transient=False)
+                        disable=not (show_progress and world.is_main), transient=False)
     with progress:
-        bar = progress.add_task(description, total=cfg.steps, completed=start, loss=float("nan"))
+        bar = progress.add_task(description, total=total, completed=start, loss=float("nan"))
         running: list[float] = list(running_saved)
-        for step in range(start, cfg.steps):
+        for step in range(start, total):
             rng = generator(cfg.seed, "step", step)
             indices = method.batch_indices(step, task.num_examples, rng)
             batch = make_batch(task, indices, cfg.caption_dropout, rng)
             metrics = method.step(task, batch, rng)
-            running.append(metrics["loss"])
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                history.append({"step": step + 1, **metrics, "loss_avg": sum(running) / len(running)})
+            if math.isfinite(metrics["loss"]):  # an empty DP batch has no loss
+                running.append(metrics["loss"])
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                history.append(json_safe({"step": step + 1, **metrics,
+                                          "loss_avg": sum(running) / len(running) if running else None}))
                 running = []
             progress.update(bar, advance=1, loss=metrics["loss"])
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total) and world.is_main:
                 save_checkpoint(run_dir, {"step": step + 1, "method": method.state_dict(),
                                           "history": history, "running": running})
             if on_step is not None:
                 on_step(step + 1, metrics)
-    return TrainResult(steps=cfg.steps, history=history, wall_time_s=time.perf_counter() - began,
+    method.finish(task)
+    return TrainResult(steps=total, history=history, wall_time_s=time.perf_counter() - began,
                        resumed_from=start)
 

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from privdiff.config import RunConfig, save_config
+from privdiff.distributed import current_world, device_for, init_distributed, launched_by_torchrun
 from privdiff.data import ImageDataset, Manifest, build_manifest, load_dataset, load_manifest
 from privdiff.errors import ConfigError
 from privdiff.models.load import load_pipeline
@@ -58,9 +59,8 @@ def prepare_inputs(config: RunConfig) -> RunInputs:
         manifest = build_manifest([ex.id for ex in dataset.examples], dataset.name, dataset.content_hash,
                                   config.membership)
     members = dataset.subset(manifest.members)
-    if config.train.batch_size > len(members):
-        raise ConfigError(f"train.batch_size {config.train.batch_size} is larger than the "
-                          f"{len(members)} training members")
+    if not members.examples:
+        raise ConfigError("the membership manifest has no training members")
     return RunInputs(dataset=dataset, manifest=manifest, members=members)
 
 
@@ -91,26 +91,44 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: 
 
 
 def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 show_progress: bool = True, on_step: StepCallback | None = None) -> Path:
+                 show_progress: bool = True, on_step: StepCallback | None = None,
+                 distributed: bool = False) -> Path | None:
     """Fine-tunes per `config` and writes the run folder; returns its path.
+
+    Args:
+        distributed: this process is one of a `torchrun` launch (data parallel; dp-lora only).
+            Every process trains its share; only the main process writes the run folder (the
+            others return None).
 
     Raises:
         PrivdiffError: invalid data, config or model, before anything is written.
     """
     began = time.perf_counter()
     config.validate()
+    if launched_by_torchrun() and not distributed:
+        raise ConfigError("started by torchrun: pass --distributed (otherwise every process writes the run)")
+    world = init_distributed() if distributed else current_world()
+    if world.distributed and config.train.method != "dp-lora":
+        raise ConfigError("--distributed is supported for --method dp-lora (Opacus DPDDP)")
+    if world.distributed and resume:
+        raise ConfigError("--resume is not supported with --distributed")
     method = get_method(config.train.method)(config)
     inputs = prepare_inputs(config)
-    pipe = load_pipeline(config.model.pretrained)
+    pipe = load_pipeline(config.model.pretrained, device=device_for(world))
+    method.check_inputs(len(inputs.members), pipe.unet)
     run_dir = Path(config.output_dir)
-    resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
-    save_config(config, run_dir / "config.yaml")
-    atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
+    resuming = False
+    if world.is_main:
+        resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
+        save_config(config, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
 
     seed_everything(config.train.seed)
     task = build_task(pipe, inputs.members)
     result = train(task, method, run_dir, resume=resuming, show_progress=show_progress, on_step=on_step,
                    description=f"fine-tuning ({method.name})")
+    if not world.is_main:
+        return None
     save_lora(run_dir / LORA_WEIGHT_NAME, pipe.unet, config.lora, method.adapter_metadata())
     atomic_write_json(run_dir / "history.json", result.history)
     prompts = config.sample.prompts or default_prompts(inputs.members.captions(), config.sample.num_images)

@@ -39,7 +39,7 @@ class DiffusionTask:
 def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N, C, h, w) latents, deterministic (posterior mean)."""
     factor = pipe.vae.config.scaling_factor
-    chunks = [pipe.vae.encode(images[i:i + batch_size]).latent_dist.mean * factor
+    chunks = [pipe.vae.encode(images[i:i + batch_size].to(pipe.vae.device)).latent_dist.mean * factor
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
@@ -51,7 +51,7 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size
     for i in range(0, len(prompts), batch_size):
         tokens = pipe.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-        out.append(pipe.text_encoder(tokens.input_ids)[0])
+        out.append(pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0])
     return torch.cat(out)
 
 

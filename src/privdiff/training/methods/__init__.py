@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from privdiff.errors import ConfigError
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
+from privdiff.training.methods.dp_lora import DPLoRA
 from privdiff.training.methods.lora import LoRA, FullUNet
 
 METHODS: dict[str, type[TrainingMethod]] = {}
@@ -14,7 +15,7 @@ def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
     return cls
 
 
-for _cls in (LoRA, FullUNet):
+for _cls in (LoRA, DPLoRA, FullUNet):
     register_method(_cls)
 
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from privdiff.config import RunConfig
+from privdiff.errors import ConfigError
 from privdiff.seeding import generator
 from privdiff.training.task import DiffusionTask
 
@@ -35,6 +36,23 @@ class TrainingMethod(ABC):
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+
+    def check_inputs(self, num_examples: int, unet: torch.nn.Module) -> None:
+        """Refuses data- or model-dependent settings before anything is written.
+
+        Raises:
+            ConfigError: the fixed batch is larger than the training set.
+        """
+        if self.config.train.batch_size > num_examples:
+            raise ConfigError(f"train.batch_size {self.config.train.batch_size} is larger than the "
+                              f"{num_examples} training members")
+
+    def total_steps(self) -> int:
+        """Optimisation steps of the run (DP-LoRA derives them from epochs and its sample rate)."""
+        return self.config.train.steps
+
+    def finish(self, task: DiffusionTask) -> None:
+        """Called once after the last step (detach hooks, cross-process checks)."""
 
     @abstractmethod
     def prepare(self, task: DiffusionTask) -> None:

@@ -29,6 +29,7 @@ class LoRA(TrainingMethod):
         """(B,) per-example denoising losses at one fresh (t, noise) draw per example."""
         noise, timesteps = draw_noise_and_timesteps(batch.latents.shape,
                                                     task.scheduler.config.num_train_timesteps, rng)
+        noise, timesteps = noise.to(batch.latents.device), timesteps.to(batch.latents.device)
         return per_example_loss(task.unet, task.scheduler, batch.latents, batch.contexts, noise, timesteps)
 
     def step(self, task: DiffusionTask, batch: TrainBatch, rng: torch.Generator) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Differential privacy for LoRA fine-tuning: accounting, per-example gradients, Poisson batches."""

@@ -1,0 +1,142 @@
+"""Per-example gradients of the K-draw mean denoising loss: the quantity DP-SGD clips.
+
+Example i's loss is l_i = (1/K) Σ_k mse(ε_φ(x_t_ik, t_ik, c_i), target_ik) (dp-lora.md §4), and its
+gradient g_i = ∇_φ l_i is what gets clipped, so one example moves the clipped sum by at most C
+whatever K is (§5). Both engines write g_i to `p.grad_sample` as ONE tensor (n, *p.shape) per
+parameter, which is what Opacus' DPOptimizer reads (a list would be taken as accumulation).
+
+- `HooksEngine` (default): the K draws are K rows of one batch through an Opacus
+  `GradSampleModule`; its hooks give per-row gradients of l_i's K terms, which are summed inside
+  each example (∇ is linear, so their sum is exactly g_i) before anything is clipped. On this
+  machine it costs about 1.2x a non-private step, against about 2x for the functorch engine.
+- `FunctorchEngine`: `vmap(grad(l_i))` over examples with the K draws as a mini-batch inside l_i
+  (the spec's reference construction); used to cross-check the hooks engine.
+All randomness (t, noise) is drawn by the caller and passed in, so both are deterministic.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from privdiff.diffusion import noisy_and_target, squared_error
+
+
+@dataclass
+class ExampleDraws:
+    """A chunk of n examples and their K draws each.
+
+    Attributes:
+        latents: (n, C, h, w) clean latents.
+        contexts: (n, L, D) caption states.
+        noise: (n, K, C, h, w) Gaussian noise.
+        timesteps: (n, K) integer timesteps.
+    """
+
+    latents: torch.Tensor
+    contexts: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+    @property
+    def num_examples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def multiplicity(self) -> int:
+        return self.noise.shape[1]
+
+    def rows(self, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, context, target) with the K draws of each example as consecutive rows (n·K)."""
+        k = self.multiplicity
+        latents = self.latents.repeat_interleave(k, dim=0)
+        noise = self.noise.reshape(-1, *self.noise.shape[2:])
+        timesteps = self.timesteps.reshape(-1)
+        noisy, target = noisy_and_target(scheduler, latents, noise, timesteps)
+        return noisy, timesteps, self.contexts.repeat_interleave(k, dim=0), target
+
+
+class PerExampleEngine(ABC):
+    """Computes g_i for a chunk and stores it on the trainable parameters as `grad_sample`."""
+
+    def __init__(self, model: torch.nn.Module, unet: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                 scheduler) -> None:
+        """
+        Args:
+            model: what the forward goes through (the UNet, or DPDDP around it).
+            unet: the bare UNet carrying the adapter.
+            params: trainable LoRA tensors by their name in `unet`, in optimizer order.
+            scheduler: the training noise scheduler (x_t and targets come from it).
+        """
+        self.model, self.unet, self.params, self.scheduler = model, unet, params, scheduler
+
+    @abstractmethod
+    def compute(self, draws: ExampleDraws) -> torch.Tensor:
+        """Sets `p.grad_sample` = (n, *p.shape) for every parameter; returns the (n,) losses l_i."""
+
+    def set_empty(self) -> None:
+        """The empty Poisson batch: no forward, zero per-example rows (a noise-only step follows)."""
+        for p in self.params.values():
+            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device)
+
+    def close(self) -> None:
+        """Removes anything attached to the model (sampling afterwards runs on the bare UNet)."""
+
+
+class HooksEngine(PerExampleEngine):
+    def __init__(self, model, unet, params, scheduler) -> None:
+        super().__init__(model, unet, params, scheduler)
+        from opacus import GradSampleModule
+
+        with warnings.catch_warnings():  # frozen norm layers are reported as "unsupported": they never train
+            warnings.simplefilter("ignore")
+            self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+
+    def compute(self, draws: ExampleDraws) -> torch.Tensor:
+        n, k = draws.num_examples, draws.multiplicity
+        noisy, timesteps, contexts, target = draws.rows(self.scheduler)
+        for p in self.params.values():
+            p.grad_sample, p.grad = None, None
+        row_losses = squared_error(self.wrapped, noisy, timesteps, contexts, target).mean(dim=(1, 2, 3))
+        example_losses = row_losses.reshape(n, k).mean(dim=1)
+        with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients": expected
+            warnings.simplefilter("ignore", UserWarning)
+            example_losses.sum().backward()  # per-row gradients are those of l_i's terms row_loss / K
+        for p in self.params.values():
+            p.grad_sample = p.grad_sample.reshape(n, k, *p.shape).sum(dim=1)
+            p.grad = None
+        return example_losses.detach()
+
+    def close(self) -> None:
+        self.wrapped._close()
+
+
+class FunctorchEngine(PerExampleEngine):
+    def compute(self, draws: ExampleDraws) -> torch.Tensor:
+        n, k = draws.num_examples, draws.multiplicity
+        noisy, timesteps, contexts, target = draws.rows(self.scheduler)
+        shape = lambda x: x.reshape(n, k, *x.shape[1:])  # noqa: E731
+        def example_loss(lora: dict[str, torch.Tensor], x, t, c, y) -> torch.Tensor:
+            def forward(*args, **kwargs):
+                return functional_call(self.unet, lora, args, kwargs)  # frozen weights come from the module
+            return squared_error(forward, x, t, c, y).mean()
+
+        weights = {name: p.detach() for name, p in self.params.items()}
+        grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, 0, 0))(
+            weights, shape(noisy), shape(timesteps), shape(contexts), shape(target))
+        for name, p in self.params.items():
+            p.grad_sample = grads[name].detach()
+        return losses.detach()
+
+
+ENGINES: dict[str, type[PerExampleEngine]] = {"hooks": HooksEngine, "functorch": FunctorchEngine}
+
+
+def per_example_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """(n,) flat L2 norms of the per-example gradients stored in `grad_sample`."""
+    squares = [p.grad_sample.reshape(len(p.grad_sample), -1).pow(2).sum(dim=1) for p in params]
+    return torch.stack(squares, dim=1).sum(dim=1).sqrt()
