@@ -24,6 +24,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from privdiff.diffusion import noisy_and_target, squared_error
+from privdiff.errors import ModelError
 
 
 @dataclass
@@ -78,6 +79,18 @@ class PerExampleEngine(ABC):
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
         """Sets `p.grad_sample` = (n, *p.shape) for every parameter; returns the (n,) losses l_i."""
 
+    def check_parameters(self) -> None:
+        """The model must still hold the optimizer's Parameter objects (dp-lora.md §11.1).
+
+        Raises:
+            ModelError: an adapter tensor was replaced (e.g. the model was moved to its device after
+                the adapter was added): the optimizer would update tensors the model no longer uses.
+        """
+        current = dict(self.unet.named_parameters())
+        if any(current.get(name) is not p for name, p in self.params.items()):
+            raise ModelError("the model's LoRA parameters were replaced after the DP optimizer was built "
+                             "(move the model to its device before adding adapters)")
+
     def set_empty(self) -> None:
         """The empty Poisson batch: no forward, zero per-example rows (a noise-only step follows)."""
         for p in self.params.values():
@@ -97,6 +110,7 @@ class HooksEngine(PerExampleEngine):
             self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
 
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
+        self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
         noisy, timesteps, contexts, target = draws.rows(self.scheduler)
         for p in self.params.values():
@@ -117,6 +131,7 @@ class HooksEngine(PerExampleEngine):
 
 class FunctorchEngine(PerExampleEngine):
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
+        self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
         noisy, timesteps, contexts, target = draws.rows(self.scheduler)
         shape = lambda x: x.reshape(n, k, *x.shape[1:])  # noqa: E731

@@ -1,0 +1,163 @@
+"""Per-example gradients, clipping and sensitivity (dp-lora.md §5, §13.1-3)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.optimizers import DPOptimizer
+
+from privdiff.diffusion import squared_error
+from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
+from privdiff.models.lora import add_lora
+from tests.dp.conftest import CONV_TARGETS, LINEAR_TARGETS, dp_config, fresh_task
+
+
+def lora_params(task, targets):
+    params = add_lora(task.unet, dp_config(targets).lora)
+    names = [n for n, p in sorted(task.unet.named_parameters()) if p.requires_grad]
+    with torch.no_grad():  # non-zero B, so that A has a gradient too
+        for name, p in zip(names, params):
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return dict(zip(names, params))
+
+
+def draws_for(task, rows, k, seed=0, identical=False) -> ExampleDraws:
+    g = torch.Generator().manual_seed(seed)
+    n = len(rows)
+    noise = torch.randn(n, 1 if identical else k, *task.latents.shape[1:], generator=g)
+    times = torch.randint(0, 1000, (n, 1 if identical else k), generator=g)
+    if identical:  # all K draws of an example the same: its K row gradients are aligned
+        noise, times = noise.expand(n, k, *noise.shape[2:]), times.expand(n, k)
+    return ExampleDraws(latents=task.latents[rows], contexts=task.contexts[rows], noise=noise.contiguous(),
+                        timesteps=times.contiguous())
+
+
+def autograd_reference(task, params, draws):
+    """Loop of single-example autograd gradients of l_i = mean over its K draws."""
+    out = {name: [] for name in params}
+    noisy, t, c, target = draws.rows(task.scheduler)
+    k = draws.multiplicity
+    for i in range(draws.num_examples):
+        rows = slice(i * k, (i + 1) * k)
+        for p in params.values():
+            p.grad = None
+        squared_error(task.unet, noisy[rows], t[rows], c[rows], target[rows]).mean().backward()
+        for name, p in params.items():
+            out[name].append(p.grad.detach().clone())
+    return {name: torch.stack(g) for name, g in out.items()}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("targets", [LINEAR_TARGETS, CONV_TARGETS], ids=["linear", "conv"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_engine_matches_per_example_autograd(make_task, engine, targets, k):
+    task = make_task(6)
+    params = lora_params(task, targets)
+    draws = draws_for(task, torch.arange(4), k)
+    reference = autograd_reference(task, params, draws)
+    computed = ENGINES[engine](task.unet, task.unet, params, task.scheduler)
+    computed.compute(draws)
+    for name, p in params.items():
+        got, want = p.grad_sample, reference[name]
+        assert got.shape == (4, *p.shape)
+        assert torch.linalg.vector_norm(got - want) <= 1e-5 * torch.linalg.vector_norm(want) + 1e-12, name
+    computed.close()
+
+
+def clip_each(params, max_grad_norm):
+    """Opacus' clipping applied to one example at a time: that example's clipped contribution."""
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                            expected_batch_size=1)
+    samples = [p.grad_sample for p in params]
+    n = len(samples[0])
+    rows = []
+    for i in range(n):
+        for p, gs in zip(params, samples):
+            p.grad_sample, p.summed_grad = gs[i:i + 1], None
+        optimizer.clip_and_accumulate()
+        rows.append(torch.cat([p.summed_grad.flatten() for p in params]))
+    for p, gs in zip(params, samples):
+        p.grad_sample, p.summed_grad = gs, None
+    optimizer.clip_and_accumulate()  # the whole batch at once
+    total = torch.cat([p.summed_grad.flatten() for p in params])
+    for p in params:
+        p.summed_grad = None
+    return rows, total
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.sampled_from([0, 1, 2, 7]), shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3),
+                                                         min_size=1, max_size=4),
+       max_grad_norm=st.sampled_from([1e-4, 1e-2, 1.0]), scale=st.floats(1e-6, 1e3), seed=st.integers(0, 10**6))
+def test_clipped_per_example_norm_at_most_c_any_shapes(n, shapes, max_grad_norm, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(*shape)) for shape in shapes]
+    for p in params:
+        p.grad_sample = scale * torch.randn(n, *p.shape, generator=g)
+    rows, total = clip_each(params, max_grad_norm)
+    for row in rows:
+        assert row.norm() <= max_grad_norm * (1 + 1e-6)
+    expected = torch.stack(rows).sum(0) if rows else torch.zeros_like(total)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from([1, 2, 7]), k=st.integers(1, 8), max_grad_norm=st.sampled_from([1e-4, 1e-2, 1.0]),
+       seed=st.integers(0, 10**6), conv=st.booleans())
+def test_clipped_example_gradients_of_the_unet_at_most_c(encoded_digits, n, k, max_grad_norm, seed, conv):
+    task = fresh_task(encoded_digits, 8)  # a fresh model per example (not a function-scoped fixture)
+    params = lora_params(task, CONV_TARGETS if conv else LINEAR_TARGETS)
+    ENGINES["hooks"](task.unet, task.unet, params, task.scheduler).compute(draws_for(task, torch.arange(n), k, seed))
+    rows, _ = clip_each(list(params.values()), max_grad_norm)
+    assert len(rows) == n
+    for row in rows:
+        assert row.norm() <= max_grad_norm * (1 + 1e-6)
+
+
+def clipped_sum(task, params, draws, max_grad_norm, engine="hooks"):
+    computed = ENGINES[engine](task.unet, task.unet, params, task.scheduler)
+    computed.compute(draws)
+    _, total = clip_each(list(params.values()), max_grad_norm)
+    computed.close()
+    return total
+
+
+@pytest.mark.parametrize("identical", [False, True], ids=["random-draws", "aligned-draws"])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_sensitivity_is_c_whatever_k(make_task, k, identical):
+    """σ = 0: the clipped sums over D and D without one example differ by at most C."""
+    task = make_task(8)
+    params = lora_params(task, LINEAR_TARGETS)
+    c = 1e-3
+    full = draws_for(task, torch.arange(5), k, identical=identical)
+    removed = ExampleDraws(full.latents[:4], full.contexts[:4], full.noise[:4], full.timesteps[:4])
+    gap = (clipped_sum(task, params, full, c) - clipped_sum(task, params, removed, c)).norm()
+    assert gap <= c * (1 + 1e-6)
+    assert gap >= 0.99 * c  # the example's gradient is far above C: it is clipped, not dropped
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_naive_repeat_then_clip_reaches_k_times_c(make_task, k):
+    """Negative control: clipping each of the K rows (the published code path) lets one example
+    move the sum by K·C, and the sensitivity test above would catch it."""
+    task = make_task(8)
+    params = lora_params(task, LINEAR_TARGETS)
+    c = 1e-3
+    full = draws_for(task, torch.arange(5), k, identical=True)
+
+    def as_rows(d: ExampleDraws) -> ExampleDraws:  # every draw its own "example"
+        n = d.num_examples
+        return ExampleDraws(d.latents.repeat_interleave(k, 0), d.contexts.repeat_interleave(k, 0),
+                            d.noise.reshape(n * k, 1, *d.noise.shape[2:]), d.timesteps.reshape(n * k, 1))
+    removed = ExampleDraws(full.latents[:4], full.contexts[:4], full.noise[:4], full.timesteps[:4])
+    gap = (clipped_sum(task, params, as_rows(full), c) - clipped_sum(task, params, as_rows(removed), c)).norm()
+    assert gap == pytest.approx(k * c, rel=1e-3)
+
+
+def test_norms_helper_matches_flat_norm(make_task):
+    task = make_task(4)
+    params = lora_params(task, LINEAR_TARGETS)
+    ENGINES["hooks"](task.unet, task.unet, params, task.scheduler).compute(draws_for(task, torch.arange(3), 2))
+    flat = torch.cat([p.grad_sample.reshape(3, -1) for p in params.values()], dim=1)
+    torch.testing.assert_close(per_example_norms(list(params.values())), flat.norm(dim=1))
