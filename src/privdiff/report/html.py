@@ -44,8 +44,11 @@ def _privacy_cell(privacy: dict) -> str:
     if not privacy or privacy.get("epsilon") is None:
         return '<span class="nodp">no formal guarantee</span>'
     return (f'<span class="dp">ε = {fmt(privacy["epsilon"])}, δ = {fmt(privacy.get("delta"))}</span>'
-            f'<br><span class="muted">σ = {fmt(privacy.get("noise_multiplier"))}, '
-            f'C = {fmt(privacy.get("max_grad_norm"))}, {_e(privacy.get("accountant", ""))}</span>')
+            f'<br><span class="muted">{_e(privacy.get("accountant", "").upper())} (PLD cross-check '
+            f'{fmt(privacy.get("epsilon_pld"))}); σ = {fmt(privacy.get("noise_multiplier"))}, '
+            f'C = {fmt(privacy.get("max_grad_norm"))}, K = {privacy.get("noise_multiplicity")}, '
+            f'q = {fmt(privacy.get("sample_rate"))}, {privacy.get("steps")} steps; per example, '
+            f'add/remove. Training curves are not covered.</span>')
 
 
 def _runs_table(runs: list[dict]) -> str:

@@ -20,12 +20,15 @@ def _png(fig: "plt.Figure") -> bytes:
 
 
 def training_curves(runs: list[dict]) -> bytes | None:
-    """Training loss (running average) against step, one line per run."""
+    """Training loss (running average) against step, one line per run; beside it, for DP runs,
+    the privacy spent so far (RDP upper bound, logged every few steps)."""
     if not any(r["history"] for r in runs):
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    private = any(h.get("epsilon_rdp") is not None for r in runs for h in r["history"])
+    fig, axes = plt.subplots(1, 2 if private else 1, figsize=(10.4 if private else 6.4, 3.4), squeeze=False)
+    ax = axes[0, 0]
     for i, run in enumerate(runs):
-        history = [h for h in run["history"] if "loss_avg" in h]
+        history = [h for h in run["history"] if h.get("loss_avg") is not None]
         if history:
             ax.plot([h["step"] for h in history], [h["loss_avg"] for h in history],
                     label=run["name"], color=COLOURS[i % len(COLOURS)])
@@ -33,6 +36,18 @@ def training_curves(runs: list[dict]) -> bytes | None:
     ax.set_ylabel("training loss (running mean)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if private:
+        eps_ax = axes[0, 1]
+        for i, run in enumerate(runs):
+            history = [h for h in run["history"] if h.get("epsilon_rdp") is not None]
+            if history:
+                eps_ax.plot([h["step"] for h in history], [h["epsilon_rdp"] for h in history],
+                            label=run["name"], color=COLOURS[i % len(COLOURS)])
+        eps_ax.set_xlabel("step")
+        eps_ax.set_ylabel("ε spent (RDP upper bound)")
+        eps_ax.grid(alpha=0.3)
+        eps_ax.legend(fontsize=8)
+    fig.tight_layout()
     return _png(fig)
 
 
