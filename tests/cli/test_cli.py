@@ -94,3 +94,13 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     for name, attack in control["attacks"].items():
         assert abs(attack["auc"] - 0.5) <= 3 * control["null_auc_sd"], (name, attack["auc"])
     assert (out / "report.json").is_file()
+    # The DP-LoRA run beside it: the guarantee it claims, on the same members, audited and reported.
+    dp = json.loads((out / "dp-lora" / "summary.json").read_text())
+    privacy = dp["privacy"]
+    assert 0.99 * 8 <= privacy["epsilon"] <= 8 and privacy["delta"] == 1e-5
+    assert privacy["sample_rate"] == 0.25 and privacy["steps"] == 200 == dp["steps"]
+    assert json.loads((out / "dp-lora" / "membership.json").read_text())["roles"] == \
+        json.loads((out / "lora" / "membership.json").read_text())["roles"]
+    dp_audit = json.loads((out / "dp-lora" / "audit" / "audit.json").read_text())
+    assert dp_audit["claimed_epsilon"] == privacy["epsilon"]
+    assert "guarantee: (" in printed and "dp-lora" in page

@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -12,16 +14,26 @@ DELTA = 1e-5
 GRID = list(itertools.product((0.01, 0.05, 0.2), (0.7, 1.0, 2.0, 5.0), (10, 100, 1000)))
 
 
-@pytest.mark.parametrize("q,sigma,steps", GRID)
-def test_prv_agrees_with_independent_pld(q, sigma, steps):
+def grid_cell(cell: tuple[float, float, int]) -> tuple[float, float, float]:
+    q, sigma, steps = cell
     history = [(sigma, q, steps)]
-    pld = pld_epsilon(history, DELTA)
-    prv = opacus_epsilon(history, DELTA, "prv", eps_error=1e-3)
-    rdp = opacus_epsilon(history, DELTA, "rdp")
-    assert rdp >= 0.99 * pld  # RDP is never tighter than PLD, on the whole grid
-    if pld >= 0.3:  # below, PRV's absolute eps_error dominates (specs/README.md)
-        assert abs(prv - pld) <= max(0.02 * pld, 1e-3 + 0.005), (prv, pld)
-        assert abs(prv - pld) / pld <= 0.02
+    return (pld_epsilon(history, DELTA), opacus_epsilon(history, DELTA, "prv", eps_error=1e-3),
+            opacus_epsilon(history, DELTA, "rdp"))
+
+
+def test_prv_agrees_with_independent_pld_over_the_grid():
+    """The 36 cells of dp-lora.md §13.5, two at a time (PRV at ε ≈ 128 alone takes about a minute)."""
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        values = dict(zip(GRID, pool.map(grid_cell, GRID)))
+    failures = []
+    for cell, (pld, prv, rdp) in values.items():
+        if rdp < 0.99 * pld:  # RDP is never tighter than PLD, on the whole grid
+            failures.append((cell, "rdp", rdp, pld))
+        # below ε_PLD = 0.3, PRV's absolute eps_error dominates the relative gap (specs/README.md)
+        if pld >= 0.3 and (abs(prv - pld) > max(0.02 * pld, 1e-3 + 0.005) or abs(prv - pld) / pld > 0.02):
+            failures.append((cell, "prv", prv, pld))
+    assert sum(pld >= 0.3 for pld, _, _ in values.values()) >= 30
+    assert not failures, failures
 
 
 GOLDEN = [  # (q, steps, target) -> sigma, PRV eps_error 1e-3, delta 1e-5 (dp-lora.md §8)

@@ -118,3 +118,15 @@ def test_resumed_dp_run_matches_the_uninterrupted_run(tiny_pipeline_dir: Path, t
     pa = json.loads((straight / "summary.json").read_text())["privacy"]
     pb = json.loads((resumed / "summary.json").read_text())["privacy"]
     assert pa["steps"] == pb["steps"] == 9 and pa["epsilon"] == pb["epsilon"]
+
+
+@pytest.mark.slow
+def test_canary_audit_bound_stays_below_the_claimed_epsilon(dp_run: Path):
+    """Audit sanity (§13.14): the one-run canary lower bound never exceeds the DP run's ε."""
+    from privdiff.audit.canaries import canary_audit
+
+    result = canary_audit(dp_run, num_canaries=32, attack="loss", show_progress=False)
+    claimed = json.loads((dp_run / "summary.json").read_text())["privacy"]["epsilon"]
+    assert result["claimed_epsilon"] == claimed
+    assert result["r"] == 8 and 0 <= result["v"] <= result["r"]
+    assert result["eps"] <= claimed
