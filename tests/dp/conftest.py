@@ -75,3 +75,12 @@ def capture_updates(method) -> list[list[torch.Tensor]]:
     inner.step = record
     method._check_weights_moved = lambda: None  # nothing is applied, by design
     return updates
+
+
+def zero_gradients(method):
+    """Replaces the engine so every per-example gradient is zero (the update is pure noise)."""
+    def compute(draws):
+        for p in method.params:
+            p.grad_sample = torch.zeros(draws.num_examples, *p.shape)
+        return torch.zeros(draws.num_examples)
+    method.engine.compute = compute

@@ -71,18 +71,13 @@ def _noise_worker(rank: int, world: int, port: int, pipeline: str, out: str) -> 
     from privdiff.data import load_dataset
     from privdiff.models.load import load_pipeline
     from privdiff.training.task import build_task
-    from tests.dp.conftest import capture_updates, dp_config, prepared_method, run_step
+    from tests.dp.conftest import capture_updates, dp_config, prepared_method, run_step, zero_gradients
 
     task = build_task(load_pipeline(pipeline), load_dataset(DataConfig(name="digits", num_examples=16)))
     cfg = dp_config(noise_multiplier=2.0, max_grad_norm=0.01, expected_batch_size=4, noise_multiplicity=1)
     cfg.train.log_every = 10_000
     method = prepared_method(task, cfg)
-
-    def zero_gradients(draws):
-        for p in method.params:
-            p.grad_sample = torch.zeros(draws.num_examples, *p.shape)
-        return torch.zeros(draws.num_examples)
-    method.engine.compute = zero_gradients
+    zero_gradients(method)
     updates = capture_updates(method)
     for step in range(60):  # 60 x 2 496 noise values: the std is known to well under 1 %
         run_step(method, task, step)

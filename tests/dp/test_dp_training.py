@@ -10,7 +10,7 @@ from privdiff.dp.sampling import poisson_rows
 from privdiff.errors import ModelError
 from privdiff.seeding import generator
 from privdiff.training.methods.dp_lora import plan_privacy
-from tests.dp.conftest import LINEAR_TARGETS, capture_updates, dp_config, prepared_method, run_step
+from tests.dp.conftest import LINEAR_TARGETS, capture_updates, dp_config, prepared_method, run_step, zero_gradients
 
 
 def test_zero_gradient_noise_std_is_sigma_c_over_b(make_task):
@@ -19,12 +19,7 @@ def test_zero_gradient_noise_std_is_sigma_c_over_b(make_task):
     cfg = dp_config(noise_multiplier=1.7, max_grad_norm=0.01, expected_batch_size=4, noise_multiplicity=1)
     cfg.train.log_every = 1000
     method = prepared_method(task, cfg)
-
-    def zero_gradients(draws):
-        for p in method.params:
-            p.grad_sample = torch.zeros(draws.num_examples, *p.shape)
-        return torch.zeros(draws.num_examples)
-    method.engine.compute = zero_gradients
+    zero_gradients(method)
     updates = capture_updates(method)
     for step in range(200):
         run_step(method, task, step)

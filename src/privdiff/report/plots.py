@@ -26,29 +26,24 @@ def training_curves(runs: list[dict]) -> bytes | None:
         return None
     private = any(h.get("epsilon_rdp") is not None for r in runs for h in r["history"])
     fig, axes = plt.subplots(1, 2 if private else 1, figsize=(10.4 if private else 6.4, 3.4), squeeze=False)
-    ax = axes[0, 0]
-    for i, run in enumerate(runs):
-        history = [h for h in run["history"] if h.get("loss_avg") is not None]
-        if history:
-            ax.plot([h["step"] for h in history], [h["loss_avg"] for h in history],
-                    label=run["name"], color=COLOURS[i % len(COLOURS)])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (running mean)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _history_panel(axes[0, 0], runs, "loss_avg", "training loss (running mean)")
     if private:
-        eps_ax = axes[0, 1]
-        for i, run in enumerate(runs):
-            history = [h for h in run["history"] if h.get("epsilon_rdp") is not None]
-            if history:
-                eps_ax.plot([h["step"] for h in history], [h["epsilon_rdp"] for h in history],
-                            label=run["name"], color=COLOURS[i % len(COLOURS)])
-        eps_ax.set_xlabel("step")
-        eps_ax.set_ylabel("ε spent (RDP upper bound)")
-        eps_ax.grid(alpha=0.3)
-        eps_ax.legend(fontsize=8)
+        _history_panel(axes[0, 1], runs, "epsilon_rdp", "ε spent (RDP upper bound)")
     fig.tight_layout()
     return _png(fig)
+
+
+def _history_panel(ax, runs: list[dict], key: str, label: str) -> None:
+    """One line per run of a logged history value against step (rows without it are skipped)."""
+    for i, run in enumerate(runs):
+        history = [h for h in run["history"] if h.get(key) is not None]
+        if history:
+            ax.plot([h["step"] for h in history], [h[key] for h in history],
+                    label=run["name"], color=COLOURS[i % len(COLOURS)])
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def metric_comparison(runs: list[dict], keys: list[str]) -> bytes | None:
