@@ -86,7 +86,7 @@ def clip_each(params, max_grad_norm):
     return rows, total
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(n=st.sampled_from([0, 1, 2, 7]), shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3),
                                                          min_size=1, max_size=4),
        max_grad_norm=st.sampled_from([1e-4, 1e-2, 1.0]), scale=st.floats(1e-6, 1e3), seed=st.integers(0, 10**6))
@@ -99,10 +99,11 @@ def test_clipped_per_example_norm_at_most_c_any_shapes(n, shapes, max_grad_norm,
     for row in rows:
         assert row.norm() <= max_grad_norm * (1 + 1e-6)
     expected = torch.stack(rows).sum(0) if rows else torch.zeros_like(total)
-    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-12)
+    # float32 sums in another order: equal to 1e-5 of the sum's scale (single elements may cancel)
+    assert (total - expected).norm() <= 1e-5 * max(expected.norm().item(), max_grad_norm)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(n=st.sampled_from([1, 2, 7]), k=st.integers(1, 8), max_grad_norm=st.sampled_from([1e-4, 1e-2, 1.0]),
        seed=st.integers(0, 10**6), conv=st.booleans())
 def test_clipped_example_gradients_of_the_unet_at_most_c(encoded_digits, n, k, max_grad_norm, seed, conv):
