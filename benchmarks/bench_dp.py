@@ -112,7 +112,7 @@ def utility(epsilons: list[float], steps: int | None, num_samples: int) -> dict:
     """Plain LoRA and DP-LoRA at each ε on the demo's data, each evaluated with the same seeds."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"dp.epochs=null", f"train.steps={steps}"] if steps else []
+        base = ["dp.epochs=null", f"train.steps={steps}"] if steps else []
         settings = {"lora": base}
         for eps in epsilons:
             settings[f"dp-lora eps={eps:g}"] = [*DP_OVERRIDES, f"dp.target_epsilon={eps}", *base]

@@ -44,6 +44,7 @@ def finetune(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Fine-tune a LoRA on the private split (plainly or with DP-SGD) and write a run folder."""
+    from privdiff.distributed import shutdown_distributed
     from privdiff.errors import ConfigError
     from privdiff.training.run import run_training
 
@@ -62,8 +63,11 @@ def finetune(
         "dp.max_grad_norm": max_grad_norm, "dp.noise_multiplicity": noise_multiplicity,
         "dp.expected_batch_size": expected_batch_size, "dp.physical_batch_size": physical_batch_size,
         "dp.epochs": epochs, "dp.accountant": accountant}, implied + list(set_ or []))
-    run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
-                           distributed=distributed)
+    try:
+        run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
+                               distributed=distributed)
+    finally:
+        shutdown_distributed()
     if run_dir is None:
         return  # a non-main process of a distributed run
     console.print(f"run folder: [bold]{run_dir}[/]")

@@ -18,6 +18,10 @@ ACCOUNTANTS = ("prv", "rdp")
 History = list[tuple[float, float, int]]
 
 
+def _steps_taken(history: History) -> History:
+    return [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+
+
 def opacus_epsilon(history: History, delta: float, accountant: str = "prv", eps_error: float = 1e-3) -> float:
     """ε of a DP-SGD history under Opacus' PRV or RDP accountant (inf when any step had σ = 0).
 
@@ -27,7 +31,7 @@ def opacus_epsilon(history: History, delta: float, accountant: str = "prv", eps_
         accountant: "prv" (tight, default) or "rdp" (comparability with older work).
         eps_error: PRV's allowed ε error (its result is an upper bound about this much above PLD).
     """
-    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    history = _steps_taken(history)
     if not history:
         return 0.0
     if any(s <= 0 for s, _, _ in history):
@@ -55,7 +59,7 @@ def pld_epsilon(history: History, delta: float, discretization: float = 1e-4) ->
     """ε of the same history by `dp-accounting`'s PLD accountant (the independent cross-check)."""
     import dp_accounting
 
-    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    history = _steps_taken(history)
     if any(s <= 0 for s, _, _ in history):
         return math.inf
     acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=discretization)

@@ -134,7 +134,9 @@ class FunctorchEngine(PerExampleEngine):
         self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
         noisy, timesteps, contexts, target = draws.rows(self.scheduler)
-        shape = lambda x: x.reshape(n, k, *x.shape[1:])  # noqa: E731
+        def per_example(rows: torch.Tensor) -> torch.Tensor:  # (n·K, ...) -> (n, K, ...)
+            return rows.reshape(n, k, *rows.shape[1:])
+
         def example_loss(lora: dict[str, torch.Tensor], x, t, c, y) -> torch.Tensor:
             def forward(*args, **kwargs):
                 return functional_call(self.unet, lora, args, kwargs)  # frozen weights come from the module
@@ -142,7 +144,7 @@ class FunctorchEngine(PerExampleEngine):
 
         weights = {name: p.detach() for name, p in self.params.items()}
         grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, 0, 0))(
-            weights, shape(noisy), shape(timesteps), shape(contexts), shape(target))
+            weights, per_example(noisy), per_example(timesteps), per_example(contexts), per_example(target))
         for name, p in self.params.items():
             p.grad_sample = grads[name].detach()
         return losses.detach()

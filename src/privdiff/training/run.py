@@ -108,11 +108,12 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     if launched_by_torchrun() and not distributed:
         raise ConfigError("started by torchrun: pass --distributed (otherwise every process writes the run)")
     world = init_distributed() if distributed else current_world()
-    if world.distributed and config.train.method != "dp-lora":
-        raise ConfigError("--distributed is supported for --method dp-lora (Opacus DPDDP)")
+    method = get_method(config.train.method)(config)
+    if world.distributed and not method.data_parallel:
+        raise ConfigError(f"--distributed is not supported for --method {method.name} (only for dp-lora, "
+                          f"through Opacus DPDDP)")
     if world.distributed and resume:
         raise ConfigError("--resume is not supported with --distributed")
-    method = get_method(config.train.method)(config)
     inputs = prepare_inputs(config)
     pipe = load_pipeline(config.model.pretrained, device=device_for(world))
     method.check_inputs(len(inputs.members), pipe.unet)

@@ -33,6 +33,7 @@ class TrainingMethod(ABC):
     """A way of training the UNet of a `DiffusionTask` (plain LoRA, DP-LoRA, SMP-LoRA, ...)."""
 
     name: ClassVar[str]
+    data_parallel: ClassVar[bool] = False  # can run as several torchrun processes (--distributed)
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

@@ -91,6 +91,7 @@ class DPLoRA(LoRA):
     """LoRA trained with DP-SGD; the released adapter is (ε, δ)-DP w.r.t. one training example."""
 
     name = "dp-lora"
+    data_parallel = True
     plan: PrivacyPlan | None = None
 
     def check_inputs(self, num_examples: int, unet: torch.nn.Module) -> None:
@@ -139,11 +140,11 @@ class DPLoRA(LoRA):
         self.global_batch_size = len(rows)
         return local_share(rows, self.world)
 
-    def draws(self, task: DiffusionTask, rows: torch.Tensor, batch: TrainBatch, chunk: slice) -> ExampleDraws:
+    def draws(self, task: DiffusionTask, batch: TrainBatch, chunk: slice) -> ExampleDraws:
         """K (noise, t) draws per example, keyed by (seed, step, row): the same on any process layout."""
         k, shape = self.config.dp.noise_multiplicity, batch.latents.shape[1:]
         noises, times = [], []
-        for row in rows[chunk].tolist():
+        for row in batch.indices[chunk].tolist():
             rng = generator(self.config.train.seed, "dp-draws", self.step_index, row)
             noises.append(torch.randn((k, *shape), generator=rng))
             times.append(torch.randint(0, task.scheduler.config.num_train_timesteps, (k,), generator=rng))
@@ -167,7 +168,7 @@ class DPLoRA(LoRA):
             starts = list(range(0, count, dp.physical_batch_size))
             for j, start in enumerate(starts):
                 chunk = slice(start, start + dp.physical_batch_size)
-                losses.append(self.engine.compute(self.draws(task, batch.indices, batch, chunk)))
+                losses.append(self.engine.compute(self.draws(task, batch, chunk)))
                 norms.append(per_example_norms(self.params))
                 if j < len(starts) - 1:
                     self.optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
@@ -188,11 +189,10 @@ class DPLoRA(LoRA):
                             dtype=torch.float64)
         if self.world.distributed:
             dist.all_reduce(sums)
-        total, n = sums.tolist(), max(sums[3].item(), 1.0)
-        metrics = {"loss": total[0] / n if sums[3] > 0 else math.nan,
-                   "batch_size": float(self.global_batch_size),
-                   "grad_norm": total[1] / n if sums[3] > 0 else math.nan,
-                   "clipped_fraction": total[2] / n if sums[3] > 0 else math.nan}
+        loss_sum, norm_sum, clipped, n = sums.tolist()
+        mean = (lambda total: total / n) if n > 0 else (lambda total: math.nan)  # empty batch: no statistics
+        metrics = {"loss": mean(loss_sum), "batch_size": float(self.global_batch_size),
+                   "grad_norm": mean(norm_sum), "clipped_fraction": mean(clipped)}
         cfg = self.config.train
         if (self.step_index + 1) % cfg.log_every == 0 or self.step_index + 1 == self.total_steps():
             # RDP is a valid upper bound in milliseconds; the final ε is reported by PRV and PLD.
