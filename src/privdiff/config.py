@@ -59,6 +59,7 @@ class TrainConfig:
     caption_dropout: float = 0.0  # probability of training on the empty prompt (for guidance)
     checkpoint_every: int = 100
     log_every: int = 10
+    snapshots: int | None = None  # adapters saved evenly over the run; null = the method's default
     seed: int = 0
 
 
@@ -81,6 +82,20 @@ class DPConfig:
 
 
 @dataclass
+class SMPConfig:
+    """MP-LoRA / SMP-LoRA settings (smp-lora.md §4-§7, §10): the proxy attacker and the objective."""
+
+    lam: float = 1.0  # λ, weight of the proxy's member cross-entropy CE_m
+    beta: float = 1.0  # β > 0 in J_SMP = L / (β + λ·CE_m + 1e-5)
+    proxy_steps: int = 1  # k proxy Adam steps per LoRA step
+    proxy_lr: float = 1e-5  # the reference's; tiny models may need 1e-4..1e-3
+    proxy_weight_decay: float = 1e-4
+    proxy_batch_per_class: int = 1  # aux members + as many aux non-members per proxy step
+    probe_every: int = 1  # epochs between probes (proxy accuracy on aux/test, held-out loss)
+    probe_draws: int = 1  # fresh (t, noise) draws per example in a probe
+
+
+@dataclass
 class SampleConfig:
     num_images: int = 16
     num_inference_steps: int = 25
@@ -99,6 +114,7 @@ class RunConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    smp: SMPConfig = field(default_factory=SMPConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> "RunConfig":
@@ -124,7 +140,16 @@ class RunConfig:
             (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
             (self.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            (self.train.snapshots is None or self.train.snapshots >= 0, "train.snapshots must be >= 0 (or null)"),
             *self.dp_checks(),
+            (self.smp.lam >= 0, "smp.lam (λ) must be >= 0"),
+            (self.smp.beta > 0, "smp.beta (β) must be > 0: with β = 0 the SMP objective explodes as CE_m -> 0"),
+            (self.smp.proxy_steps >= 1, "smp.proxy_steps (k) must be >= 1"),
+            (self.smp.proxy_lr > 0, "smp.proxy_lr must be > 0"),
+            (self.smp.proxy_weight_decay >= 0, "smp.proxy_weight_decay must be >= 0"),
+            (self.smp.proxy_batch_per_class >= 1, "smp.proxy_batch_per_class must be >= 1"),
+            (self.smp.probe_every >= 1, "smp.probe_every must be >= 1"),
+            (self.smp.probe_draws >= 1, "smp.probe_draws must be >= 1"),
             (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
             (self.sample.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
             (self.sample.scheduler in ("ddim", "ddpm"), "sample.scheduler must be 'ddim' or 'ddpm'"),

@@ -42,13 +42,14 @@ class RunFolder:
         load_manifest(self.path / "membership.json", dataset.content_hash)
         return dataset
 
-    def pipeline(self) -> StableDiffusionPipeline:
-        """The base pipeline with the run's adapter loaded into its UNet (eval mode)."""
+    def pipeline(self, adapter: Path | None = None) -> StableDiffusionPipeline:
+        """The base pipeline with the run's adapter (or `adapter`, e.g. a snapshot) loaded into its
+        UNet (eval mode)."""
         from privdiff.models.load import load_pipeline
         from privdiff.models.lora import load_lora_into_unet
 
         pipe = load_pipeline(self.config.model.pretrained)
-        adapter = self.path / LORA_WEIGHT_NAME
+        adapter = adapter or self.path / LORA_WEIGHT_NAME
         if not adapter.is_file():
             raise ModelError(f"{self.path}: no adapter file {LORA_WEIGHT_NAME}")
         load_lora_into_unet(pipe.unet, adapter, self.config.lora)
@@ -86,7 +87,7 @@ def train_like(run: RunFolder, folder: Path, manifest: Manifest, overrides: list
     atomic_write_json(manifest_path, manifest.to_json())
     cfg = load_config(run.path / "config.yaml", [f"output_dir={folder}", f"membership.manifest={manifest_path}",
                                                  "sample.num_images=1", "sample.num_inference_steps=1",
-                                                 *(overrides or [])])
+                                                 "train.snapshots=0", *(overrides or [])])
     if not (folder / "summary.json").exists():
         run_training(cfg, overwrite=True, show_progress=show_progress)
     return open_run(folder)

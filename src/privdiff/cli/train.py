@@ -16,7 +16,7 @@ console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapp
 @app.command()
 def finetune(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (defaults if omitted)."),
-    method: str = typer.Option(None, help="Training method: lora | dp-lora."),
+    method: str = typer.Option(None, help="Training method: lora | dp-lora | smp-lora | mp-lora."),
     data: str = typer.Option(None, help="Built-in dataset (digits, faces, glyphs, fill) or imagefolder path."),
     num_examples: int = typer.Option(None, help="Seeded subset size of the private dataset."),
     pretrained: str = typer.Option(None, help="Local Stable Diffusion folder (default: shipped tiny base)."),
@@ -37,6 +37,10 @@ def finetune(
     physical_batch_size: int = typer.Option(None, help="dp-lora: examples per forward/backward chunk (memory)."),
     epochs: float = typer.Option(None, help="dp-lora: epochs, steps = epochs / q (default 50; --steps overrides)."),
     accountant: str = typer.Option(None, help="dp-lora: prv (default) or rdp."),
+    smp_lambda: float = typer.Option(None, help="smp-lora/mp-lora: weight λ of the proxy's member CE (default 1)."),
+    smp_beta: float = typer.Option(None, help="smp-lora: β in L / (β + λ·CE_m + 1e-5) (default 1)."),
+    proxy_lr: float = typer.Option(None, help="smp-lora/mp-lora: proxy Adam learning rate (default 1e-5)."),
+    proxy_steps: int = typer.Option(None, help="smp-lora/mp-lora: proxy steps k per LoRA step (default 1)."),
     distributed: bool = typer.Option(False, help="dp-lora under torchrun: data parallel with Opacus DPDDP."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
@@ -62,7 +66,8 @@ def finetune(
         "dp.target_epsilon": target_epsilon, "dp.delta": delta, "dp.noise_multiplier": noise_multiplier,
         "dp.max_grad_norm": max_grad_norm, "dp.noise_multiplicity": noise_multiplicity,
         "dp.expected_batch_size": expected_batch_size, "dp.physical_batch_size": physical_batch_size,
-        "dp.epochs": epochs, "dp.accountant": accountant}, implied + list(set_ or []))
+        "dp.epochs": epochs, "dp.accountant": accountant, "smp.lam": smp_lambda, "smp.beta": smp_beta,
+        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps}, implied + list(set_ or []))
     try:
         run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
                                distributed=distributed)
@@ -109,3 +114,22 @@ def pretrain(
     summary = run_pretrain(out, dataclasses.replace(PretrainConfig(), **changes), show_progress=not quiet)
     console.print(f"base model: [bold]{out}[/]  (UNet loss {summary['unet_loss']:.4f}, "
                   f"VAE reconstruction {summary['vae_reconstruction_loss']:.4f})")
+
+
+@app.command("early-stop")
+def early_stop(
+    run: Path = typer.Argument(..., help="A finished run with snapshots (e.g. plain LoRA, train.snapshots=8)."),
+    match: Path = typer.Option(..., "--match", help="The run whose utility to match (e.g. an SMP-LoRA run)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to write the matched snapshot to."),
+    overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+) -> None:
+    """Stop RUN early at MATCH's utility: the snapshot whose held-out loss on the aux non-members is closest."""
+    import json
+
+    from privdiff.training.early_stop import early_stop_like
+
+    folder = early_stop_like(run, match, out, overwrite=overwrite)
+    chosen = json.loads((folder / "summary.json").read_text())["early_stopped"]
+    console.print(f"step {chosen['step']} of {chosen['of_steps']}: held-out loss {chosen['loss']:.4f} "
+                  f"(target {chosen['target_loss']:.4f})")
+    console.print(f"run folder: [bold]{folder}[/]")

@@ -19,6 +19,19 @@ def _read_json(path: Path) -> dict | list | None:
         raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
 
 
+def epoch_log(run_path: Path) -> list[dict]:
+    """The per-epoch rows of a run's JSON-lines training log (empty for runs that predate it)."""
+    for name in ("smp_log.jsonl", "train_log.jsonl"):
+        path = run_path / name
+        if path.is_file():
+            try:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path} is not valid JSON lines ({err.msg})") from None
+            return [row for row in rows if "epoch" in row]
+    return []
+
+
 def collect_run(path: str | Path) -> dict:
     """One run's figures: settings, privacy, metric records, training history and image paths."""
     run = open_run(path)
@@ -45,6 +58,9 @@ def collect_run(path: str | Path) -> dict:
         "eval_config": metrics.get("config"),
         "extractor": metrics.get("extractor"),
         "history": run.history,
+        "epochs": epoch_log(run.path),
+        "smp": run.summary.get("smp"),
+        "early_stopped": run.summary.get("early_stopped"),
         "audit": audit,
         "control_audit": control,
         "images": {"samples": str(run.path / "samples.png") if (run.path / "samples.png").is_file() else None,

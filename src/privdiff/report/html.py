@@ -172,6 +172,68 @@ def _audit_section(runs: list[dict]) -> str:
     return "".join(parts) + f"<p class=muted>Caveats:</p><ul class=muted>{caveats}</ul>"
 
 
+def _best(run: dict) -> tuple[str, dict] | None:
+    audit = run.get("audit")
+    return (audit["best_attack"], audit["attacks"][audit["best_attack"]]) if audit else None
+
+
+def _with_ci(record: dict | None) -> str:
+    if record is None:
+        return "–"
+    lo, hi = record["ci"]
+    return f"{fmt(record['value'])} <span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>"
+
+
+def _matched_utility(runs: list[dict]) -> str:
+    """Each early-stopped run beside the run it was matched to and the full run it was cut from."""
+    by_path = {r["path"]: r for r in runs}
+    rows = []
+    for r in runs:
+        match = r.get("early_stopped")
+        if not match:
+            continue
+        for role, run, loss in (("defended", by_path.get(match["matched_to"]), match["target_loss"]),
+                                (f"early-stopped (step {match['step']})", r, match["loss"]),
+                                (f"full ({match['of_steps']} steps)", by_path.get(match["from_run"]),
+                                 next((c["loss"] for c in match["candidates"] if c["step"] == match["of_steps"]), None))):
+            if run is None:
+                continue
+            best = _best(run)
+            attack = (f"{_e(best[0])}: AUC {fmt(best[1]['auc'])} <span class=ci>[{fmt(best[1]['auc_ci'][0])}, "
+                      f"{fmt(best[1]['auc_ci'][1])}]</span>, TPR@5% FPR {fmt(best[1]['tpr_at_fpr']['0.05'])}"
+                      if best else "not audited")
+            rows.append(f"<tr><td>{_e(role)}</td><td><b>{_e(run['name'])}</b></td><td class=num>{fmt(loss)}</td>"
+                        f"<td>{attack}</td><td class=num>{_with_ci(run['metrics'].get('kid/members'))}</td></tr>")
+    if not rows:
+        return ""
+    head = ("<tr><th>role</th><th>run</th><th>held-out loss on aux non-members</th><th>best attack (chosen on aux)</th>"
+            "<th>KID vs members</th></tr>")
+    return ("<h2>Matched utility</h2><p class=muted>A defence that slows learning leaks less for that reason alone. "
+            "The plain run is also stopped at the snapshot whose held-out denoising loss on the auxiliary "
+            "non-members is closest to the defended run's (never matched on a test split); a defence helps only "
+            f"if it leaks less than that early-stopped run.</p><table>{head}{''.join(rows)}</table>")
+
+
+def _proxy_notes(runs: list[dict]) -> str:
+    notes = []
+    for r in runs:
+        smp = r.get("smp")
+        if not smp:
+            continue
+        last = next((row for row in reversed(r["epochs"]) if row.get("proxy_acc_aux") is not None), {})
+        notes.append(f"<b>{_e(r['name'])}</b> ({_e(smp['method'])}, λ = {fmt(smp['lambda'])}, β = {fmt(smp['beta'])}, "
+                     f"k = {smp['k']}, proxy lr {fmt(smp['proxy_lr'])} = {fmt(smp['proxy_lr_over_lora_lr'])} × LoRA lr, "
+                     f"{smp['proxy_batch_per_class']} + {smp['proxy_batch_per_class']} per proxy step): final "
+                     f"co-trained proxy accuracy aux {fmt(last.get('proxy_acc_aux'))}, test {fmt(last.get('proxy_acc_test'))}; "
+                     f"{'<b>diverged</b>' if smp['diverged'] else 'did not diverge'} (min J {fmt(smp['min_objective'])}, "
+                     f"initial L {fmt(smp['initial_loss'])}); step cost {fmt(smp['cost_ratio_vs_lora'])} × plain.")
+    if not notes:
+        return ""
+    return ("<p class=muted>The co-trained proxy is a training diagnostic, never the privacy result: the audit "
+            "above retrains every attack from scratch on the frozen final model.</p>"
+            + "".join(f"<p>{n}</p>" for n in notes))
+
+
 def render(report: dict) -> str:
     """The HTML page for `report` (the output of `collect`)."""
     runs, keys = report["runs"], report["metric_keys"]
@@ -185,7 +247,12 @@ def render(report: dict) -> str:
             body.append(_img(figure, "metric comparison"))
     else:
         body.append("<p class=muted>not evaluated yet: run <code>privdiff evaluate RUN_DIR</code></p>")
-    body += ["<h2>Membership audit</h2>", _audit_section(runs), "<h2>Samples</h2>", _samples(runs)]
+    body += ["<h2>Membership audit</h2>", _audit_section(runs), _matched_utility(runs),
+             "<h2>Samples</h2>", _samples(runs)]
+    proxy_figure = plots.proxy_diagnostics(runs)
+    if proxy_figure:
+        body += ["<h2>Training against the proxy attacker (per epoch)</h2>", _proxy_notes(runs),
+                 _img(proxy_figure, "proxy diagnostics")]
     for title, figure in (("Training curves", plots.training_curves(runs)),
                           ("Held-out denoising loss by timestep", plots.heldout_by_timestep(runs))):
         if figure:

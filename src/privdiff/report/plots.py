@@ -46,6 +46,35 @@ def _history_panel(ax, runs: list[dict], key: str, label: str) -> None:
     ax.legend(fontsize=8)
 
 
+PROXY_PANELS = (("loss", "adaptation loss L_ada"), ("ce_m", "proxy's member CE_m"),
+                ("proxy_acc", "co-trained proxy accuracy"), ("grad_norm", "LoRA gradient norm"))
+
+
+def proxy_diagnostics(runs: list[dict]) -> bytes | None:
+    """Per-epoch means for runs trained against a proxy (MP/SMP-LoRA): L_ada, CE_m, the co-trained
+    proxy's accuracy on the aux (solid) and test (dashed) splits, and the gradient norm."""
+    runs = [r for r in runs if any(row.get("ce_m") is not None for row in r["epochs"])]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(PROXY_PANELS), figsize=(15, 3.3))
+    for ax, (key, label) in zip(axes, PROXY_PANELS):
+        for i, run in enumerate(runs):
+            colour = COLOURS[i % len(COLOURS)]
+            for suffix, style in (("_aux", "-"), ("_test", "--")) if key == "proxy_acc" else (("", "-"),):
+                rows = [row for row in run["epochs"] if row.get(key + suffix) is not None]
+                if rows:
+                    ax.plot([row["epoch"] for row in rows], [row[key + suffix] for row in rows], style,
+                            color=colour, label=f"{run['name']}{suffix.replace('_', ' ')}", marker="." if suffix else None)
+        if key == "proxy_acc":
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def metric_comparison(runs: list[dict], keys: list[str]) -> bytes | None:
     """One panel per metric: each run's value with its 95 % interval."""
     keys = [k for k in keys if any(k in r["metrics"] for r in runs)]

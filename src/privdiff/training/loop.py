@@ -29,6 +29,7 @@ StepCallback = Callable[[int, dict[str, float]], None]
 class TrainResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
+    log: list[dict[str, float]] = field(default_factory=list)  # one row per step, one per epoch
     wall_time_s: float = 0.0
     resumed_from: int = 0
 
@@ -48,9 +49,24 @@ def make_batch(task: DiffusionTask, indices: torch.Tensor, caption_dropout: floa
     return TrainBatch(indices=indices, latents=task.latents[indices], contexts=contexts)
 
 
+def snapshot_steps(total: int, count: int) -> list[int]:
+    """`count` steps spread evenly over the run, the last one being `total`."""
+    return sorted({max(1, round(total * i / count)) for i in range(1, count + 1)}) if count else []
+
+
+def epoch_row(epoch: int, step: int, rows: list[dict[str, float]]) -> dict[str, float]:
+    """Means of the step metrics over one epoch (non-finite values left out)."""
+    keys = [k for k in rows[0] if k not in ("step", "epoch")] if rows else []
+    means = {}
+    for key in keys:
+        values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+        means[key] = sum(values) / len(values) if values else None
+    return {"epoch": epoch, "step": step, **means}
+
+
 def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume: bool = False,
           show_progress: bool = True, on_step: StepCallback | None = None,
-          description: str = "training") -> TrainResult:
+          on_snapshot: Callable[[int], None] | None = None, description: str = "training") -> TrainResult:
     """Trains `task.unet` with `method` for `config.train.steps` steps.
 
     Args:
@@ -60,6 +76,7 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
         resume: continue from `run_dir/checkpoint.pt` when it exists.
         show_progress: draw a rich progress bar.
         on_step: called after every step with (step, metrics); may raise to stop the run.
+        on_snapshot: called (main process) at the method's snapshot steps to save the adapter.
 
     Returns:
         The step count, the logged history and the wall time of this call.
@@ -68,7 +85,10 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
     world = current_world()
     method.prepare(task)
     total = method.total_steps()
+    per_epoch = method.steps_per_epoch(task.num_examples)
+    snapshots = set(snapshot_steps(total, method.num_snapshots()))
     history: list[dict[str, float]] = []
+    log: list[dict[str, float]] = []
     start = 0
     running_saved: list[float] = []
     state = load_checkpoint(run_dir) if resume else None
@@ -76,6 +96,7 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
         method.load_state_dict(state["method"])
         history, start = state["history"], state["step"]
         running_saved = state.get("running", [])
+        log = state.get("log", [])
     began = time.perf_counter()
     progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
@@ -88,6 +109,12 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
             indices = method.batch_indices(step, task.num_examples, rng)
             batch = make_batch(task, indices, cfg.caption_dropout, rng)
             metrics = method.step(task, batch, rng)
+            log.append(json_safe({"step": step + 1, **metrics}))
+            if (step + 1) % per_epoch == 0 or step + 1 == total:
+                epoch = math.ceil((step + 1) / per_epoch)
+                steps_in_epoch = [r for r in log[-per_epoch:] if "epoch" not in r and r["step"] > (epoch - 1) * per_epoch]
+                log.append(json_safe({**epoch_row(epoch, step + 1, steps_in_epoch),
+                                      **method.epoch_end(task, epoch, last=step + 1 == total)}))
             if math.isfinite(metrics["loss"]):  # an empty DP batch has no loss
                 running.append(metrics["loss"])
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
@@ -97,10 +124,12 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
             progress.update(bar, advance=1, loss=metrics["loss"])
             if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total) and world.is_main:
                 save_checkpoint(run_dir, {"step": step + 1, "method": method.state_dict(),
-                                          "history": history, "running": running})
+                                          "history": history, "running": running, "log": log})
+            if step + 1 in snapshots and world.is_main and on_snapshot is not None:
+                on_snapshot(step + 1)
             if on_step is not None:
                 on_step(step + 1, metrics)
     method.finish(task)
-    return TrainResult(steps=total, history=history, wall_time_s=time.perf_counter() - began,
+    return TrainResult(steps=total, history=history, log=log, wall_time_s=time.perf_counter() - began,
                        resumed_from=start)
 

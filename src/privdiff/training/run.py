@@ -5,6 +5,8 @@ Run folder contract:
     membership.json                    the membership manifest used
     checkpoint.pt                      latest training state (resume)
     history.json                       logged training metrics (training curves)
+    train_log.jsonl                    every step's metrics and per-epoch rows (smp_log.jsonl for MP/SMP)
+    snapshots/step-NNNNNN/             adapters saved during the run (early stopping, frontiers)
     pytorch_lora_weights.safetensors   the adapter, diffusers LoRA format
     samples.png                        a grid of generated samples
     metrics.json, eval/                written by `privdiff evaluate`
@@ -15,6 +17,7 @@ Run folder contract:
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,14 +34,15 @@ from privdiff.models.load import load_pipeline
 from privdiff.models.lora import LORA_WEIGHT_NAME, save_lora
 from privdiff.sampling import default_prompts, sample_images, save_grid
 from privdiff.seeding import seed_everything
-from privdiff.training.checkpoint import atomic_write_json
+from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
 from privdiff.training.loop import StepCallback, TrainResult, train
 from privdiff.training.methods import get_method
 from privdiff.training.run_info import run_record
 from privdiff.training.task import build_task
 
 RUN_FILES = ("config.yaml", "membership.json", "checkpoint.pt", "history.json", LORA_WEIGHT_NAME,
-             "samples.png", "summary.json")
+             "samples.png", "summary.json", "train_log.jsonl", "smp_log.jsonl", "snapshots",
+             "proxy_final.safetensors")
 
 
 @dataclass
@@ -115,6 +119,9 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     if world.distributed and resume:
         raise ConfigError("--resume is not supported with --distributed")
     inputs = prepare_inputs(config)
+    for role in method.required_roles:
+        if not inputs.manifest.ids(role):
+            raise ConfigError(f"--method {method.name} needs '{role}' examples, and the membership manifest has none")
     pipe = load_pipeline(config.model.pretrained, device=device_for(world))
     method.check_inputs(len(inputs.members), pipe.unet)
     run_dir = Path(config.output_dir)
@@ -125,19 +132,30 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
 
     seed_everything(config.train.seed)
-    task = build_task(pipe, inputs.members)
+    splits = {role: inputs.dataset.subset(inputs.manifest.ids(role)) for role in method.extra_roles}
+    task = build_task(pipe, inputs.members, {role: data for role, data in splits.items() if len(data)})
+
+    def save_snapshot(step: int) -> None:
+        save_lora(snapshot_path(run_dir, step), pipe.unet, config.lora, method.adapter_metadata())
+
     result = train(task, method, run_dir, resume=resuming, show_progress=show_progress, on_step=on_step,
-                   description=f"fine-tuning ({method.name})")
+                   on_snapshot=save_snapshot, description=f"fine-tuning ({method.name})")
     if not world.is_main:
         return None
     save_lora(run_dir / LORA_WEIGHT_NAME, pipe.unet, config.lora, method.adapter_metadata())
     atomic_write_json(run_dir / "history.json", result.history)
+    atomic_write_text(run_dir / method.log_name, "".join(json.dumps(row) + "\n" for row in result.log))
+    method.save_artifacts(run_dir)
     prompts = config.sample.prompts or default_prompts(inputs.members.captions(), config.sample.num_images)
     save_grid(sample_images(pipe, prompts, config.sample, config.data.image_size), run_dir / "samples.png")
     atomic_write_json(run_dir / "summary.json",
-                      build_summary(config, inputs, result, method.privacy_spent(),
-                                    time.perf_counter() - began, task.unet, prompts))
+                      {**build_summary(config, inputs, result, method.privacy_spent(),
+                                       time.perf_counter() - began, task.unet, prompts), **method.run_summary()})
     return run_dir
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "snapshots" / f"step-{step:06d}" / LORA_WEIGHT_NAME
 
 
 def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, privacy: dict | None,

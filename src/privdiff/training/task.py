@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from privdiff.data.examples import ImageDataset
+
+
+@dataclass
+class EncodedSplit:
+    """Examples of one manifest role in model space."""
+
+    ids: list[str]
+    latents: torch.Tensor   # (n, C, h, w)
+    contexts: torch.Tensor  # (n, L, D)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -21,6 +33,8 @@ class DiffusionTask:
         contexts: (N, L, D) text-encoder states of their captions.
         null_context: (1, L, D) state of the empty prompt (caption dropout, guidance).
         example_ids: the N example ids, in row order.
+        splits: other manifest roles a method reads (e.g. SMP-LoRA's auxiliary non-members),
+            encoded the same way; keyed by role.
     """
 
     unet: torch.nn.Module
@@ -29,6 +43,7 @@ class DiffusionTask:
     contexts: torch.Tensor
     null_context: torch.Tensor
     example_ids: list[str]
+    splits: dict[str, EncodedSplit] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -55,10 +70,16 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size
     return torch.cat(out)
 
 
-def build_task(pipe: StableDiffusionPipeline, dataset: ImageDataset) -> DiffusionTask:
-    """Encodes `dataset` once with the pipeline's frozen VAE and text encoder."""
-    return DiffusionTask(unet=pipe.unet, scheduler=pipe.scheduler,
-                         latents=encode_images(pipe, dataset.images_tensor()),
-                         contexts=encode_prompts(pipe, dataset.captions()),
-                         null_context=encode_prompts(pipe, [""]),
-                         example_ids=[ex.id for ex in dataset.examples])
+def encode_split(pipe: StableDiffusionPipeline, dataset: ImageDataset) -> EncodedSplit:
+    return EncodedSplit(ids=[ex.id for ex in dataset.examples], latents=encode_images(pipe, dataset.images_tensor()),
+                        contexts=encode_prompts(pipe, dataset.captions()))
+
+
+def build_task(pipe: StableDiffusionPipeline, dataset: ImageDataset,
+               splits: dict[str, ImageDataset] | None = None) -> DiffusionTask:
+    """Encodes `dataset` (the members) and any extra `splits` once with the frozen VAE and text encoder."""
+    members = encode_split(pipe, dataset)
+    return DiffusionTask(unet=pipe.unet, scheduler=pipe.scheduler, latents=members.latents,
+                         contexts=members.contexts, null_context=encode_prompts(pipe, [""]),
+                         example_ids=members.ids,
+                         splits={role: encode_split(pipe, data) for role, data in (splits or {}).items()})

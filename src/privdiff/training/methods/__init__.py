@@ -6,6 +6,7 @@ from privdiff.errors import ConfigError
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
 from privdiff.training.methods.dp_lora import DPLoRA
 from privdiff.training.methods.lora import LoRA, FullUNet
+from privdiff.training.methods.smp_lora import MPLoRA, SMPLoRA
 
 METHODS: dict[str, type[TrainingMethod]] = {}
 
@@ -15,7 +16,7 @@ def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
     return cls
 
 
-for _cls in (LoRA, DPLoRA, FullUNet):
+for _cls in (LoRA, DPLoRA, SMPLoRA, MPLoRA, FullUNet):
     register_method(_cls)
 
 

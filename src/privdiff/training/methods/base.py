@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,12 @@ class TrainingMethod(ABC):
 
     name: ClassVar[str]
     data_parallel: ClassVar[bool] = False  # can run as several torchrun processes (--distributed)
+    # Manifest roles beyond the members that the method reads (encoded into `task.splits`);
+    # `required_roles` must be non-empty, the others may be missing (e.g. in a LiRA shadow).
+    extra_roles: ClassVar[tuple[str, ...]] = ()
+    required_roles: ClassVar[tuple[str, ...]] = ()
+    log_name: ClassVar[str] = "train_log.jsonl"  # per-step and per-epoch rows, JSON lines
+    default_snapshots: ClassVar[int] = 0  # adapters saved over the run when train.snapshots is null
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -55,6 +62,25 @@ class TrainingMethod(ABC):
     def finish(self, task: DiffusionTask) -> None:
         """Called once after the last step (detach hooks, cross-process checks)."""
 
+    def steps_per_epoch(self, num_examples: int) -> int:
+        """Steps of one pass over the members (the unit of per-epoch logging)."""
+        return max(1, num_examples // min(self.config.train.batch_size, num_examples))
+
+    def epoch_end(self, task: DiffusionTask, epoch: int, last: bool) -> dict[str, float]:
+        """Diagnostics logged after epoch `epoch` (1-based); `last` is the run's final epoch."""
+        return {}
+
+    def run_summary(self) -> dict[str, Any]:
+        """Method-specific fields of summary.json."""
+        return {}
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        """Writes method-specific files into the run folder (main process only)."""
+
+    def num_snapshots(self) -> int:
+        snapshots = self.config.train.snapshots
+        return self.default_snapshots if snapshots is None else snapshots
+
     @abstractmethod
     def prepare(self, task: DiffusionTask) -> None:
         """Attaches adapters and builds the optimizer (the model is already on its device)."""
@@ -66,7 +92,7 @@ class TrainingMethod(ABC):
     def batch_indices(self, step: int, num_examples: int, rng: torch.Generator) -> torch.Tensor:
         """Rows of step `step`: shuffled epochs of fixed-size batches (drop-last)."""
         size = min(self.config.train.batch_size, num_examples)
-        per_epoch = num_examples // size
+        per_epoch = self.steps_per_epoch(num_examples)
         epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(num_examples, generator=rng_for_epoch(self.config.train.seed, epoch))
         return order[offset * size:(offset + 1) * size]

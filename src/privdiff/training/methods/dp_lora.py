@@ -132,6 +132,9 @@ class DPLoRA(LoRA):
         self.global_batch_size = 0
         self._privacy: dict[str, Any] | None = None
 
+    def steps_per_epoch(self, num_examples: int) -> int:
+        return max(1, round(1 / self.plan.sample_rate)) if self.plan else super().steps_per_epoch(num_examples)
+
     def batch_indices(self, step: int, num_examples: int, rng: torch.Generator) -> torch.Tensor:
         """This process's share of the step's Poisson batch (each example included w.p. q)."""
         self.step_index = step
