@@ -47,3 +47,14 @@ def test_bench_audit_quick_writes_json(tmp_path: Path):
     assert set(result["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline"}
     assert all(r["queries_per_example"] >= 1 and r["examples_per_second"] > 0 for r in result["attacks"].values())
     assert "queries/example" in stdout
+
+
+@pytest.mark.slow
+def test_bench_smp_quick_writes_json(tmp_path: Path):
+    result, stdout = run_quick("bench_smp.py", tmp_path / "bench.json")
+    ratios = result["timing"]["ratio_to_lora"]
+    assert set(ratios) == {"lora", "smp-lora", "mp-lora"} and ratios["lora"] == 1.0 and ratios["smp-lora"] > 1
+    assert set(result["stability"]) == {"lora", "smp-lora", "mp-lora"}
+    assert result["stability"]["mp-lora"]["smp"]["method"] == "mp-lora"
+    assert result["stability"]["smp-lora"]["best_attack"]["name"] == "loss"
+    assert "CE_m max" in stdout

@@ -104,3 +104,13 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     dp_audit = json.loads((out / "dp-lora" / "audit" / "audit.json").read_text())
     assert dp_audit["claimed_epsilon"] == privacy["epsilon"]
     assert "guarantee: (" in printed and "dp-lora" in page
+    # SMP-LoRA on the same members with the plain recipe, and the plain LoRA stopped at its utility.
+    smp = json.loads((out / "smp-lora" / "summary.json").read_text())
+    assert smp["method"] == "smp-lora" and smp["steps"] == 1000 and smp["smp"]["diverged"] is False
+    assert json.loads((out / "smp-lora" / "membership.json").read_text())["roles"] == \
+        json.loads((out / "lora" / "membership.json").read_text())["roles"]
+    assert (out / "smp-lora" / "smp_log.jsonl").is_file() and (out / "smp-lora" / "audit" / "audit.json").is_file()
+    early = json.loads((out / "lora-early" / "summary.json").read_text())["early_stopped"]
+    assert early["matched_to"] == str(out / "smp-lora") and early["of_steps"] == 1000
+    assert (out / "lora-early" / "audit" / "audit.json").is_file()
+    assert "Matched utility" in page and "Training against the proxy attacker" in page

@@ -1,0 +1,72 @@
+"""Early stopping at matched utility (smp-lora spec §8.3 b): the snapshot closest in held-out loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from privdiff.cli import main
+from privdiff.errors import ConfigError
+from privdiff.run_folder import open_run
+from privdiff.training.early_stop import early_stop_like
+from privdiff.training.run import run_training
+from tests.conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pipeline_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("early")
+    plain = run_training(tiny_run_config(tmp / "plain", tiny_pipeline_dir, **{
+        "train.steps": 8, "train.snapshots": 4, "train.learning_rate": 0.05}), show_progress=False)
+    paired = {"membership.manifest": str(plain / "membership.json"), "train.learning_rate": 0.05}
+    short = run_training(tiny_run_config(tmp / "short", tiny_pipeline_dir, **{"train.steps": 3, **paired}),
+                         show_progress=False)
+    other = run_training(tiny_run_config(tmp / "other", tiny_pipeline_dir, **{"membership.seed": 1, "train.steps": 1}),
+                         show_progress=False)
+    return {"plain": plain, "short": short, "other": other, "tmp": tmp}
+
+
+def test_the_closest_snapshot_is_chosen_and_written_as_a_run(runs):
+    out = early_stop_like(runs["plain"], runs["short"], runs["tmp"] / "early")
+    match = json.loads((out / "summary.json").read_text())["early_stopped"]
+    losses = {c["step"]: c["loss"] for c in match["candidates"]}
+    assert sorted(losses) == [2, 4, 6, 8]  # 4 snapshots, the last one being the final adapter
+    assert match["step"] == min(losses, key=lambda s: abs(losses[s] - match["target_loss"]))
+    assert match["loss"] == losses[match["step"]] and match["matched_on"].startswith("mean held-out")
+    run = open_run(out)
+    assert run.summary["steps"] == match["step"] == run.config.train.steps
+    assert all(row["step"] <= match["step"] for row in run.history)
+    assert run.manifest.roles == open_run(runs["plain"]).manifest.roles
+    run.pipeline()  # the copied adapter loads
+
+
+def test_matching_a_run_to_itself_picks_its_final_adapter(runs):
+    out = early_stop_like(runs["plain"], runs["plain"], runs["tmp"] / "self")
+    match = json.loads((out / "summary.json").read_text())["early_stopped"]
+    assert match["step"] == 8 and match["loss"] == match["target_loss"]
+
+
+def test_refusals(runs):
+    with pytest.raises(ConfigError, match="different membership manifests"):
+        early_stop_like(runs["plain"], runs["other"], runs["tmp"] / "x")
+    with pytest.raises(ConfigError, match="no snapshots"):
+        early_stop_like(runs["short"], runs["plain"], runs["tmp"] / "y")
+    assert not (runs["tmp"] / "x").exists() and not (runs["tmp"] / "y").exists()
+    busy = runs["tmp"] / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        early_stop_like(runs["plain"], runs["short"], busy)
+    assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_cli_early_stop(runs, capsys):
+    assert main(["early-stop", str(runs["plain"]), "--match", str(runs["short"]), "--out",
+                 str(runs["tmp"] / "cli")]) == 0
+    assert "run folder:" in capsys.readouterr().out
+    assert main(["early-stop", str(runs["short"]), "--match", str(runs["plain"]), "--out",
+                 str(runs["tmp"] / "cli2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no snapshots" in err and len(err.splitlines()) == 1
