@@ -96,13 +96,13 @@ def describe(run_dir: Path) -> dict:
     }
 
 
-def trained(folder: Path, name: str, steps: int | None, num_samples: int, attacks: list[str],
+def trained(folder: Path, name: str, method: list[str], steps: int | None, num_samples: int, attacks: list[str],
             manifest: Path | None, retrain: bool = False) -> tuple[Path, float | None]:
-    """`name` trained with the demo recipe into folder/name, evaluated and audited (kept when done)."""
+    """The demo recipe with `method` overrides, trained into folder/name, evaluated and audited (kept when done)."""
     run_dir = folder / name
     if (run_dir / "audit" / "audit.json").is_file() and not retrain:
         return run_dir, None
-    overrides = [f"output_dir={run_dir}", *METHOD_OVERRIDES[name], *([f"train.steps={steps}"] if steps else []),
+    overrides = [f"output_dir={run_dir}", *method, *([f"train.steps={steps}"] if steps else []),
                  *([f"membership.manifest={manifest}"] if manifest else [])]
     began = time.perf_counter()
     run_training(load_config(DEMO_CONFIG, overrides), overwrite=True, show_progress=False)
@@ -112,13 +112,17 @@ def trained(folder: Path, name: str, steps: int | None, num_samples: int, attack
     return run_dir, train_s
 
 
-def stability(folder: Path, steps: int | None, num_samples: int, attacks: list[str]) -> dict:
-    """MP-LoRA beside plain LoRA and SMP-LoRA on the same members (the demo's runs when present)."""
-    lora_dir, _ = trained(folder, "lora", steps, num_samples, attacks, None)
+def stability(folder: Path, steps: int | None, num_samples: int, attacks: list[str],
+              mp_lambdas: list[float]) -> dict:
+    """MP-LoRA at each λ beside plain LoRA and SMP-LoRA on the same members (the demo's runs when present)."""
+    lora_dir, _ = trained(folder, "lora", [], steps, num_samples, attacks, None)
     manifest = lora_dir / "membership.json"
     result = {"lora": describe(lora_dir)}
-    for name in ("smp-lora", "mp-lora"):
-        run_dir, train_s = trained(folder, name, steps, num_samples, attacks, manifest, retrain=name == "mp-lora")
+    settings = {"smp-lora": (METHOD_OVERRIDES["smp-lora"], False)}
+    for lam in mp_lambdas:
+        settings["mp-lora" if lam == 1 else f"mp-lora-lambda{lam:g}"] = ([*METHOD_OVERRIDES["mp-lora"], f"smp.lam={lam}"], True)
+    for name, (method, retrain) in settings.items():
+        run_dir, train_s = trained(folder, name, method, steps, num_samples, attacks, manifest, retrain=retrain)
         result[name] = {**describe(run_dir), "train_s": train_s}
     return result
 
@@ -129,6 +133,8 @@ def main() -> None:
     parser.add_argument("--demo-dir", type=Path, default=None,
                         help="a finished `privdiff demo` folder: its lora and smp-lora runs are reused and "
                              "mp-lora is written beside them (default: train all three in a temporary folder)")
+    parser.add_argument("--mp-lambda", type=float, nargs="+", default=[1.0, 10.0],
+                        help="MP-LoRA weights λ to train (default: 1, the reference's, and 10)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_smp.json")
     args = parser.parse_args()
     steps, warmup = (2, 1) if args.quick else (30, 3)
@@ -136,7 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.demo_dir or Path(tmp)
         runs = stability(folder, 4 if args.quick else None, 20 if args.quick else 256,
-                         ["loss"] if args.quick else list(AuditConfig().attacks))
+                         ["loss"] if args.quick else list(AuditConfig().attacks), [1.0] if args.quick else args.mp_lambda)
     result = {"benchmark": "smp", "quick": args.quick, "torch_threads": torch.get_num_threads(), **run_record(),
               "timing": timing, "stability": runs}
 
@@ -145,12 +151,14 @@ def main() -> None:
         (name, f"{timing['median_step_s'][name]:.3f}", f"{timing['ratio_to_lora'][name]:.2f}")
         for name in timing["median_step_s"]])
     print("\nstability and leakage on the demo's members (per-epoch means; attacks retrained after training)")
-    rows = [("run", "CE_m first", "CE_m last", "CE_m max", "J min", "diverged", "KID", "best attack AUC")]
+    rows = [("run", "CE_m first", "CE_m last", "CE_m max", "J min", "diverged", "KID", "held-out loss (test members)",
+             "best attack AUC")]
     for name, r in runs.items():
-        ce, obj, kid, best = r["ce_m_by_epoch"], r["objective_by_epoch"], r["metrics"].get("kid/members"), r["best_attack"]
+        ce, obj, best = r["ce_m_by_epoch"], r["objective_by_epoch"], r["best_attack"]
+        with_ci = [f"{m['value']:.3g} [{m['ci'][0]:.3g}, {m['ci'][1]:.3g}]" if m else "-"
+                   for m in (r["metrics"].get("kid/members"), r["metrics"].get("heldout_loss/member_test"))]
         rows.append((name, *(f"{v:.3g}" if v is not None else "-" for v in (ce["first"], ce["last"], ce["max"], obj["min"])),
-                     str(r["smp"]["diverged"]) if r["smp"] else "-",
-                     f"{kid['value']:.3g} [{kid['ci'][0]:.3g}, {kid['ci'][1]:.3g}]" if kid else "-",
+                     str(r["smp"]["diverged"]) if r["smp"] else "-", *with_ci,
                      f"{best['name']} {best['auc']:.3f} [{best['auc_ci'][0]:.3f}, {best['auc_ci'][1]:.3f}]" if best else "-"))
     print_table(rows)
     write_json(args.out, result)

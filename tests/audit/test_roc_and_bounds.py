@@ -116,3 +116,15 @@ def test_one_run_eps_reproduces_the_spec_table(m, r, v, eps_delta, eps_zero):
 def test_one_run_eps_with_zero_delta_is_the_logit_of_the_cp_lower_bound():
     lower = beta.ppf(0.05, 90, 100 - 90 + 1)
     assert one_run_eps(1000, 100, 90) == pytest.approx(math.log(lower / (1 - lower)), abs=1e-6)
+
+
+def test_paired_auc_difference():
+    from privdiff.audit.roc import paired_auc_difference
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(60), np.zeros(50)]
+    noise = rng.normal(size=110)
+    same = paired_auc_difference(noise, noise.copy(), labels, resamples=200)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]  # paired: identical models never differ
+    strong = paired_auc_difference(noise + 2 * labels, noise, labels, resamples=200)
+    assert strong["difference"] > 0.3 and 0 < strong["ci"][0] < strong["difference"] < strong["ci"][1]

@@ -70,3 +70,23 @@ def test_cli_early_stop(runs, capsys):
                  str(runs["tmp"] / "cli2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "no snapshots" in err and len(err.splitlines()) == 1
+
+
+def test_report_shows_the_matched_comparison_with_paired_differences(runs):
+    from privdiff.audit.run import AuditConfig, run_audit
+    from privdiff.report import write_report
+
+    early = early_stop_like(runs["plain"], runs["short"], runs["tmp"] / "early-report")
+    folders = [runs["plain"], runs["short"], early]
+    for folder in folders:
+        run_audit(folder, AuditConfig(attacks=["loss"], bootstrap=20), show_progress=False)
+    page = write_report(folders, runs["tmp"] / "report.html").read_text()
+    report = json.loads((runs["tmp"] / "report.json").read_text())
+    (row,) = report["matched"]
+    assert row["defended"] == "short" and row["attack"] == "loss"
+    assert set(row["differences"]) == {"early-stopped", "full"}
+    auc = {f.name: json.loads((f / "audit" / "audit.json").read_text())["attacks"]["loss"]["auc"] for f in folders}
+    for d in row["differences"].values():
+        assert d["difference"] == pytest.approx(auc["short"] - auc[d["run"]], abs=1e-12)
+        assert d["ci"][0] <= d["ci"][1] and d["resamples"] == 1000
+    assert "Matched utility" in page and "minus on" in page

@@ -108,6 +108,22 @@ def stratified_bootstrap(scores: np.ndarray, labels: np.ndarray, *, resamples: i
     return {k: [float(x) for x in np.quantile(v, q)] for k, v in draws.items()}
 
 
+def paired_auc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, *,
+                          resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, float | list[float]]:
+    """AUC(a) - AUC(b) for two models scored on the same examples (same order), with a paired
+    stratified bootstrap: each resample draws one set of members and non-members for both models."""
+    labels = np.asarray(labels).astype(bool)
+    members, others = np.flatnonzero(labels), np.flatnonzero(~labels)
+    rng = numpy_rng(seed, "audit-paired-bootstrap")
+    draws = []
+    for _ in range(resamples):
+        rows = np.concatenate([rng.choice(members, len(members)), rng.choice(others, len(others))])
+        draws.append(auc(scores_a[rows], labels[rows]) - auc(scores_b[rows], labels[rows]))
+    q = [(1 - confidence) / 2, (1 + confidence) / 2]
+    return {"difference": auc(scores_a, labels) - auc(scores_b, labels),
+            "ci": [float(x) for x in np.quantile(draws, q)], "resamples": resamples}
+
+
 def threshold_at_fpr(scores_nonmembers: np.ndarray, alpha: float) -> float:
     """The lowest threshold whose FPR on these non-members is <= alpha (fixed before evaluation)."""
     ordered = np.sort(np.asarray(scores_nonmembers, dtype=np.float64))[::-1]

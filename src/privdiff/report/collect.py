@@ -80,4 +80,41 @@ def collect(paths: list[str | Path]) -> dict:
     keys = []
     for r in runs:
         keys += [k for k in r["metrics"] if k not in keys]
-    return {"runs": runs, "metric_keys": keys}
+    return {"runs": runs, "metric_keys": keys, "matched": matched_comparisons(runs)}
+
+
+def _scores(run: dict) -> dict | None:
+    path = Path(run["path"]) / "audit" / "scores.npz"
+    if not path.is_file():
+        return None
+    import numpy as np
+
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def matched_comparisons(runs: list[dict], resamples: int = 1000) -> list[dict]:
+    """For each early-stopped run in the report: the defended run's best attack (chosen on aux), its
+    AUC minus the same attack's AUC on the early-stopped and on the full run, with paired bootstrap
+    intervals over the shared test examples (smp-lora spec §8.3-8.4)."""
+    from privdiff.audit.roc import paired_auc_difference
+
+    by_path = {r["path"]: r for r in runs}
+    out = []
+    for early in runs:
+        match = early.get("early_stopped")
+        defended = by_path.get(match["matched_to"]) if match else None
+        if defended is None or not defended["audit"]:
+            continue
+        attack = defended["audit"]["best_attack"]
+        scores = _scores(defended)
+        row = {"defended": defended["name"], "attack": attack, "differences": {}}
+        for name, other in (("early-stopped", early), ("full", by_path.get(match["from_run"]))):
+            theirs = _scores(other) if other else None
+            if scores is None or theirs is None or attack not in theirs or \
+                    list(theirs["ids"]) != list(scores["ids"]):
+                continue
+            row["differences"][name] = {"run": other["name"], **paired_auc_difference(
+                scores[attack], theirs[attack], scores["labels"], resamples=resamples)}
+        out.append(row)
+    return out

@@ -184,7 +184,21 @@ def _with_ci(record: dict | None) -> str:
     return f"{fmt(record['value'])} <span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>"
 
 
-def _matched_utility(runs: list[dict]) -> str:
+def _paired_differences(matched: list[dict]) -> str:
+    lines = []
+    for row in matched:
+        for name, d in row["differences"].items():
+            lo, hi = d["ci"]
+            lines.append(f"AUC of {_e(row['attack'])} on <b>{_e(row['defended'])}</b> minus on <b>{_e(d['run'])}</b> "
+                         f"({_e(name)}): <b>{d['difference']:+.3f}</b> <span class=ci>[{lo:+.3f}, {hi:+.3f}]</span>")
+    if not lines:
+        return ""
+    return (f"<p>{'<br>'.join(lines)}</p><p class=muted>Paired stratified bootstrap over the shared test examples "
+            f"({matched[0]['differences'][next(iter(matched[0]['differences']))]['resamples']} resamples), one "
+            "training seed per run: the interval covers the test sample, not retraining.</p>")
+
+
+def _matched_utility(runs: list[dict], matched: list[dict] | None = None) -> str:
     """Each early-stopped run beside the run it was matched to and the full run it was cut from."""
     by_path = {r["path"]: r for r in runs}
     rows = []
@@ -211,7 +225,8 @@ def _matched_utility(runs: list[dict]) -> str:
     return ("<h2>Matched utility</h2><p class=muted>A defence that slows learning leaks less for that reason alone. "
             "The plain run is also stopped at the snapshot whose held-out denoising loss on the auxiliary "
             "non-members is closest to the defended run's (never matched on a test split); a defence helps only "
-            f"if it leaks less than that early-stopped run.</p><table>{head}{''.join(rows)}</table>")
+            f"if it leaks less than that early-stopped run.</p><table>{head}{''.join(rows)}</table>"
+            + _paired_differences(matched or []))
 
 
 def _proxy_notes(runs: list[dict]) -> str:
@@ -247,7 +262,7 @@ def render(report: dict) -> str:
             body.append(_img(figure, "metric comparison"))
     else:
         body.append("<p class=muted>not evaluated yet: run <code>privdiff evaluate RUN_DIR</code></p>")
-    body += ["<h2>Membership audit</h2>", _audit_section(runs), _matched_utility(runs),
+    body += ["<h2>Membership audit</h2>", _audit_section(runs), _matched_utility(runs, report.get("matched")),
              "<h2>Samples</h2>", _samples(runs)]
     proxy_figure = plots.proxy_diagnostics(runs)
     if proxy_figure:
