@@ -96,33 +96,34 @@ def describe(run_dir: Path) -> dict:
     }
 
 
-def trained(folder: Path, name: str, method: list[str], steps: int | None, num_samples: int, attacks: list[str],
-            manifest: Path | None, retrain: bool = False) -> tuple[Path, float | None]:
+def trained(folder: Path, name: str, method: list[str], steps: int | None, evaluation: EvalConfig,
+            attacks: list[str], manifest: Path | None, retrain: bool = False) -> tuple[Path, float | None]:
     """The demo recipe with `method` overrides, trained into folder/name, evaluated and audited (kept when done)."""
     run_dir = folder / name
     if (run_dir / "audit" / "audit.json").is_file() and not retrain:
         return run_dir, None
-    overrides = [f"output_dir={run_dir}", *method, *([f"train.steps={steps}"] if steps else []),
+    quick = ["sample.num_images=1", "sample.num_inference_steps=1"] if steps else []
+    overrides = [f"output_dir={run_dir}", *method, *([f"train.steps={steps}"] if steps else []), *quick,
                  *([f"membership.manifest={manifest}"] if manifest else [])]
     began = time.perf_counter()
     run_training(load_config(DEMO_CONFIG, overrides), overwrite=True, show_progress=False)
     train_s = time.perf_counter() - began
-    evaluate_run(run_dir, EvalConfig(num_samples=num_samples), show_progress=False)
+    evaluate_run(run_dir, evaluation, show_progress=False)
     run_audit(run_dir, AuditConfig(attacks=attacks), show_progress=False)
     return run_dir, train_s
 
 
-def stability(folder: Path, steps: int | None, num_samples: int, attacks: list[str],
+def stability(folder: Path, steps: int | None, evaluation: EvalConfig, attacks: list[str],
               mp_lambdas: list[float]) -> dict:
     """MP-LoRA at each λ beside plain LoRA and SMP-LoRA on the same members (the demo's runs when present)."""
-    lora_dir, _ = trained(folder, "lora", [], steps, num_samples, attacks, None)
+    lora_dir, _ = trained(folder, "lora", [], steps, evaluation, attacks, None)
     manifest = lora_dir / "membership.json"
     result = {"lora": describe(lora_dir)}
     settings = {"smp-lora": (METHOD_OVERRIDES["smp-lora"], False)}
     for lam in mp_lambdas:
         settings["mp-lora" if lam == 1 else f"mp-lora-lambda{lam:g}"] = ([*METHOD_OVERRIDES["mp-lora"], f"smp.lam={lam}"], True)
     for name, (method, retrain) in settings.items():
-        run_dir, train_s = trained(folder, name, method, steps, num_samples, attacks, manifest, retrain=retrain)
+        run_dir, train_s = trained(folder, name, method, steps, evaluation, attacks, manifest, retrain=retrain)
         result[name] = {**describe(run_dir), "train_s": train_s}
     return result
 
@@ -141,7 +142,9 @@ def main() -> None:
     timing = time_side_by_side(16, steps, warmup)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.demo_dir or Path(tmp)
-        runs = stability(folder, 4 if args.quick else None, 20 if args.quick else 256,
+        evaluation = EvalConfig(num_samples=20, num_inference_steps=5, bootstrap=20, kid_subsets=5) if args.quick \
+            else EvalConfig(num_samples=256)
+        runs = stability(folder, 4 if args.quick else None, evaluation,
                          ["loss"] if args.quick else list(AuditConfig().attacks), [1.0] if args.quick else args.mp_lambda)
     result = {"benchmark": "smp", "quick": args.quick, "torch_threads": torch.get_num_threads(), **run_record(),
               "timing": timing, "stability": runs}

@@ -82,11 +82,14 @@ def test_report_shows_the_matched_comparison_with_paired_differences(runs):
         run_audit(folder, AuditConfig(attacks=["loss"], bootstrap=20), show_progress=False)
     page = write_report(folders, runs["tmp"] / "report.html").read_text()
     report = json.loads((runs["tmp"] / "report.json").read_text())
+    name = {r["path"]: r["name"] for r in report["runs"]}  # folders named alike are qualified by parent
+    auc = {name[str(f)]: json.loads((f / "audit" / "audit.json").read_text())["attacks"]["loss"]["auc"]
+           for f in folders}
     (row,) = report["matched"]
-    assert row["defended"] == "short" and row["attack"] == "loss"
+    assert row["defended"] == name[str(runs["short"])] and row["attack"] == "loss"
     assert set(row["differences"]) == {"early-stopped", "full"}
-    auc = {f.name: json.loads((f / "audit" / "audit.json").read_text())["attacks"]["loss"]["auc"] for f in folders}
+    assert row["differences"]["full"]["run"] == name[str(runs["plain"])]
     for d in row["differences"].values():
-        assert d["difference"] == pytest.approx(auc["short"] - auc[d["run"]], abs=1e-12)
+        assert d["difference"] == pytest.approx(auc[row["defended"]] - auc[d["run"]], abs=1e-12)
         assert d["ci"][0] <= d["ci"][1] and d["resamples"] == 1000
     assert "Matched utility" in page and "minus on" in page

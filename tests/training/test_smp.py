@@ -303,3 +303,16 @@ def test_audit_retrains_the_proxy_from_scratch(smp_run: Path, monkeypatch):
     assert first["auc"] == second["auc"] and first["fitted"]["epochs"] == second["fitted"]["epochs"]
     assert first["fitted"]["epochs"] >= 1  # trained here, from a fresh initialisation
     assert not any("proxy_final" in path for path in opened)
+
+
+def test_lira_shadows_of_an_smp_run_are_trained_with_smp(smp_run: Path, tmp_path: Path):
+    """Spec §8.1: shadow models are trained with the same method (adaptive attacker)."""
+    from privdiff.audit.shadows import train_shadows
+    from privdiff.run_folder import open_run
+
+    shadows = train_shadows(open_run(smp_run), 2, 0, tmp_path / "shadows", show_progress=False)
+    assert len(shadows.models) == 2
+    for j in range(2):
+        summary = json.loads((tmp_path / "shadows" / f"shadow-{j:02d}" / "summary.json").read_text())
+        assert summary["method"] == "smp-lora" and summary["smp"]["proxy_ids_seen"] > 0
+        assert not (tmp_path / "shadows" / f"shadow-{j:02d}" / "snapshots").exists()  # shadows keep no snapshots

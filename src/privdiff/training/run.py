@@ -132,8 +132,8 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
 
     seed_everything(config.train.seed)
-    splits = {role: inputs.dataset.subset(inputs.manifest.ids(role)) for role in method.extra_roles}
-    task = build_task(pipe, inputs.members, {role: data for role, data in splits.items() if len(data)})
+    splits = {role: inputs.dataset.subset(ids) for role in method.extra_roles if (ids := inputs.manifest.ids(role))}
+    task = build_task(pipe, inputs.members, splits)
 
     def save_snapshot(step: int) -> None:
         save_lora(snapshot_path(run_dir, step), pipe.unet, config.lora, method.adapter_metadata())
