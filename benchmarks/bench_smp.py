@@ -43,8 +43,7 @@ def prepared(name: str, batch: int):
     cfg = load_config(DEMO_CONFIG, [*METHOD_OVERRIDES[name], f"train.batch_size={batch}"])
     method = get_method(cfg.train.method)(cfg)
     inputs = prepare_inputs(cfg)
-    splits = {role: inputs.dataset.subset(inputs.manifest.ids(role)) for role in method.extra_roles}
-    task = build_task(load_pipeline(cfg.model.pretrained), inputs.members, splits)
+    task = build_task(load_pipeline(cfg.model.pretrained), inputs.members, inputs.splits(method.extra_roles))
     torch.manual_seed(0)
     method.prepare(task)
     return method, task

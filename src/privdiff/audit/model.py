@@ -4,32 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
 from privdiff.seeding import fixed_noise
+from privdiff.training.task import EncodedSplit
 
 
 @dataclass
-class Candidates:
-    """Examples as the attacker holds them: clean latents x0 and caption embeddings c."""
-
-    ids: list[str]
-    latents: torch.Tensor   # (N, C, h, w)
-    contexts: torch.Tensor  # (N, L, D)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, index: np.ndarray | list[int]) -> "Candidates":
-        index = list(np.asarray(index, dtype=np.int64))
-        return Candidates([self.ids[i] for i in index], self.latents[index], self.contexts[index])
-
-    @staticmethod
-    def join(*parts: "Candidates") -> "Candidates":
-        return Candidates([i for p in parts for i in p.ids], torch.cat([p.latents for p in parts]),
-                          torch.cat([p.contexts for p in parts]))
+class Candidates(EncodedSplit):
+    """Examples as the attacker holds them: clean latents x0 and caption embeddings c (rows by
+    `take`, concatenation by `join`, both from `EncodedSplit`)."""
 
     def noises(self, seed: int, count: int, purpose: str = "audit") -> torch.Tensor:
         """(count, N, C, h, w): the fixed noises of §2, keyed by (seed, example id, k)."""

@@ -56,7 +56,7 @@ class AuditConfig:
 
 
 def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str, Candidates]:
-    from privdiff.training.task import encode_images, encode_prompts
+    from privdiff.training.task import encode_split
 
     dataset, manifest = run.dataset(), run.manifest
     out = {}
@@ -64,8 +64,7 @@ def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str,
         subset = dataset.subset(manifest.ids(role))
         if len(subset) == 0:
             raise ConfigError(f"{run.path}: the manifest has no '{role}' examples to audit")
-        out[role] = Candidates([e.id for e in subset.examples], encode_images(pipe, subset.images_tensor()),
-                               encode_prompts(pipe, subset.captions()))
+        out[role] = encode_split(pipe, subset, Candidates)
     return out
 
 

@@ -108,7 +108,7 @@ def matched_comparisons(runs: list[dict], resamples: int = 1000) -> list[dict]:
             continue
         attack = defended["audit"]["best_attack"]
         scores = _scores(defended)
-        row = {"defended": defended["name"], "attack": attack, "differences": {}}
+        row = {"defended": defended["name"], "attack": attack, "resamples": resamples, "differences": {}}
         for name, other in (("early-stopped", early), ("full", by_path.get(match["from_run"]))):
             theirs = _scores(other) if other else None
             if scores is None or theirs is None or attack not in theirs or \

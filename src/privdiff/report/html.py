@@ -194,7 +194,7 @@ def _paired_differences(matched: list[dict]) -> str:
     if not lines:
         return ""
     return (f"<p>{'<br>'.join(lines)}</p><p class=muted>Paired stratified bootstrap over the shared test examples "
-            f"({matched[0]['differences'][next(iter(matched[0]['differences']))]['resamples']} resamples), one "
+            f"({matched[0]['resamples']} resamples), one "
             "training seed per run: the interval covers the test sample, not retraining.</p>")
 
 
@@ -206,10 +206,11 @@ def _matched_utility(runs: list[dict], matched: list[dict] | None = None) -> str
         match = r.get("early_stopped")
         if not match:
             continue
+        loss_at = {c["step"]: c["loss"] for c in match["candidates"]}
         for role, run, loss in (("defended", by_path.get(match["matched_to"]), match["target_loss"]),
                                 (f"early-stopped (step {match['step']})", r, match["loss"]),
                                 (f"full ({match['of_steps']} steps)", by_path.get(match["from_run"]),
-                                 next((c["loss"] for c in match["candidates"] if c["step"] == match["of_steps"]), None))):
+                                 loss_at.get(match["of_steps"]))):
             if run is None:
                 continue
             best = _best(run)

@@ -54,6 +54,16 @@ def snapshot_steps(total: int, count: int) -> list[int]:
     return sorted({max(1, round(total * i / count)) for i in range(1, count + 1)}) if count else []
 
 
+def rows_since_last_epoch(log: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The step rows logged after the latest epoch row (the epoch being closed)."""
+    rows = []
+    for row in reversed(log):
+        if "epoch" in row:
+            break
+        rows.append(row)
+    return rows[::-1]
+
+
 def epoch_row(epoch: int, step: int, rows: list[dict[str, float]]) -> dict[str, float]:
     """Means of the step metrics over one epoch (non-finite values left out)."""
     keys = [k for k in rows[0] if k not in ("step", "epoch")] if rows else []
@@ -112,8 +122,7 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
             log.append(json_safe({"step": step + 1, **metrics}))
             if (step + 1) % per_epoch == 0 or step + 1 == total:
                 epoch = math.ceil((step + 1) / per_epoch)
-                steps_in_epoch = [r for r in log[-per_epoch:] if "epoch" not in r and r["step"] > (epoch - 1) * per_epoch]
-                log.append(json_safe({**epoch_row(epoch, step + 1, steps_in_epoch),
+                log.append(json_safe({**epoch_row(epoch, step + 1, rows_since_last_epoch(log)),
                                       **method.epoch_end(task, epoch, last=step + 1 == total)}))
             if math.isfinite(metrics["loss"]):  # an empty DP batch has no loss
                 running.append(metrics["loss"])

@@ -53,6 +53,10 @@ class RunInputs:
     manifest: Manifest
     members: ImageDataset
 
+    def splits(self, roles: tuple[str, ...]) -> dict[str, ImageDataset]:
+        """The examples of each of `roles` that has any (e.g. a method's `extra_roles`)."""
+        return {role: self.dataset.subset(ids) for role in roles if (ids := self.manifest.ids(role))}
+
 
 def prepare_inputs(config: RunConfig) -> RunInputs:
     """Loads and validates the data and the manifest (raises before anything is written)."""
@@ -132,8 +136,7 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
 
     seed_everything(config.train.seed)
-    splits = {role: inputs.dataset.subset(ids) for role in method.extra_roles if (ids := inputs.manifest.ids(role))}
-    task = build_task(pipe, inputs.members, splits)
+    task = build_task(pipe, inputs.members, inputs.splits(method.extra_roles))
 
     def save_snapshot(step: int) -> None:
         save_lora(snapshot_path(run_dir, step), pipe.unet, config.lora, method.adapter_metadata())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -20,6 +21,16 @@ class EncodedSplit:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, index) -> "Self":
+        """The examples at row positions `index` (same type)."""
+        index = [int(i) for i in index]
+        return type(self)([self.ids[i] for i in index], self.latents[index], self.contexts[index])
+
+    @classmethod
+    def join(cls, *parts: "EncodedSplit") -> "Self":
+        return cls([i for p in parts for i in p.ids], torch.cat([p.latents for p in parts]),
+                   torch.cat([p.contexts for p in parts]))
 
 
 @dataclass
@@ -70,9 +81,11 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size
     return torch.cat(out)
 
 
-def encode_split(pipe: StableDiffusionPipeline, dataset: ImageDataset) -> EncodedSplit:
-    return EncodedSplit(ids=[ex.id for ex in dataset.examples], latents=encode_images(pipe, dataset.images_tensor()),
-                        contexts=encode_prompts(pipe, dataset.captions()))
+def encode_split(pipe: StableDiffusionPipeline, dataset: ImageDataset,
+                 kind: type[EncodedSplit] = EncodedSplit) -> EncodedSplit:
+    """`dataset` in model space, as `kind` (EncodedSplit or a subclass such as the audit's Candidates)."""
+    return kind([ex.id for ex in dataset.examples], encode_images(pipe, dataset.images_tensor()),
+                encode_prompts(pipe, dataset.captions()))
 
 
 def build_task(pipe: StableDiffusionPipeline, dataset: ImageDataset,

@@ -82,7 +82,6 @@ class SMPLoRA(LoRA):
         self.step_times: list[float] = []
         self.last_batch: TrainBatch | None = None
         self.plain_step_s: float | None = None
-        self._orders: dict[tuple[str, int], torch.Tensor] = {}
 
     # -- the two terms and one step -------------------------------------------------------------
 
@@ -149,27 +148,21 @@ class SMPLoRA(LoRA):
 
     def aux_rows(self, role: str, size: int, proxy_step: int, per_class: int) -> torch.Tensor:
         """Rows of proxy step `proxy_step` in `role`: the aux split cycled, reshuffled per cycle (seeded)."""
+        orders: dict[int, torch.Tensor] = {}  # a batch spans at most a few cycles
         rows = []
         for position in range(proxy_step * per_class, (proxy_step + 1) * per_class):
             cycle, offset = divmod(position, size)
-            order = self._orders.get((role, cycle))
-            if order is None:
-                order = torch.randperm(size, generator=generator(self.config.train.seed, "smp-aux", role, cycle))
-                self._orders = {k: v for k, v in self._orders.items() if k[1] >= cycle - 1}
-                self._orders[(role, cycle)] = order
-            rows.append(int(order[offset]))
+            if cycle not in orders:
+                orders[cycle] = torch.randperm(size, generator=generator(self.config.train.seed, "smp-aux", role, cycle))
+            rows.append(int(orders[cycle][offset]))
         return torch.tensor(rows)
 
     def proxy_batch(self, task: DiffusionTask, proxy_step: int) -> tuple[EncodedSplit, torch.Tensor]:
         """A balanced batch: `proxy_batch_per_class` aux members then as many aux non-members."""
         per_class = self.config.smp.proxy_batch_per_class
-        parts = []
-        for role in ("member_aux", "nonmember_aux"):
-            split = task.splits[role]
-            rows = self.aux_rows(role, len(split), proxy_step, per_class)
-            parts.append(EncodedSplit([split.ids[i] for i in rows], split.latents[rows], split.contexts[rows]))
-        batch = EncodedSplit(parts[0].ids + parts[1].ids, torch.cat([p.latents for p in parts]),
-                             torch.cat([p.contexts for p in parts]))
+        splits = [task.splits["member_aux"], task.splits["nonmember_aux"]]
+        batch = EncodedSplit.join(*(split.take(self.aux_rows(role, len(split), proxy_step, per_class))
+                                    for role, split in zip(("member_aux", "nonmember_aux"), splits)))
         labels = torch.tensor([1] * per_class + [0] * per_class, device=self.device)
         return batch, labels
 
@@ -179,7 +172,7 @@ class SMPLoRA(LoRA):
         out = []
         for start in range(0, len(examples), PROBE_CHUNK):
             latents = examples.latents[start:start + PROBE_CHUNK]
-            noise, steps = draw_noise_and_timesteps(latents.shape, task.scheduler.config.num_train_timesteps, draw_rng)
+            noise, steps = draw_noise_and_timesteps(latents.shape, self.num_train_timesteps, draw_rng)
             noise, steps = noise.to(self.device), steps.to(self.device)
             noisy, target = noisy_and_target(task.scheduler, latents, noise, steps)
             out.append(squared_error(task.unet, noisy, steps, examples.contexts[start:start + PROBE_CHUNK],
