@@ -12,7 +12,7 @@ TORCH_WHEELS := $(wildcard /opt/wheels)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS)) torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,split]"
 	touch $(STAMP)
 
 demo: $(STAMP)

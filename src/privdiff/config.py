@@ -242,13 +242,16 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                base: RunConfig | None = None) -> RunConfig:
-    """Loads a YAML config (safe loader) onto `base` (defaults), applies `key=value` overrides.
+                base: Any = None, kind: type = RunConfig) -> Any:
+    """Loads a YAML config (safe loader) onto `base` (defaults of `kind`), applies `key=value` overrides.
+
+    `kind` is the root dataclass (RunConfig, or another room's, e.g. the split config); it must
+    have `to_dict` and `validate`.
 
     Raises:
         ConfigError: unreadable file, invalid YAML, unknown key, wrong type or invalid value.
     """
-    values = (base or RunConfig()).to_dict()
+    values = (base or kind()).to_dict()
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -266,7 +269,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         except yaml.YAMLError:
             value = raw
         _merge(values, _nest(key.split("."), value), "")
-    return config_from_dict(values)
+    return _build(kind, values, "").validate()
 
 
 def _nest(keys: list[str], value: Any) -> dict[str, Any]:
@@ -289,7 +292,7 @@ def _merge(into: dict[str, Any], new: Any, where: str) -> None:
             into[key] = value
 
 
-def save_config(config: RunConfig, path: Path) -> None:
+def save_config(config: Any, path: Path) -> None:
     from privdiff.training.checkpoint import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -9,10 +9,10 @@ from privdiff.config import RunConfig, load_config
 
 
 def build_config(config_file: Path | None, flags: dict[str, Any], extra: list[str] | None,
-                 base: RunConfig | None = None) -> RunConfig:
+                 base: Any = None, kind: type = RunConfig) -> Any:
     """Config file (or `base`) <- explicit flags (`section.key` -> value, None = not given) <- --set."""
     overrides = [f"{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None]
-    return load_config(config_file, overrides + list(extra or []), base=base)
+    return load_config(config_file, overrides + list(extra or []), base=base, kind=kind)
 
 
 def _yaml_value(value: Any) -> str:

@@ -1,0 +1,108 @@
+"""Settings of a split-learning run (spec §12 defaults), loaded like every other privdiff config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from privdiff.config import ModelConfig
+from privdiff.errors import ConfigError
+
+DESIGNS = ("backward-free", "vanilla")
+
+
+@dataclass
+class SplitDataConfig:
+    name: str = "fill"            # a built-in dataset with conditioning images, or an imagefolder
+    image_size: int = 32
+    num_examples: int = 2000      # training triples, sharded over the clients
+    seed: int = 0
+    shard: str = "iid"            # iid (by index) | colour (non-IID: by circle colour, fill only)
+    test_examples: int = 256      # held-out triples for condition fidelity (a different seed)
+    test_seed: int = 1
+
+
+@dataclass
+class ProtocolConfig:
+    design: str = "backward-free"  # backward-free (nothing goes back) | vanilla (gradients go back)
+    t_start: int = 5               # timestep policy: t ~ U{t_start, ..., T-1}
+    activation: str = "symsigmoid"  # identity | symsigmoid, on z_c + x_t (backward-free)
+    precision: str = "fp16"         # fp16 | fp32 wire precision of h (backward-free)
+    send: str = "s0"               # s0 (frozen conv_in(x_t), as the reference) | x_t (33x smaller)
+    send_zero_text: bool = False   # true: send the reference's all-zero text tensor (byte parity)
+    max_batch: int = 64            # B_max of the validation rules
+    max_abs_value: float = 1.0e4
+
+
+@dataclass
+class SplitTrainConfig:
+    clients: int = 2
+    batch_size: int = 8            # examples each client sends per round
+    steps: int = 2000              # server optimiser steps (one per round)
+    learning_rate: float = 1.0e-4  # server AdamW (spec §12)
+    weight_decay: float = 1.0e-2
+    client_learning_rate: float = 1.0e-4  # vanilla only: the client's hint block and conv_in
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0                  # server-side seed (model init); clients derive secret seeds
+
+
+@dataclass
+class SplitEvalConfig:
+    num_samples: int = 64
+    num_inference_steps: int = 20
+    guidance_scale: float = 1.0    # the ControlNet is prompt-free; the UNet gets the real prompt
+    seed: int = 0
+
+
+@dataclass
+class SplitConfig:
+    output_dir: str = "runs/split"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SplitDataConfig = field(default_factory=SplitDataConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    train: SplitTrainConfig = field(default_factory=SplitTrainConfig)
+    eval: SplitEvalConfig = field(default_factory=SplitEvalConfig)
+
+    def validate(self) -> "SplitConfig":
+        p, t, d = self.protocol, self.train, self.data
+        checks = [
+            (p.design in DESIGNS, f"protocol.design must be one of {', '.join(DESIGNS)}"),
+            (0 <= p.t_start <= 998, "protocol.t_start must be in [0, 998]"),
+            (p.activation in ("identity", "symsigmoid"), "protocol.activation must be identity or symsigmoid"),
+            (p.precision in ("fp16", "fp32"), "protocol.precision must be fp16 or fp32"),
+            (p.send in ("s0", "x_t"), "protocol.send must be s0 or x_t"),
+            (p.design == "backward-free" or p.send == "s0", "protocol.send: x_t exists only in the backward-free design"),
+            (p.max_batch >= 1, "protocol.max_batch must be >= 1"),
+            (p.max_abs_value > 0, "protocol.max_abs_value must be > 0"),
+            (t.clients >= 1, "train.clients must be >= 1"),
+            (1 <= t.batch_size <= p.max_batch, "train.batch_size must be in [1, protocol.max_batch]"),
+            (t.steps >= 1, "train.steps must be >= 1"),
+            (t.learning_rate > 0 and t.client_learning_rate > 0, "learning rates must be > 0"),
+            (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and log_every must be >= 1"),
+            (d.shard in ("iid", "colour"), "data.shard must be iid or colour"),
+            (d.num_examples >= t.clients, "data.num_examples must be >= train.clients"),
+            (d.test_examples >= 1, "data.test_examples must be >= 1"),
+            (d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8"),
+            (self.eval.num_samples >= 1 and self.eval.num_inference_steps >= 1, "eval sizes must be >= 1"),
+            (self.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_split_config(path: str | None = None, overrides: list[str] | None = None) -> SplitConfig:
+    from privdiff.config import load_config
+
+    return load_config(path, overrides, kind=SplitConfig)
+
+
+__all__ = ["DESIGNS", "ProtocolConfig", "SplitConfig", "SplitDataConfig", "SplitEvalConfig",
+           "SplitTrainConfig", "load_split_config"]
