@@ -126,8 +126,16 @@ def test_zero_text_tensor_must_be_zero(tiny_pipeline_dir, public_models):
     assert server.validator.refusals["text"] == 1
 
 
-def test_identity_vouched_by_the_transport_must_match(tiny_pipeline_dir, public_models):
+def test_transport_identity_binds_to_one_client(tiny_pipeline_dir, public_models):
     server, transport = build_simulation(split_config(tiny_pipeline_dir), public_models)
-    received = receive_bytes(encode(_valid(server, transport, "client-0")), server.max_message_bytes)
-    received.sender = "client-1"
-    assert server.receive(received) is None and server.validator.refusals["identity"] == 1
+
+    def from_node(node: str, cid: str):
+        received = receive_bytes(encode(_valid(server, transport, cid)), server.max_message_bytes)
+        received.sender = node
+        return server.receive(received)
+
+    assert from_node("node:1", "client-0") is not None  # first authenticated message binds node 1
+    assert from_node("node:2", "client-0") is None      # client-0 through another node
+    assert from_node("node:1", "client-1") is None      # node 1 speaking for another client
+    assert server.validator.refusals["identity"] == 2
+    assert from_node("node:2", "client-1") is not None and from_node("node:1", "client-0") is not None

@@ -38,8 +38,11 @@ class ProtocolConfig:
 @dataclass
 class SplitTrainConfig:
     clients: int = 2
-    batch_size: int = 8            # examples each client sends per round
-    steps: int = 2000              # server optimiser steps (one per round)
+    request_size: int = 8          # examples each client sends per round ("batch per request")
+    batch_size: int | None = None  # examples per server step; null = one step on the whole round
+    passes: int = 1                # server steps over each round's examples (backward-free only):
+                                   # amortises a slow transport's round trip (Flower: seconds)
+    steps: int = 2000              # server optimiser steps
     learning_rate: float = 1.0e-4  # server AdamW (spec §12)
     weight_decay: float = 1.0e-2
     client_learning_rate: float = 1.0e-4  # vanilla only: the client's hint block and conv_in
@@ -77,7 +80,12 @@ class SplitConfig:
             (p.max_batch >= 1, "protocol.max_batch must be >= 1"),
             (p.max_abs_value > 0, "protocol.max_abs_value must be > 0"),
             (t.clients >= 1, "train.clients must be >= 1"),
-            (1 <= t.batch_size <= p.max_batch, "train.batch_size must be in [1, protocol.max_batch]"),
+            (1 <= t.request_size <= p.max_batch, "train.request_size must be in [1, protocol.max_batch]"),
+            (t.batch_size is None or t.batch_size >= 1, "train.batch_size must be >= 1 (or null)"),
+            (t.passes >= 1, "train.passes must be >= 1"),
+            (p.design == "backward-free" or (t.passes == 1 and t.batch_size is None),
+             "vanilla makes one step per round (train.passes 1, train.batch_size null): "
+             "each gradient goes back to the forward that made it"),
             (t.steps >= 1, "train.steps must be >= 1"),
             (t.learning_rate > 0 and t.client_learning_rate > 0, "learning rates must be > 0"),
             (t.weight_decay >= 0, "train.weight_decay must be >= 0"),

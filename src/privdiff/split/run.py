@@ -78,9 +78,15 @@ def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps:
         row = {"round": server.round, "step": server.step, "clients": [b.client_id for b in batches],
                "examples": sum(len(b.tensors["t"]) for b in batches)}
         if batches:
-            result = server.train_step(batches)
-            transport.push(result.pushes)
-            row["loss"] = result.loss
+            losses = []
+            for step_batches in server.step_batches(batches):
+                if server.step >= steps:
+                    break
+                result = server.train_step(step_batches)
+                transport.push(result.pushes)
+                losses.append(result.loss)
+            row["loss"] = sum(losses) / len(losses)
+            row["steps"] = len(losses)
             empty = 0
         else:
             empty += 1
@@ -91,7 +97,8 @@ def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps:
         server.end_round(row)
         if on_round:
             on_round(row)
-        if batches and (server.step % checkpoint_every == 0 or server.step == steps):
+        if batches and (server.step // checkpoint_every > (server.step - row["steps"]) // checkpoint_every
+                        or server.step >= steps):
             if before_checkpoint:
                 before_checkpoint()
             server.save_checkpoint(folder)
@@ -109,3 +116,144 @@ def build_simulation(config: SplitConfig, models: PublicModels) -> tuple[SplitSe
 
 
 __all__ = ["build_simulation", "client_id", "load_triples", "make_client", "shard", "train_rounds"]
+
+
+SPLIT_RUN_FILES = ("config.yaml", "run.json", "summary.json", "train_log.jsonl", "server_checkpoint.pt",
+                   "controlnet", "keys", "flower", "simulated_clients.pt")
+
+
+def prepare_folder(folder: Path, config: SplitConfig, resume: bool, overwrite: bool) -> None:
+    """Creates the run folder (or checks it for --resume) and writes the resolved config and run record."""
+    import shutil
+
+    import yaml
+
+    from privdiff.config import save_config
+    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.training.run_info import run_record
+
+    existing = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output path {folder} exists and is not a folder")
+    if existing and resume:
+        saved = folder / "config.yaml"
+        if not saved.is_file() or yaml.safe_load(saved.read_text()) != config.to_dict():
+            raise ConfigError(f"cannot resume {folder}: its config.yaml is missing or differs from this config")
+        return
+    if existing and not overwrite:
+        raise ConfigError(f"output folder {folder} is not empty: pass --resume to continue it or --overwrite")
+    if existing:
+        unknown = [p.name for p in existing if p.name not in SPLIT_RUN_FILES]
+        if unknown:
+            raise ConfigError(f"refusing to overwrite {folder}: it holds files privdiff did not write ({unknown[0]})")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(config, folder / "config.yaml")
+    atomic_write_json(folder / "run.json", {**run_record(), "kind": "split", "seed": config.train.seed})
+
+
+def serve(config: SplitConfig, server: SplitServer, transport: Transport, folder: Path,
+          show_progress: bool = True, on_checkpoint: Callable[[], None] | None = None) -> dict:
+    """Resumes from the folder's checkpoint if any, trains, saves the ControlNet; returns the summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
+
+    resumed = server.load_checkpoint(folder)
+    began = time.perf_counter()
+    progress = Progress(TextColumn("[bold]split training"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), disable=not show_progress)
+    with progress:
+        bar = progress.add_task("split", total=config.train.steps, completed=server.step, loss=float("nan"))
+
+        def on_round(row: dict) -> None:
+            progress.update(bar, completed=server.step, loss=row.get("loss", float("nan")))
+
+        def write_log() -> None:
+            atomic_write_text(folder / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in server.log))
+            if on_checkpoint:
+                on_checkpoint()
+
+        train_rounds(server, transport, folder, config.train.steps, config.train.checkpoint_every, on_round,
+                     before_checkpoint=write_log)
+    write_log()
+    server.save_controlnet(folder / "controlnet")
+    seconds = time.perf_counter() - began
+    examples = sum(r["examples"] for r in server.log)
+    losses = [r["loss"] for r in server.log if "loss" in r]
+    summary = {
+        "design": config.protocol.design, "protocol": dataclass_dict(config.protocol),
+        "steps": server.step, "rounds": server.round, "resumed": resumed, "train_seconds": round(seconds, 2),
+        "examples_received": examples, "refusals": dict(server.validator.refusals),
+        "loss_first": _mean(losses[:20]), "loss_last": _mean(losses[-20:]),
+        "controlnet": str(folder / "controlnet"),
+    }
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def dataclass_dict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def simulate(config: SplitConfig, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True,
+             show_progress: bool = True) -> dict:
+    """`privdiff split simulate`: server and clients in one process, then condition fidelity.
+
+    Writes the run folder (config, record, log, checkpoint, controlnet/, summary.json with the wire
+    bytes per sample in both directions and, if `evaluate`, the trained/untrained/ceiling fidelity).
+    """
+    from privdiff.split.evaluate import evaluate_condition_fidelity
+    from privdiff.split.models import load_public_models
+    from privdiff.training.checkpoint import atomic_write_json
+
+    folder = Path(config.output_dir)
+    prepare_folder(folder, config, resume, overwrite)
+    models = load_public_models(config.model.pretrained)
+    server, transport = build_simulation(config, models)
+    if resume:
+        _restore_clients(folder, transport)
+    summary = serve(config, server, transport, folder, show_progress,
+                    on_checkpoint=lambda: _save_clients(folder, transport))
+    summary["transport"] = "in-process"
+    summary["wire"] = wire_bytes(transport, server.log)
+    if evaluate:
+        summary["condition_fidelity"] = evaluate_condition_fidelity(server.controlnet, config, models,
+                                                                    load_triples(config, test=True))
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def wire_bytes(transport: InProcessTransport, log: list[dict]) -> dict:
+    """Measured serialised bytes per training example, each direction (messages, headers included)."""
+    examples = max(1, sum(r["examples"] for r in log))
+    up = transport.bytes_by("up")
+    down = transport.bytes_by("down")
+    return {"examples": examples, "up_bytes": up, "down_bytes": down,
+            "up_bytes_per_example": round(up / examples, 1), "down_bytes_per_example": round(down / examples, 1),
+            "gradient_bytes_per_example": round(transport.bytes_by("down", "gradient.push") / examples, 1)}
+
+
+def _save_clients(folder: Path, transport: InProcessTransport) -> None:
+    """Simulation only: the clients' stream positions, so that --resume continues their streams."""
+    import torch
+
+    from privdiff.training.checkpoint import atomic_replace
+
+    state = {cid: client.state_dict() for cid, client in transport.clients.items()}
+    atomic_replace(folder / "simulated_clients.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _restore_clients(folder: Path, transport: InProcessTransport) -> None:
+    import torch
+
+    path = folder / "simulated_clients.pt"
+    if path.exists():
+        for cid, state in torch.load(path, map_location="cpu", weights_only=True).items():
+            transport.clients[cid].load_state_dict(state)

@@ -92,7 +92,7 @@ class SplitServer:
     def requests(self) -> list[Message]:
         """One forward.request per client for the current round."""
         return [Message(FORWARD_REQUEST, cid, self.round, self.round,
-                        meta={"batch_size": self.config.train.batch_size}) for cid in self.client_ids]
+                        meta={"batch_size": self.config.train.request_size}) for cid in self.client_ids]
 
     def receive(self, item: Received | Refused, client: object = "?") -> Batch | None:
         """A validated batch, or None after logging and counting the refusal (state untouched)."""
@@ -141,6 +141,19 @@ class SplitServer:
                           tensors={"gradient": leaf.grad.contiguous().numpy()})
                   for b, leaf in zip(batches, leaves)]
         return StepResult(float(loss.detach()), pushes)
+
+    def step_batches(self, batches: list[Batch]) -> list[list[Batch]]:
+        """The server steps of one round: vanilla one step on everything; backward-free the round's
+        examples in order, cut into `train.batch_size` pieces, `train.passes` times."""
+        size, passes = self.config.train.batch_size, self.config.train.passes
+        if self.design == "vanilla" or (size is None and passes == 1):
+            return [batches]
+        merged = {k: np.concatenate([b.tensors[k] for b in batches]) for k in batches[0].tensors}
+        total = len(merged["t"])
+        size = size or total
+        pieces = [[Batch("+".join(b.client_id for b in batches), {k: v[i:i + size] for k, v in merged.items()})]
+                  for i in range(0, total, size)]
+        return pieces * passes
 
     def end_round(self, row: dict) -> None:
         self.log.append(row)

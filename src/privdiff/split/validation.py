@@ -72,6 +72,7 @@ class MessageValidator:
     limits: Limits = field(default_factory=Limits)
     zero_tensors: tuple[str, ...] = ()
     last_seq: dict[str, int] = field(default_factory=dict)
+    bindings: dict[str, str] = field(default_factory=dict)  # transport identity -> client id
     refusals: Counter = field(default_factory=Counter)
 
     @property
@@ -92,13 +93,26 @@ class MessageValidator:
         expected_tag = auth_tag(message.header, message.specs, message.load, key)
         if not (isinstance(message.auth_tag, str) and hmac.compare_digest(expected_tag, message.auth_tag)):
             raise Refused("auth", f"bad tag from '{client}'")
+        if message.sender is not None:
+            self._check_binding(message.sender, client)
         seq = message.header["seq"]
         if seq <= self.last_seq.get(client, -1):
             raise Refused("replay", f"seq {seq} <= last {self.last_seq.get(client, -1)}")
         tensors = {name: np.array(message.load(name)) for name in self.rules}
         self._check_values(tensors)
         self.last_seq[client] = seq
+        if message.sender is not None:
+            self.bindings[message.sender] = client
         return tensors
+
+    def _check_binding(self, sender: str, client: str) -> None:
+        """A transport identity (Flower node id) speaks for one client id, and a client id through
+        one transport identity; the first authenticated, accepted message makes the binding."""
+        bound = self.bindings.get(sender)
+        if bound is not None and bound != client:
+            raise Refused("identity", f"'{sender}' is bound to '{bound}', not '{client}'")
+        if bound is None and client in self.bindings.values():
+            raise Refused("identity", f"'{client}' already speaks through another node")
 
     def _check_header(self, header: dict, sender: str | None, round_: int) -> str:
         fields = {"type": str, "protocol_version": int, "client_id": str, "round": int, "seq": int,
@@ -116,8 +130,6 @@ class MessageValidator:
         client = header["client_id"]
         if client not in self.keys:
             raise Refused("unknown_client", repr(client)[:80])
-        if sender is not None and sender != client:
-            raise Refused("identity", f"sent by '{sender}' as '{client}'")
         if header["round"] != round_:
             raise Refused("round", f"round {header['round']} != current {round_}")
         return client
@@ -168,11 +180,12 @@ class MessageValidator:
                         count, error)
 
     def state_dict(self) -> dict:
-        return {"last_seq": dict(self.last_seq), "refusals": dict(self.refusals)}
+        return {"last_seq": dict(self.last_seq), "refusals": dict(self.refusals), "bindings": dict(self.bindings)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_seq = {str(k): int(v) for k, v in state["last_seq"].items()}
         self.refusals = Counter({str(k): int(v) for k, v in state["refusals"].items()})
+        self.bindings = {str(k): str(v) for k, v in state.get("bindings", {}).items()}
 
 
 __all__ = ["Limits", "MessageValidator", "Refused", "TensorRule"]

@@ -1,0 +1,37 @@
+"""The Flower ServerApp: privdiff's server role behind a `Grid` (Message API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from privdiff.split.flower.settings import read_server_keys, split_config_from_run_config
+    from privdiff.split.flower.transport import FlowerTransport
+    from privdiff.split.models import load_public_models
+    from privdiff.split.run import serve
+    from privdiff.split.server import SplitServer
+    from privdiff.training.checkpoint import atomic_write_json
+
+    run_config = context.run_config
+    config = split_config_from_run_config(run_config)
+    folder = Path(str(run_config["out-dir"]))
+    server = SplitServer(config, load_public_models(config.model.pretrained), read_server_keys(run_config["keys-file"]))
+    record_dir = Path(str(run_config["record-dir"])) if run_config.get("record-dir") else None
+    transport = FlowerTransport(grid, bindings=server.validator.bindings, timeout=float(run_config["node-timeout"]),
+                                record_dir=record_dir)
+    transport.wait_for_nodes(config.train.clients, float(run_config["wait-for-nodes"]))
+    summary = serve(config, server, transport, folder, show_progress=False)
+    examples = max(1, summary["examples_received"])
+    summary["transport"] = "flower"
+    summary["wire"] = {"examples": examples, "up_bytes": transport.bytes_up, "down_bytes": transport.bytes_down,
+                       "up_bytes_per_example": round(transport.bytes_up / examples, 1),
+                       "down_bytes_per_example": round(transport.bytes_down / examples, 1),
+                       "nodes": transport.node_ids(), "bindings": dict(server.validator.bindings)}
+    atomic_write_json(folder / "summary.json", summary)
