@@ -220,6 +220,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     elif hint is float or text.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is int or text.startswith("int"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -14,7 +14,13 @@ import numpy as np
 from privdiff.data.examples import ImageDataset
 
 
-def secret_byte_strings(dataset: ImageDataset, tokenizer) -> list[tuple[str, bytes]]:
+CORE = ("image/hwc/uint8", "image/chw/pm1/<f4", "image/chw/pm1/<f2", "condition/hwc/uint8",
+        "condition/chw/01/<f4", "condition/chw/01/<f2", "condition/chw/pm1/<f4")
+
+
+def secret_byte_strings(dataset: ImageDataset, tokenizer, core_only: bool = False) -> list[tuple[str, bytes]]:
+    """`core_only`: the prompt, int64 token ids and the likeliest tensor layouts only (for large
+    captures, where each search costs milliseconds)."""
     out: list[tuple[str, bytes]] = []
     for ex in dataset.examples:
         out.append((f"{ex.id}/prompt", ex.caption.encode()))
@@ -28,6 +34,8 @@ def secret_byte_strings(dataset: ImageDataset, tokenizer) -> list[tuple[str, byt
                 for scale_name, scaled in (("01", unit), ("pm1", unit * 2 - 1)):
                     for dtype in ("<f2", "<f4", "<f8"):
                         out.append((f"{ex.id}/{kind}/{layout}/{scale_name}/{dtype}", scaled.astype(dtype).tobytes()))
+    if core_only:
+        out = [(n, b) for n, b in out if n.endswith(("/prompt", "/<i8")) or n.split("/", 1)[1] in CORE]
     return out
 
 

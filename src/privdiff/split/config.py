@@ -55,7 +55,9 @@ class SplitTrainConfig:
 class SplitEvalConfig:
     num_samples: int = 64
     num_inference_steps: int = 20
-    guidance_scale: float = 1.0    # the ControlNet is prompt-free; the UNet gets the real prompt
+    guidance_scale: float = 1.0
+    prompt: str = "zero"           # what the UNet gets: zero (prompt-free, as trained) | real (the
+                                   # reference's inference: real prompt to the UNet, zeros to the ControlNet)
     seed: int = 0
 
 
@@ -96,6 +98,7 @@ class SplitConfig:
             (d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8"),
             (self.eval.num_samples >= 1 and self.eval.num_inference_steps >= 1, "eval sizes must be >= 1"),
             (self.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1"),
+            (self.eval.prompt in ("zero", "real"), "eval.prompt must be zero or real"),
         ]
         for ok, message in checks:
             if not ok:

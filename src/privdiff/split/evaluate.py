@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
 
 from privdiff.data.examples import ImageDataset
 from privdiff.metrics.condition import condition_fidelity
+from privdiff.metrics.intervals import mean_interval
 from privdiff.split.config import SplitConfig
 from privdiff.split.models import BackwardFreeControlNet, PublicModels, build_split_controlnet
 
@@ -28,14 +29,25 @@ def controlnet_pipeline(models: PublicModels, controlnet) -> StableDiffusionCont
 
 @torch.no_grad()
 def generate(pipe: StableDiffusionControlNetPipeline, dataset: ImageDataset, num_samples: int, steps: int,
-             guidance_scale: float, seed: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(generated uint8 (N, H, W, 3), conditions uint8 (N, H, W, 3), captions) for the first N triples."""
+             guidance_scale: float, seed: int, prompt: str = "zero",
+             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(generated uint8 (N, H, W, 3), conditions uint8 (N, H, W, 3), captions) for the first N triples.
+
+    `prompt`: "zero" gives the UNet the all-zero text context it was trained with (prompt-free
+    generation); "real" gives it the caption's embedding.
+    """
     examples = dataset.examples[:num_samples]
     images = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         conditions = torch.from_numpy(np.stack([ex.conditioning for ex in chunk])).permute(0, 3, 1, 2).float() / 255
-        out = pipe(prompt=[ex.caption for ex in chunk], image=conditions, num_inference_steps=steps,
+        if prompt == "zero":
+            length, width = pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim
+            text = {"prompt_embeds": torch.zeros(len(chunk), length, width),
+                    "negative_prompt_embeds": torch.zeros(len(chunk), length, width)}
+        else:
+            text = {"prompt": [ex.caption for ex in chunk]}
+        out = pipe(**text, image=conditions, num_inference_steps=steps,
                    guidance_scale=guidance_scale, output_type="np",
                    generator=torch.Generator().manual_seed(seed + start))
         images.append((np.clip(out.images, 0, 1) * 255).round().astype(np.uint8))
@@ -60,16 +72,25 @@ def evaluate_condition_fidelity(controlnet, config: SplitConfig, models: PublicM
 
     def score(model) -> dict:
         pipe = controlnet_pipeline(models, as_inference_controlnet(model, config, models))
-        generated, conditions, captions = generate(pipe, test, n, e.num_inference_steps, e.guidance_scale, e.seed)
+        generated, conditions, captions = generate(pipe, test, n, e.num_inference_steps, e.guidance_scale, e.seed,
+                                                   e.prompt)
         return condition_fidelity(generated, conditions, captions, seed=e.seed)
 
-    result = {"num_samples": n, "trained": score(controlnet)}
+    result = {"num_samples": n, "prompt": e.prompt, "trained": score(controlnet)}
     if untrained:
         result["untrained"] = score(build_split_controlnet(models.unet, models.vae_factor, config.train.seed))
+        result["trained_minus_untrained"] = paired_difference(result["trained"], result["untrained"], e.seed)
     targets = np.stack([ex.image for ex in test.examples[:n]])
     result["ceiling"] = condition_fidelity(targets, np.stack([ex.conditioning for ex in test.examples[:n]]),
                                            [ex.caption for ex in test.examples[:n]], seed=e.seed)
     return result
 
 
-__all__ = ["as_inference_controlnet", "controlnet_pipeline", "evaluate_condition_fidelity", "generate"]
+def paired_difference(trained: dict, untrained: dict, seed: int) -> dict:
+    """Mean per-image difference of edge SSIM (same conditions, same seeds) with a bootstrap 95 % interval."""
+    diff = np.asarray(trained["edge_ssim"]["per_image"]) - np.asarray(untrained["edge_ssim"]["per_image"])
+    lo, hi = mean_interval(diff, resamples=1000, seed=seed, key="edge_ssim_difference")
+    return {"edge_ssim": {"value": float(diff.mean()), "ci": [lo, hi], "n": int(diff.size)}}
+
+
+__all__ = ["paired_difference", "as_inference_controlnet", "controlnet_pipeline", "evaluate_condition_fidelity", "generate"]

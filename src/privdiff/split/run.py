@@ -104,10 +104,12 @@ def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps:
             server.save_checkpoint(folder)
 
 
-def build_simulation(config: SplitConfig, models: PublicModels) -> tuple[SplitServer, InProcessTransport]:
-    """Server, clients (keys and secret seeds made here) and the in-process transport."""
+def build_simulation(config: SplitConfig, models: PublicModels,
+                     keys: dict[str, bytes] | None = None) -> tuple[SplitServer, InProcessTransport]:
+    """Server, clients (fresh keys unless given; secret seeds derived from the seed: a simulation
+    is reproducible) and the in-process transport."""
     shards = shard(load_triples(config), config.train.clients, config.data.shard)
-    keys = {client_id(i): secrets.token_bytes(32) for i in range(config.train.clients)}
+    keys = keys or {client_id(i): secrets.token_bytes(32) for i in range(config.train.clients)}
     server = SplitServer(config, models, keys)
     clients = {cid: make_client(config, models, cid, keys[cid], shards[i],
                                 derive_seed(config.train.seed, "simulated-client-secret", i))

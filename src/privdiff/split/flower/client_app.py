@@ -1,8 +1,11 @@
 """The Flower ClientApp: privdiff's client role behind "query.forward" and "train.gradient".
 
-Flower starts a fresh process per message, so the client is rebuilt each time from run config
-(the protocol), node config (which shard, which key file) and `context.state` (its stream position
-and, for vanilla, its trainable part and optimiser): that state never leaves the node.
+Flower starts a fresh process per message. With a resident worker (node config `worker-socket`,
+started by `privdiff split client`) this module only forwards the message to it; without one the
+client is rebuilt each time from run config (the protocol), node config (which shard, which key
+file) and `context.state` (its stream position and, for vanilla, its trainable part and
+optimiser), which costs the torch/diffusers import (about 13 s) per message. Either way the state
+never leaves the node.
 """
 
 from __future__ import annotations
@@ -29,35 +32,30 @@ def gradient(message: Message, context: Context) -> Message:
 
 
 def _handle(message: Message, context: Context) -> Message:
-    from privdiff.split.client import ProtocolError
-    from privdiff.split.flower.records import from_records, reply_to
+    from privdiff.split.flower.records import from_records, reply_to, to_message
+    from privdiff.split.messages import encode, parse
     from privdiff.split.validation import Refused
 
-    client = _build_client(context)
-    _restore(client, context)
     received = from_records(message.content)
     if isinstance(received, Refused):
-        raise ProtocolError(f"refused a server message: {received}")
+        raise ValueError(f"refused a server message: {received}")
+    worker = context.node_config.get("worker-socket")
+    if worker:  # the resident worker holds the client (no torch in this process)
+        from privdiff.split.flower.worker import call_worker
+
+        answer = call_worker(str(worker), str(context.run_config["split-config"]), encode(to_message(received)))
+        return reply_to(message, to_message(parse(answer, 1 << 28)))
+    client = _build_client(context)
+    _restore(client, context)
     reply = client.handle(received)
     _store(client, context)
     return reply_to(message, reply)
 
 
 def _build_client(context: Context):
-    from privdiff.split.flower.settings import read_client_identity, split_config_from_run_config
-    from privdiff.split.models import load_public_models
-    from privdiff.split.run import load_triples, make_client, shard
+    from privdiff.split.flower.worker import build_node_client
 
-    config = split_config_from_run_config(context.run_config)
-    node = context.node_config
-    identity = read_client_identity(str(node["key-file"]))
-    if node.get("data-dir"):
-        config.data.name = str(node["data-dir"])
-        data = load_triples(config)
-    else:  # a built-in dataset, sharded by partition id (simulating each client's own data)
-        data = shard(load_triples(config), int(node["num-partitions"]), config.data.shard)[int(node["partition-id"])]
-    models = load_public_models(config.model.pretrained)
-    return make_client(config, models, identity.client_id, identity.key, data, identity.secret_seed)
+    return build_node_client(json.loads(str(context.run_config["split-config"])), dict(context.node_config))
 
 
 def _restore(client, context: Context) -> None:

@@ -49,8 +49,18 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def superlink_command(port: int, insecure: bool = True) -> list[str]:
-    return [_bin("flower-superlink"), *(["--insecure"] if insecure else []), "--host", "127.0.0.1",
+def flower_environment(home: Path | None = None) -> dict[str, str]:
+    """The environment Flower's processes need: the venv's bin on PATH (they spawn flower-superexec,
+    flwr-serverapp and flwr-clientapp by bare name) and no telemetry or update checks (offline)."""
+    env = {**os.environ, **FLOWER_QUIET_ENV,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    return env
+
+
+def superlink_command(port: int, insecure: bool = True, host: str = "127.0.0.1") -> list[str]:
+    return [_bin("flower-superlink"), *(["--insecure"] if insecure else []), "--host", host,
             "--port", str(port), "--disable-runtime-dependency-installation"]
 
 
@@ -58,6 +68,20 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
     pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
     return [_bin("flower-supernode"), *(["--insecure"] if insecure else []), "--superlink", superlink,
             "--host", "127.0.0.1", "--port", str(port), "--node-config", pairs]
+
+
+def worker_command(socket_path: Path, node_config: dict[str, object]) -> list[str]:
+    return [sys.executable, "-m", "privdiff.split.flower.worker", str(socket_path), json.dumps(node_config)]
+
+
+def _wait_for_file(path: Path, timeout: float, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise PrivdiffError(f"{what} exited with code {process.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise PrivdiffError(f"{what} not ready after {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def write_run_config(path: Path, values: dict[str, object]) -> Path:
@@ -141,6 +165,8 @@ class LoopbackDeployment:
 
     root: Path | None = None
     record_wire: bool = False
+    port: int | None = None        # the SuperLink's; None = a free one
+    host: str = "127.0.0.1"
     processes: list[subprocess.Popen] = field(default_factory=list)
     recorder: WireRecorder | None = None
 
@@ -151,10 +177,10 @@ class LoopbackDeployment:
         self.logs = self.root / "logs"
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, **FLOWER_QUIET_ENV, "FLWR_HOME": str(self.home),
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.superlink_port = free_port()
-        link = self._start(superlink_command(self.superlink_port), "superlink")
+        self.env = flower_environment(self.home)
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="pdsock-"))
+        self.superlink_port = self.port or free_port()
+        link = self._start(superlink_command(self.superlink_port, host=self.host), "superlink")
         _wait_healthy(self.superlink_port, 60, link, "flower-superlink")
         if self.record_wire:
             self.recorder = WireRecorder(self.superlink_port)
@@ -174,7 +200,13 @@ class LoopbackDeployment:
         """Where SuperNodes connect: the recorder when recording, else the SuperLink itself."""
         return f"127.0.0.1:{self.recorder.port if self.recorder else self.superlink_port}"
 
-    def add_supernode(self, name: str, node_config: dict[str, object]) -> None:
+    def add_supernode(self, name: str, node_config: dict[str, object], worker: bool = True) -> None:
+        """Starts a SuperNode (and, by default, its resident client worker first)."""
+        if worker:
+            socket_path = self.socket_dir / f"{name}.sock"  # short path: AF_UNIX paths max ~107 bytes
+            node_config = {**node_config, "worker-socket": str(socket_path)}
+            process = self._start(worker_command(socket_path, node_config), f"{name}-worker")
+            _wait_for_file(socket_path, 120, process, f"client worker {name}")
         port = free_port()
         process = self._start(supernode_command(self.fleet_address, port, node_config), name)
         _wait_healthy(port, 60, process, f"flower-supernode {name}")
@@ -226,6 +258,7 @@ class LoopbackDeployment:
         if self.recorder:
             self.recorder.close()
         _wait_superexecs_gone(self.superlink_port, timeout=15)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self._owns_root and exc[0] is None:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -240,5 +273,5 @@ def _wait_superexecs_gone(port: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-__all__ = ["LoopbackDeployment", "WireRecorder", "app_dir", "free_port", "superlink_command", "supernode_command",
+__all__ = ["LoopbackDeployment", "flower_environment", "worker_command", "WireRecorder", "app_dir", "free_port", "superlink_command", "supernode_command",
            "write_run_config"]

@@ -68,8 +68,17 @@ def from_records(content: RecordDict, sender: str | None = None) -> Received | R
                     auth_tag=tag if isinstance(tag, str) else "", sender=sender)
 
 
+def to_message(received: Received) -> Message:
+    """A `Received` turned back into a `Message` (loads every tensor: only for trusted or small messages)."""
+    header = received.header
+    return Message(str(header.get("type")), str(header.get("client_id")), int(header.get("round", -1)),
+                   int(header.get("seq", -1)), tensors={name: received.load(name) for name in received.specs},
+                   public_seeds=dict(header.get("public_seeds") or {}), meta=dict(header.get("meta") or {}),
+                   protocol_version=int(header.get("protocol_version", -1)), auth_tag=received.auth_tag)
+
+
 def reply_to(request: FlowerMessage, message: Message) -> FlowerMessage:
     return FlowerMessage(to_records(message), reply_to=request)
 
 
-__all__ = ["FLOWER_TYPES", "from_records", "reply_to", "to_records"]
+__all__ = ["FLOWER_TYPES", "from_records", "reply_to", "to_message", "to_records"]

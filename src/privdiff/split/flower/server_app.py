@@ -25,7 +25,8 @@ def main(grid: Grid, context: Context) -> None:
     server = SplitServer(config, load_public_models(config.model.pretrained), read_server_keys(run_config["keys-file"]))
     record_dir = Path(str(run_config["record-dir"])) if run_config.get("record-dir") else None
     transport = FlowerTransport(grid, bindings=server.validator.bindings, timeout=float(run_config["node-timeout"]),
-                                record_dir=record_dir)
+                                record_dir=record_dir,
+                                depth=int(run_config["pipeline-depth"]) if config.protocol.design == "backward-free" else 1)
     transport.wait_for_nodes(config.train.clients, float(run_config["wait-for-nodes"]))
     summary = serve(config, server, transport, folder, show_progress=False)
     examples = max(1, summary["examples_received"])

@@ -1,0 +1,128 @@
+"""A resident client worker: the client role in a long-lived process on the client's machine.
+
+Flower runs a fresh ClientApp process for every message; importing torch and diffusers and loading
+the models costs about 13 s there (measured, 2 cores). `privdiff split client` therefore starts this
+worker next to the SuperNode: it loads the models and the client's data once, and the ClientApp
+becomes a shim that hands each server message to it over a Unix socket (owner-only permissions)
+in privdiff's wire format and returns the reply. Data, secret seed and stream position stay in
+this process; nothing but the reply goes back to Flower.
+
+Framing on the socket: 8-byte little-endian length, then the bytes; a request is two frames (the
+run's split config as JSON, then the server message), a reply one frame (b"OK" + message or
+b"ER" + one-line error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+from pathlib import Path
+
+_MAX_FRAME = 256 << 20
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack("<Q", len(payload)) + payload)
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    head = _read_exactly(sock, 8)
+    (size,) = struct.unpack("<Q", head)
+    if size > _MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is too large")
+    return _read_exactly(sock, size)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            raise ConnectionError("worker connection closed")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def call_worker(path: str, split_config_json: str, request: bytes, timeout: float = 600.0) -> bytes:
+    """Sends one server message to the worker at `path`; returns its reply bytes.
+
+    Raises:
+        RuntimeError: the worker answered with an error.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        send_frame(sock, split_config_json.encode())
+        send_frame(sock, request)
+        answer = read_frame(sock)
+    if answer[:2] != b"OK":
+        raise RuntimeError(answer[2:].decode(errors="replace"))
+    return answer[2:]
+
+
+def serve_worker(socket_path: Path, node_config: dict) -> None:
+    """Answers server messages forever (until killed) with the client role of this node."""
+    from privdiff.split.messages import encode, parse
+
+    clients: dict[str, object] = {}
+    socket_path = Path(socket_path)
+    socket_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is created owner-only
+    try:
+        listener.bind(str(socket_path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(4)
+    print(f"privdiff split worker ready on {socket_path}", flush=True)
+    while True:
+        connection, _ = listener.accept()
+        with connection:
+            try:
+                config_json = read_frame(connection).decode()
+                request = read_frame(connection)
+                client = clients.get(config_json)
+                if client is None:
+                    client = clients[config_json] = build_node_client(json.loads(config_json), node_config)
+                reply = client.handle(parse(request, 1 << 28))
+                send_frame(connection, b"OK" + encode(reply))
+            except Exception as err:  # one bad message must not take the worker down
+                try:
+                    send_frame(connection, b"ER" + f"{type(err).__name__}: {err}".encode()[:2000])
+                except OSError:
+                    pass
+
+
+def build_node_client(split_config: dict, node_config: dict):
+    """The client role of a node: its key file, its data (own folder or a built-in shard), the models."""
+    from privdiff.config import _build
+    from privdiff.split.config import SplitConfig
+    from privdiff.split.flower.settings import read_client_identity
+    from privdiff.split.models import load_public_models
+    from privdiff.split.run import load_triples, make_client, shard
+
+    config = _build(SplitConfig, split_config, "").validate()
+    identity = read_client_identity(str(node_config["key-file"]))
+    if node_config.get("data-dir"):
+        config.data.name = str(node_config["data-dir"])
+        data = load_triples(config)
+    else:  # a built-in dataset, sharded by partition id (simulating each client's own data)
+        data = shard(load_triples(config), int(node_config["num-partitions"]), config.data.shard)[
+            int(node_config["partition-id"])]
+    models = load_public_models(config.model.pretrained)
+    return make_client(config, models, identity.client_id, identity.key, data, identity.secret_seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        raise SystemExit("usage: python -m privdiff.split.flower.worker SOCKET NODE_CONFIG_JSON")
+    serve_worker(Path(args[0]), json.loads(args[1]))
+
+
+if __name__ == "__main__":
+    main()
