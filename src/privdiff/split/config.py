@@ -53,11 +53,11 @@ class SplitTrainConfig:
 
 @dataclass
 class SplitEvalConfig:
-    num_samples: int = 64
+    num_samples: int = 256         # paired (same conditions and seeds) for trained and untrained
     num_inference_steps: int = 20
     guidance_scale: float = 1.0
-    prompt: str = "zero"           # what the UNet gets: zero (prompt-free, as trained) | real (the
-                                   # reference's inference: real prompt to the UNet, zeros to the ControlNet)
+    prompt: str = "real"           # what the UNet gets: real (the reference's inference: the prompt to
+                                   # the UNet, zeros to the ControlNet) | zero (prompt-free, as trained)
     seed: int = 0
 
 

@@ -87,10 +87,18 @@ def evaluate_condition_fidelity(controlnet, config: SplitConfig, models: PublicM
 
 
 def paired_difference(trained: dict, untrained: dict, seed: int) -> dict:
-    """Mean per-image difference of edge SSIM (same conditions, same seeds) with a bootstrap 95 % interval."""
-    diff = np.asarray(trained["edge_ssim"]["per_image"]) - np.asarray(untrained["edge_ssim"]["per_image"])
-    lo, hi = mean_interval(diff, resamples=1000, seed=seed, key="edge_ssim_difference")
-    return {"edge_ssim": {"value": float(diff.mean()), "ci": [lo, hi], "n": int(diff.size)}}
+    """Mean per-image differences (same conditions, same seeds) of edge SSIM and, on `fill`, disk IoU,
+    with bootstrap 95 % intervals."""
+    out = {}
+    for metric in ("edge_ssim", "disk_iou"):
+        if metric not in trained or metric not in untrained:
+            continue
+        a = np.asarray([np.nan if v is None else v for v in trained[metric]["per_image"]], dtype=np.float64)
+        b = np.asarray([np.nan if v is None else v for v in untrained[metric]["per_image"]], dtype=np.float64)
+        diff = (a - b)[~(np.isnan(a) | np.isnan(b))]
+        lo, hi = mean_interval(diff, resamples=1000, seed=seed, key=f"{metric}_difference")
+        out[metric] = {"value": float(diff.mean()), "ci": [lo, hi], "n": int(diff.size)}
+    return out
 
 
 __all__ = ["paired_difference", "as_inference_controlnet", "controlnet_pipeline", "evaluate_condition_fidelity", "generate"]

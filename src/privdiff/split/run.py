@@ -75,6 +75,7 @@ def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps:
         started = time.perf_counter()
         replies = transport.exchange(server.requests())
         batches = [b for cid, item in replies if (b := server.receive(item, cid)) is not None]
+        batches.sort(key=lambda b: b.client_id)  # the same step whatever order the transport delivered
         row = {"round": server.round, "step": server.step, "clients": [b.client_id for b in batches],
                "examples": sum(len(b.tensors["t"]) for b in batches)}
         if batches:
@@ -104,6 +105,12 @@ def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps:
             server.save_checkpoint(folder)
 
 
+def simulated_secret_seed(config: SplitConfig, index: int) -> int:
+    """Simulations only: client secrets derived from the seed, so runs repeat (and an in-process and a
+    Flower simulation draw the same noise). Real clients draw theirs at random (`privdiff split keys`)."""
+    return derive_seed(config.train.seed, "simulated-client-secret", index)
+
+
 def build_simulation(config: SplitConfig, models: PublicModels,
                      keys: dict[str, bytes] | None = None) -> tuple[SplitServer, InProcessTransport]:
     """Server, clients (fresh keys unless given; secret seeds derived from the seed: a simulation
@@ -111,8 +118,7 @@ def build_simulation(config: SplitConfig, models: PublicModels,
     shards = shard(load_triples(config), config.train.clients, config.data.shard)
     keys = keys or {client_id(i): secrets.token_bytes(32) for i in range(config.train.clients)}
     server = SplitServer(config, models, keys)
-    clients = {cid: make_client(config, models, cid, keys[cid], shards[i],
-                                derive_seed(config.train.seed, "simulated-client-secret", i))
+    clients = {cid: make_client(config, models, cid, keys[cid], shards[i], simulated_secret_seed(config, i))
                for i, cid in enumerate(keys)}
     return server, InProcessTransport(clients, server.max_message_bytes)
 

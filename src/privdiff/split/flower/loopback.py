@@ -9,7 +9,7 @@ from pathlib import Path
 from privdiff.split.config import SplitConfig
 from privdiff.split.flower.deploy import LoopbackDeployment
 from privdiff.split.flower.settings import write_keys
-from privdiff.split.run import prepare_folder
+from privdiff.split.run import prepare_folder, simulated_secret_seed
 from privdiff.training.checkpoint import atomic_write_json
 
 
@@ -34,7 +34,8 @@ def simulate_on_flower(config: SplitConfig, *, overwrite: bool = False, evaluate
     """
     folder = Path(config.output_dir)
     prepare_folder(folder, config, resume=False, overwrite=overwrite)
-    server_keys, client_keys = write_keys(folder / "keys", config.train.clients)
+    server_keys, client_keys = write_keys(folder / "keys", config.train.clients,
+                                          [simulated_secret_seed(config, i) for i in range(config.train.clients)])
     record_dir = folder / "flower" / "messages" if record_messages else None
     with LoopbackDeployment(root=folder / "flower", record_wire=record_wire) as deployment:
         for i, key_file in enumerate(client_keys):

@@ -43,8 +43,9 @@ def read_client_identity(path: str | Path) -> ClientIdentity:
         raise ConfigError(f"cannot read the client key file {path}: {err}") from None
 
 
-def write_keys(folder: Path, num_clients: int) -> tuple[Path, list[Path]]:
-    """A keys file for the server and one key file per client (fresh random keys and secret seeds)."""
+def write_keys(folder: Path, num_clients: int, secret_seeds: list[int] | None = None) -> tuple[Path, list[Path]]:
+    """A keys file for the server and one key file per client (fresh random keys; random secret seeds
+    unless given, as simulations do to repeat)."""
     import os
     import secrets
 
@@ -52,7 +53,8 @@ def write_keys(folder: Path, num_clients: int) -> tuple[Path, list[Path]]:
     from privdiff.training.checkpoint import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
-    identities = [ClientIdentity(client_id(i), secrets.token_bytes(32), secrets.randbits(62)) for i in range(num_clients)]
+    seeds = secret_seeds or [secrets.randbits(62) for _ in range(num_clients)]
+    identities = [ClientIdentity(client_id(i), secrets.token_bytes(32), seeds[i]) for i in range(num_clients)]
     server_file = folder / "server-keys.json"
     atomic_write_json(server_file, {c.client_id: c.key.hex() for c in identities})
     client_files = []

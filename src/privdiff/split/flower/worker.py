@@ -67,6 +67,7 @@ def call_worker(path: str, split_config_json: str, request: bytes, timeout: floa
 def serve_worker(socket_path: Path, node_config: dict) -> None:
     """Answers server messages forever (until killed) with the client role of this node."""
     from privdiff.split.messages import encode, parse
+    from privdiff.split.models import load_public_models  # noqa: F401  (torch + diffusers imported before "ready")
 
     clients: dict[str, object] = {}
     socket_path = Path(socket_path)
