@@ -58,3 +58,14 @@ def test_bench_smp_quick_writes_json(tmp_path: Path):
     assert result["stability"]["mp-lora"]["smp"]["method"] == "mp-lora"
     assert result["stability"]["smp-lora"]["best_attack"]["name"] == "loss"
     assert "CE_m max" in stdout
+
+
+@pytest.mark.slow
+def test_bench_split_quick_writes_json(tmp_path: Path):
+    result, stdout = run_quick("bench_split.py", tmp_path / "bench.json")
+    assert result["bytes"]["backward-free (default: s0)"]["gradient_down_per_example"] == 0
+    assert result["bytes"]["vanilla"]["gradient_down_per_example"] > 0
+    assert result["bytes"]["backward-free (default: s0)"]["sd15_tensor_bytes_per_example"] == 5_341_184 + 8
+    assert result["client"]["backward-free (default: s0)"]["trainable_parameters"] == 0
+    assert result["throughput"]["flower loopback"]["examples_per_s"] > 0
+    assert "flower / in-process throughput" in stdout

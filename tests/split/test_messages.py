@@ -41,3 +41,22 @@ def test_size_limit_is_checked_before_parsing():
 def test_malformed_framing_is_refused(mutate):
     with pytest.raises(MalformedMessage):
         parse(mutate(encode(_message())), 1 << 20)
+
+
+@pytest.mark.parametrize("overrides, spec_bytes", [
+    (["protocol.design=vanilla"], 10_787_840),
+    (["protocol.send_zero_text=true"], 5_577_728),
+    ([], 5_341_184),
+    (["protocol.send=x_t"], 163_840),
+])
+def test_allow_lists_give_the_spec_message_sizes_at_sd15_scale(overrides, spec_bytes):
+    """Spec §7 [C]: tensor bytes per example at 512 px (latent 4x64x64, conv_in 320, text 77x768),
+    plus 8 B for t."""
+    from types import SimpleNamespace
+
+    from privdiff.split.config import load_split_config
+    from privdiff.split.server import reply_rules
+
+    config = load_split_config(None, overrides + ["data.image_size=512"])
+    sd15 = SimpleNamespace(latent_shape=lambda size: (4, size // 8, size // 8), stem_channels=320, text_shape=(77, 768))
+    assert sum(rule.bytes_per_example() for rule in reply_rules(config, sd15).values()) == spec_bytes + 8

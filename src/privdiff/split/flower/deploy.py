@@ -226,6 +226,7 @@ class LoopbackDeployment:
         except (ValueError, KeyError):
             raise PrivdiffError(f"flwr run failed: {(submitted.stdout + submitted.stderr).strip()[-400:]}") from None
         deadline = time.monotonic() + timeout
+        wait = 2.0
         while time.monotonic() < deadline:
             status = self.status(run_id)
             if str(status.get("status", "")).startswith("finished"):
@@ -233,7 +234,9 @@ class LoopbackDeployment:
                     raise PrivdiffError(f"flower run {run_id} {status['status']}: {status.get('status-details', '')}"
                                         f" (logs in {self.logs})")
                 return status
-            time.sleep(1.0)
+            # each `flwr ls` is a Python process (about 1 CPU-second): poll sparsely
+            time.sleep(wait)
+            wait = min(wait * 1.5, 15.0)
         raise PrivdiffError(f"flower run {run_id} did not finish within {timeout:.0f} s (logs in {self.logs})")
 
     def status(self, run_id: int) -> dict:

@@ -21,7 +21,7 @@ from privdiff.split.validation import Refused
 
 
 class FlowerTransport:
-    def __init__(self, grid: Grid, bindings: dict[str, str], timeout: float = 120.0, poll: float = 0.05,
+    def __init__(self, grid: Grid, bindings: dict[str, str], timeout: float = 120.0, poll: float = 0.1,
                  record_dir: Path | None = None, depth: int = 1) -> None:
         self.grid = grid
         self.depth = depth
