@@ -189,9 +189,10 @@ class LoopbackDeployment:
             f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
         return self
 
-    def _start(self, command: list[str], name: str) -> subprocess.Popen:
+    def _start(self, command: list[str], name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(extra_env or {})},
+                                   cwd=self.root)
         self.processes.append(process)
         return process
 
@@ -205,7 +206,8 @@ class LoopbackDeployment:
         if worker:
             socket_path = self.socket_dir / f"{name}.sock"  # short path: AF_UNIX paths max ~107 bytes
             node_config = {**node_config, "worker-socket": str(socket_path)}
-            process = self._start(worker_command(socket_path, node_config), f"{name}-worker")
+            process = self._start(worker_command(socket_path, node_config), f"{name}-worker",
+                                  {"PRIVDIFF_WORKER_THREADS": "1"})  # loopback: all processes share the cores
             _wait_for_file(socket_path, 120, process, f"client worker {name}")
         port = free_port()
         process = self._start(supernode_command(self.fleet_address, port, node_config), name)

@@ -14,10 +14,11 @@ from privdiff.training.checkpoint import atomic_write_json
 
 
 def run_config_for(config: SplitConfig, folder: Path, keys_file: Path, record_dir: Path | None = None,
-                   node_timeout: float = 300.0) -> dict:
+                   node_timeout: float = 300.0, server_threads: int = 0) -> dict:
     return {"split-config": json.dumps(config.to_dict()), "out-dir": str(folder.resolve()),
             "keys-file": str(Path(keys_file).resolve()), "node-timeout": node_timeout, "wait-for-nodes": 300.0,
-            "record-dir": str(record_dir.resolve()) if record_dir else "", "pipeline-depth": 2}
+            "record-dir": str(record_dir.resolve()) if record_dir else "", "pipeline-depth": 2,
+            "server-threads": server_threads}
 
 
 def simulate_on_flower(config: SplitConfig, *, overwrite: bool = False, evaluate: bool = True,
@@ -43,7 +44,8 @@ def simulate_on_flower(config: SplitConfig, *, overwrite: bool = False, evaluate
                                                        "key-file": str(key_file.resolve())})
         for j, node_config in enumerate(extra_nodes or []):
             deployment.add_supernode(f"extra-{j}", node_config)
-        status = deployment.run(run_config_for(config, folder, server_keys, record_dir), timeout)
+        # every process shares this machine's cores: one torch thread each avoids OpenMP oversubscription
+        status = deployment.run(run_config_for(config, folder, server_keys, record_dir, server_threads=1), timeout)
         if deployment.recorder is not None:
             (folder / "flower" / "wire-up.bin").write_bytes(bytes(deployment.recorder.up))
             (folder / "flower" / "wire-down.bin").write_bytes(bytes(deployment.recorder.down))

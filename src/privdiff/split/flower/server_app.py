@@ -20,6 +20,10 @@ def main(grid: Grid, context: Context) -> None:
     from privdiff.training.checkpoint import atomic_write_json
 
     run_config = context.run_config
+    if int(run_config.get("server-threads", 0)) > 0:  # e.g. 1 when clients share the machine (loopback)
+        import torch
+
+        torch.set_num_threads(int(run_config["server-threads"]))
     config = split_config_from_run_config(run_config)
     folder = Path(str(run_config["out-dir"]))
     server = SplitServer(config, load_public_models(config.model.pretrained), read_server_keys(run_config["keys-file"]))

@@ -120,6 +120,11 @@ def build_node_client(split_config: dict, node_config: dict):
 
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
+    threads = os.environ.get("PRIVDIFF_WORKER_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     if len(args) != 2:
         raise SystemExit("usage: python -m privdiff.split.flower.worker SOCKET NODE_CONFIG_JSON")
     serve_worker(Path(args[0]), json.loads(args[1]))
