@@ -101,8 +101,7 @@ def client_costs(overrides: list[str], batch: int, repeats: int, base: list[str]
                                             tensors={"gradient": gradient * 1e-3})), 1 << 30)
             client.apply_gradient(push)
 
-    with PeakRSS() as memory:  # the first round: what the client's process must grow by
-        one_round()
+    one_round()  # warm-up
     with FlopCounterMode(display=False) as counter:
         one_round()
     times = []
@@ -110,9 +109,41 @@ def client_costs(overrides: list[str], batch: int, repeats: int, base: list[str]
         began = time.perf_counter()
         one_round()
         times.append(time.perf_counter() - began)
-    return {"ms_per_example": 1e3 * float(np.median(times)) / batch, "peak_rss_delta_mib": memory.delta_mib,
+    return {"ms_per_example": 1e3 * float(np.median(times)) / batch,
             "mflops_per_example": counter.get_total_flops() / batch / 1e6,
             "trainable_parameters": sum(p.numel() for p in getattr(client, "trainable", torch.nn.Module()).parameters())}
+
+
+def client_memory(overrides: list[str], batch: int, base: list[str]) -> float:
+    """Peak RSS growth (MiB) of a fresh process during its client's first round, after the models and
+    the data are loaded (torch's CPU tensors bypass tracemalloc, so RSS is the honest measure)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, numpy as np, torch\n"
+        "sys.path.insert(0, %r)\n"
+        "import bench_split as b\n"
+        "from privdiff.split.config import load_split_config\n"
+        "from privdiff.split.models import load_public_models\n"
+        "from privdiff.split.run import build_simulation\n"
+        "from privdiff.split.messages import encode, parse\n"
+        "torch.set_num_threads(2)\n"
+        "config = load_split_config(None, %r)\n"
+        "server, transport = build_simulation(config, load_public_models(None))\n"
+        "client = transport.clients['client-0']\n"
+        "with b.PeakRSS() as m:\n"
+        "    reply = client.forward(0, %d)\n"
+        "    if config.protocol.design == 'vanilla':\n"
+        "        g = np.zeros(reply.tensors['control'].shape, np.float32)\n"
+        "        client.apply_gradient(parse(encode(type(reply)('gradient.push', 'client-0', 0, 0, tensors={'gradient': g})), 1 << 30))\n"
+        "print(json.dumps(m.delta_mib))\n"
+    ) % (str(Path(__file__).parent), base + overrides + [f"train.request_size={batch}"], batch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-1000:])
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def throughput(steps: int, request_size: int, flower: bool, base: list[str]) -> dict:
@@ -160,6 +191,7 @@ def main() -> None:
     rows = [("design", "ms/example", "peak RSS delta MiB", "MFLOPs/example", "trainable params")]
     for name in ("vanilla", "backward-free (default: s0)"):
         costs = client_costs(VARIANTS[name], 8, 3 if args.quick else 20, base)
+        costs["peak_rss_delta_mib"] = client_memory(VARIANTS[name], 8, base)
         result["client"][name] = costs
         rows.append((name, f"{costs['ms_per_example']:.2f}", f"{costs['peak_rss_delta_mib']:.1f}",
                      f"{costs['mflops_per_example']:.1f}", f"{costs['trainable_parameters']:,}"))
