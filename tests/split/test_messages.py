@@ -60,3 +60,26 @@ def test_allow_lists_give_the_spec_message_sizes_at_sd15_scale(overrides, spec_b
     config = load_split_config(None, overrides + ["data.image_size=512"])
     sd15 = SimpleNamespace(latent_shape=lambda size: (4, size // 8, size // 8), stem_channels=320, text_shape=(77, 768))
     assert sum(rule.bytes_per_example() for rule in reply_rules(config, sd15).values()) == spec_bytes + 8
+
+
+def test_flower_records_round_trip_and_refuse_lies():
+    """Flower arrays: declared dtype/shape are checked before decoding, and the decoded array must match."""
+    from flwr.app import Array, ArrayRecord
+
+    from privdiff.split.flower.records import TENSOR_RECORD, from_records, to_message, to_records
+    from privdiff.split.validation import Refused
+
+    message = _message()
+    received = from_records(to_records(message), sender="node:7")
+    assert received.sender == "node:7" and to_message(received).auth_tag == message.auth_tag
+    assert all(np.array_equal(received.load(k), v) for k, v in message.tensors.items())
+
+    content = to_records(message)
+    lying = Array(np.zeros((2, 4, 8, 8), np.float16))
+    lying.shape = [3, 4, 8, 8]  # declares another shape than its data holds
+    content[TENSOR_RECORD] = ArrayRecord({"h": lying, "t": Array(message.tensors["t"])})
+    received = from_records(content)
+    with pytest.raises(Refused, match="does not match"):
+        received.load("h")
+    content[TENSOR_RECORD] = ArrayRecord({"h": Array(np.array(["x"], dtype=object).astype(str)), "t": Array(message.tensors["t"])})
+    assert isinstance(from_records(content), Refused)

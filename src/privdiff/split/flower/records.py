@@ -59,7 +59,10 @@ def from_records(content: RecordDict, sender: str | None = None) -> Received | R
         num_bytes += len(array.data)
 
     def load(name: str) -> np.ndarray:
-        decoded = arrays[name].numpy()
+        try:
+            decoded = arrays[name].numpy()
+        except Exception as err:  # np.load(allow_pickle=False) refuses object arrays, bad headers, ...
+            raise Refused("malformed", f"{name}: undecodable array ({type(err).__name__})") from None
         if decoded.dtype.name != specs[name].dtype or tuple(decoded.shape) != specs[name].shape:
             raise Refused("malformed", f"{name}: data does not match its declared dtype/shape")
         return decoded
