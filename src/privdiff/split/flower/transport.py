@@ -74,7 +74,9 @@ class FlowerTransport:
 
         With `depth` > 1 the requests of the next rounds are already queued at the nodes
         (backward-free only: a client's forward does not depend on the server), so a SuperNode
-        finds its next message without waiting for its idle poll.
+        finds its next message without waiting for its idle poll. A node that runs two ClientApp
+        processes at once may answer them out of order; the reply with the lower seq then arrives
+        second and is refused as a replay (dropped and counted, training goes on).
         """
         template = requests[0]
         nodes = self.node_ids()
