@@ -155,9 +155,7 @@ class RunConfig:
             (self.sample.scheduler in ("ddim", "ddpm"), "sample.scheduler must be 'ddim' or 'ddpm'"),
             (self.sample.guidance_scale >= 1, "sample.guidance_scale must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        raise_first_failure(checks)
         return self
 
     def dp_checks(self) -> list[tuple[bool, str]]:
@@ -183,6 +181,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
+    """Raises ConfigError with the message of the first (ok, message) check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

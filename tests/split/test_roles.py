@@ -33,7 +33,6 @@ def test_backward_free_client_is_frozen_forward_only(tiny_pipeline_dir, public_m
     grad_before = torch.is_grad_enabled()
     for _ in range(3):
         message = client.forward(0, 4)
-        assert all(not t.flags.writeable or t.dtype != object for t in message.tensors.values())
     assert calls["n"] == 0
     assert torch.is_grad_enabled() == grad_before
     modules = (public_models.vae, public_models.text_encoder, public_models.unet)

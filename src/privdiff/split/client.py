@@ -99,11 +99,13 @@ class SplitClient:
     def _batch_indices(self, position: int, batch_size: int) -> list[int]:
         """The next examples of the client's secret shuffled stream (one permutation per epoch)."""
         n = len(self.shard)
+        orders: dict[int, torch.Tensor] = {}  # one permutation per epoch the batch touches
         out = []
         for p in range(position, position + batch_size):
             epoch, offset = divmod(p, n)
-            order = torch.randperm(n, generator=generator(self.secret_seed, "order", epoch))
-            out.append(int(order[offset]))
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=generator(self.secret_seed, "order", epoch))
+            out.append(int(orders[epoch][offset]))
         return out
 
     @torch.no_grad()

@@ -6,8 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from privdiff.config import ModelConfig
-from privdiff.errors import ConfigError
+from privdiff.config import ModelConfig, raise_first_failure
 
 DESIGNS = ("backward-free", "vanilla")
 
@@ -101,9 +100,7 @@ class SplitConfig:
             (self.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1"),
             (self.eval.prompt in ("zero", "real"), "eval.prompt must be zero or real"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        raise_first_failure(checks)
         return self
 
     def to_dict(self) -> dict[str, Any]:

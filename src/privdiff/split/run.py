@@ -7,6 +7,7 @@ refused reply is dropped and counted; the round goes on with the others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -15,12 +16,12 @@ from pathlib import Path
 
 from privdiff.data.builtin import BUILTIN_DATASETS
 from privdiff.data.examples import ImageDataset
-from privdiff.errors import ConfigError, DataError, PrivdiffError
+from privdiff.errors import DataError, PrivdiffError
 from privdiff.seeding import derive_seed
 from privdiff.split.client import BackwardFreeClient, SplitClient, VanillaClient
 from privdiff.split.config import SplitConfig
 from privdiff.split.models import PublicModels
-from privdiff.split.server import SplitServer
+from privdiff.split.server import SERVER_CHECKPOINT, SplitServer
 from privdiff.split.transport import InProcessTransport, Transport
 
 MAX_EMPTY_ROUNDS = 20
@@ -123,39 +124,20 @@ def build_simulation(config: SplitConfig, models: PublicModels,
     return server, InProcessTransport(clients, server.max_message_bytes)
 
 
-__all__ = ["build_simulation", "client_id", "load_triples", "make_client", "shard", "train_rounds"]
-
-
 SPLIT_RUN_FILES = ("config.yaml", "run.json", "summary.json", "train_log.jsonl", "server_checkpoint.pt",
                    "controlnet", "keys", "flower", "simulated_clients.pt")
 
 
 def prepare_folder(folder: Path, config: SplitConfig, resume: bool, overwrite: bool) -> None:
     """Creates the run folder (or checks it for --resume) and writes the resolved config and run record."""
-    import shutil
-
-    import yaml
-
     from privdiff.config import save_config
     from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.training.run import prepare_run_dir
     from privdiff.training.run_info import run_record
 
-    existing = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"output path {folder} exists and is not a folder")
-    if existing and resume:
-        saved = folder / "config.yaml"
-        if not saved.is_file() or yaml.safe_load(saved.read_text()) != config.to_dict():
-            raise ConfigError(f"cannot resume {folder}: its config.yaml is missing or differs from this config")
+    if prepare_run_dir(folder, config, resume, overwrite, SPLIT_RUN_FILES, SERVER_CHECKPOINT) or \
+            (resume and (folder / "config.yaml").is_file()):
         return
-    if existing and not overwrite:
-        raise ConfigError(f"output folder {folder} is not empty: pass --resume to continue it or --overwrite")
-    if existing:
-        unknown = [p.name for p in existing if p.name not in SPLIT_RUN_FILES]
-        if unknown:
-            raise ConfigError(f"refusing to overwrite {folder}: it holds files privdiff did not write ({unknown[0]})")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     save_config(config, folder / "config.yaml")
     atomic_write_json(folder / "run.json", {**run_record(), "kind": "split", "seed": config.train.seed})
 
@@ -190,7 +172,7 @@ def serve(config: SplitConfig, server: SplitServer, transport: Transport, folder
     examples = sum(r["examples"] for r in server.log)
     losses = [r["loss"] for r in server.log if "loss" in r]
     summary = {
-        "design": config.protocol.design, "protocol": dataclass_dict(config.protocol),
+        "design": config.protocol.design, "protocol": dataclasses.asdict(config.protocol),
         "steps": server.step, "rounds": server.round, "resumed": resumed, "train_seconds": round(seconds, 2),
         "examples_received": examples, "refusals": dict(server.validator.refusals),
         "loss_first": _mean(losses[:20]), "loss_last": _mean(losses[-20:]),
@@ -198,12 +180,6 @@ def serve(config: SplitConfig, server: SplitServer, transport: Transport, folder
     }
     atomic_write_json(folder / "summary.json", summary)
     return summary
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -265,3 +241,7 @@ def _restore_clients(folder: Path, transport: InProcessTransport) -> None:
     if path.exists():
         for cid, state in torch.load(path, map_location="cpu", weights_only=True).items():
             transport.clients[cid].load_state_dict(state)
+
+
+__all__ = ["SPLIT_RUN_FILES", "build_simulation", "client_id", "load_triples", "make_client", "prepare_folder",
+           "serve", "shard", "simulate", "simulated_secret_seed", "train_rounds", "wire_bytes"]

@@ -102,7 +102,7 @@ class SplitServer:
         try:
             tensors = self.validator.validate(item, self.round)
         except Refused as refusal:
-            self.validator.refuse(refusal, item.header.get("client_id", client) if isinstance(item.header, dict) else client)
+            self.validator.refuse(refusal, item.header.get("client_id", client))
             return None
         return Batch(item.header["client_id"], tensors)
 

@@ -43,6 +43,7 @@ from privdiff.training.task import build_task
 RUN_FILES = ("config.yaml", "membership.json", "checkpoint.pt", "history.json", LORA_WEIGHT_NAME,
              "samples.png", "summary.json", "train_log.jsonl", "smp_log.jsonl", "snapshots",
              "proxy_final.safetensors")
+FINETUNE_OUTPUTS = RUN_FILES + ("audit", "eval", "metrics.json", "report.html", "report.json")
 
 
 @dataclass
@@ -72,8 +73,12 @@ def prepare_inputs(config: RunConfig) -> RunInputs:
     return RunInputs(dataset=dataset, manifest=manifest, members=members)
 
 
-def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> bool:
-    """Creates or checks the run folder; returns whether training resumes from a checkpoint."""
+def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
+                    known_files: tuple[str, ...] = FINETUNE_OUTPUTS, checkpoint: str = "checkpoint.pt") -> bool:
+    """Creates or checks a run folder; returns whether training resumes from a checkpoint.
+
+    `known_files`: what privdiff writes there; --overwrite refuses a folder holding anything else.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output path {run_dir} exists and is not a folder")
     existing = list(run_dir.iterdir()) if run_dir.exists() else []
@@ -83,13 +88,12 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: 
             raise ConfigError(f"cannot resume: {run_dir} has no config.yaml")
         if yaml.safe_load(saved.read_text()) != config.to_dict():
             raise ConfigError(f"cannot resume: the config differs from the one saved in {saved}")
-        return (run_dir / "checkpoint.pt").exists()
+        return (run_dir / checkpoint).exists()
     if existing and not overwrite:
         raise ConfigError(f"output folder {run_dir} is not empty: pass --resume to continue it or "
                           f"--overwrite to replace it")
     if existing:
-        unknown = [p.name for p in existing if p.name not in RUN_FILES and not p.name.startswith(".")
-                   and p.name not in ("audit", "eval", "metrics.json", "report.html", "report.json")]
+        unknown = [p.name for p in existing if p.name not in known_files and not p.name.startswith(".")]
         if unknown:
             raise ConfigError(f"refusing to overwrite {run_dir}: it holds files privdiff did not write "
                               f"(e.g. {unknown[0]})")
@@ -131,7 +135,7 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     run_dir = Path(config.output_dir)
     resuming = False
     if world.is_main:
-        resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
+        resuming = prepare_run_dir(run_dir, config, resume, overwrite)
         save_config(config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
 
