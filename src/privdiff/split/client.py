@@ -42,11 +42,18 @@ class ForwardDraws:
     indices: list[int]
     images: torch.Tensor       # (B, 3, H, W) in [-1, 1]
     conditions: torch.Tensor   # (B, 3, H, W) in [0, 1]
-    z0: torch.Tensor           # (B, C, h, w) scaled image latents (posterior samples)
+    z0: torch.Tensor           # (B, C, h, w) scaled image latents (posterior samples; clipped when hardened)
     t: torch.Tensor            # (B,) int64
     noise: torch.Tensor        # (B, C, h, w)
     x_t: torch.Tensor          # (B, C, h, w)
+    target: torch.Tensor       # what is sent as the target: noise, or noise + η when hardened (spec §10)
     generator: torch.Generator  # continues the same secret stream (condition latent sample)
+
+
+def clip_per_example(z: torch.Tensor, bound: float) -> torch.Tensor:
+    """z·min(1, R/||z||₂) per example (the sensitivity bound of the hardened option)."""
+    norms = z.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return z * (bound / norms).clamp(max=1.0).view(-1, *([1] * (z.dim() - 1)))
 
 
 class SplitClient:
@@ -65,15 +72,27 @@ class SplitClient:
         self.policy = TimestepPolicy(protocol.t_start, models.num_train_timesteps)
         self.seq = 0            # last seq sent
         self.position = 0       # examples consumed from the shard stream
+        self.ledger = None
+        if protocol.latent_clip is not None or protocol.condition_clip is not None:
+            from privdiff.split.accounting import ReleaseLedger
+
+            self.ledger = ReleaseLedger(models.scheduler.alphas_cumprod, target_noise=protocol.target_noise,
+                                        latent_clip=protocol.latent_clip, condition_clip=protocol.condition_clip,
+                                        condition_noise=protocol.condition_noise, delta=protocol.delta)
         self.images = to_model_tensor(np.stack([ex.image for ex in shard.examples]))            # (N, 3, H, W)
         self.conditions = (to_model_tensor(np.stack([ex.conditioning for ex in shard.examples])) + 1) / 2
 
     # -- state a stateless transport carries between messages -----------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        return {"seq": self.seq, "position": self.position}
+    def state_dict(self) -> dict:
+        state = {"seq": self.seq, "position": self.position}
+        if self.ledger is not None:
+            state["ledger"] = self.ledger.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.seq, self.position = int(state["seq"]), int(state["position"])
+        if self.ledger is not None and "ledger" in state:
+            self.ledger.load_state_dict(state["ledger"])
 
     # -- protocol --------------------------------------------------------------------------------------
     def handle(self, request: Received) -> Message:
@@ -115,10 +134,26 @@ class SplitClient:
         images, conditions = self.images[indices], self.conditions[indices]
         vae, scale = self.models.vae, self.models.scaling_factor
         z0 = vae.encode(images).latent_dist.sample(generator=g) * scale
+        if self.protocol.latent_clip is not None:
+            z0 = clip_per_example(z0, self.protocol.latent_clip)
         t = self.policy.sample(batch_size, g)
         noise = torch.randn(z0.shape, generator=g)
         x_t = self.models.scheduler.add_noise(z0, noise, t)
-        return ForwardDraws(indices, images, conditions, z0, t, noise, x_t, g)
+        target = noise
+        if self.protocol.target_noise > 0:  # η drawn only when on: the published protocol's stream is unchanged
+            target = noise + self.protocol.target_noise * torch.randn(z0.shape, generator=g)
+        return ForwardDraws(indices, images, conditions, z0, t, noise, x_t, target, g)
+
+    @torch.no_grad()
+    def condition_latent(self, draws: ForwardDraws) -> torch.Tensor:
+        """z_c = E(2c − 1)·scale (posterior sample); hardened: clipped to R_c plus ξ ~ N(0, s_c²I)."""
+        vae, scale = self.models.vae, self.models.scaling_factor
+        z_c = vae.encode(2 * draws.conditions - 1).latent_dist.sample(generator=draws.generator) * scale
+        if self.protocol.condition_clip is not None:
+            z_c = clip_per_example(z_c, self.protocol.condition_clip)
+            if self.protocol.condition_noise > 0:
+                z_c = z_c + self.protocol.condition_noise * torch.randn(z_c.shape, generator=draws.generator)
+        return z_c
 
     def _reply(self, round_: int, tensors: dict[str, torch.Tensor]) -> Message:
         return Message(FORWARD_REPLY, self.client_id, round_, self.seq,
@@ -134,10 +169,11 @@ class BackwardFreeClient(SplitClient):
         self.seq += 1
         draws = self._draw(self.seq, self.position, batch_size)
         self.position += batch_size
-        vae, scale = self.models.vae, self.models.scaling_factor
-        z_c = vae.encode(2 * draws.conditions - 1).latent_dist.sample(generator=draws.generator) * scale
+        z_c = self.condition_latent(draws)
+        if self.ledger is not None:
+            self.ledger.record(draws.indices, draws.t.tolist())
         tensors = {"h": protect(z_c, draws.x_t, self.protocol.activation, self.protocol.precision),
-                   "t": draws.t, "target": draws.noise}
+                   "t": draws.t, "target": draws.target}
         if self.protocol.send == "s0":
             tensors["s0"] = self.models.unet.conv_in(draws.x_t)
         else:
@@ -190,7 +226,7 @@ class VanillaClient(SplitClient):
         self.position += batch_size
         with torch.no_grad():
             tensors = {"control": self._control(draws), "s0": self.models.unet.conv_in(draws.x_t), "t": draws.t,
-                       "text_embedding": self._text(draws.indices), "target": draws.noise}
+                       "text_embedding": self._text(draws.indices), "target": draws.target}
         return self._reply(round_, tensors)
 
     def apply_gradient(self, push: Received) -> Message:
@@ -214,4 +250,4 @@ class VanillaClient(SplitClient):
         return Message(GRADIENT_ACK, self.client_id, round_, self.seq)
 
 
-__all__ = ["BackwardFreeClient", "ForwardDraws", "ProtocolError", "SplitClient", "VanillaClient"]
+__all__ = ["BackwardFreeClient", "ForwardDraws", "clip_per_example", "ProtocolError", "SplitClient", "VanillaClient"]

@@ -32,6 +32,12 @@ class ProtocolConfig:
     send_zero_text: bool = False   # true: send the reference's all-zero text tensor (byte parity)
     max_batch: int = 64            # B_max of the validation rules
     max_abs_value: float = 1.0e4
+    # Hardened option (spec §10): off by default, i.e. the protocol as published.
+    target_noise: float = 0.0      # s: send target n + η, η ~ N(0, s²I), instead of n (0 = off)
+    latent_clip: float | None = None  # R: z0 <- z0·min(1, R/||z0||) per example (required with target_noise)
+    condition_clip: float | None = None  # R_c: clip z_c per example, then add ξ ~ N(0, s_c²I)
+    condition_noise: float = 0.0   # s_c (requires condition_clip)
+    delta: float = 1.0e-5          # δ of the per-sample local-DP ε reported for the hardened option
 
 
 @dataclass
@@ -81,6 +87,16 @@ class SplitConfig:
             (p.design == "backward-free" or p.send == "s0", "protocol.send: x_t exists only in the backward-free design"),
             (p.max_batch >= 1, "protocol.max_batch must be >= 1"),
             (p.max_abs_value > 0, "protocol.max_abs_value must be > 0"),
+            (p.target_noise >= 0 and p.condition_noise >= 0, "protocol.target_noise and condition_noise must be >= 0"),
+            (p.target_noise == 0 or (p.latent_clip is not None and p.latent_clip > 0),
+             "protocol.target_noise needs protocol.latent_clip R > 0 (the guarantee bounds ||z0|| by R)"),
+            (p.condition_noise == 0 or (p.condition_clip is not None and p.condition_clip > 0),
+             "protocol.condition_noise needs protocol.condition_clip R_c > 0"),
+            (p.latent_clip is None or p.latent_clip > 0, "protocol.latent_clip must be > 0"),
+            (p.condition_clip is None or p.condition_clip > 0, "protocol.condition_clip must be > 0"),
+            (p.target_noise == 0 or p.design == "backward-free",
+             "protocol.target_noise is a backward-free option (vanilla sends its gradients' inputs anyway)"),
+            (0 < p.delta < 1, "protocol.delta must be in (0, 1)"),
             (t.clients >= 1, "train.clients must be >= 1"),
             (1 <= t.request_size <= p.max_batch, "train.request_size must be in [1, protocol.max_batch]"),
             (t.batch_size is None or t.batch_size >= 1, "train.batch_size must be >= 1 (or null)"),

@@ -207,11 +207,29 @@ def simulate(config: SplitConfig, *, resume: bool = False, overwrite: bool = Fal
                     on_checkpoint=lambda: _save_clients(folder, transport))
     summary["transport"] = "in-process"
     summary["wire"] = wire_bytes(transport, server.log)
+    privacy = local_privacy(config, transport.clients.values())
+    if privacy:
+        summary["local_privacy"] = privacy
     if evaluate:
         summary["condition_fidelity"] = evaluate_condition_fidelity(server.controlnet, config, models,
                                                                     load_triples(config, test=True))
     atomic_write_json(folder / "summary.json", summary)
     return summary
+
+
+def local_privacy(config: SplitConfig, clients) -> dict | None:
+    """Hardened option: each client's worst per-sample μ and ε (spec §10), next to the prediction from
+    t_start; None for the published protocol (no guarantee to report)."""
+    from privdiff.split.accounting import reference_formula_epsilon
+
+    ledgers = {c.client_id: c.ledger.summary(config.protocol.t_start) for c in clients if c.ledger is not None}
+    if not ledgers:
+        return None
+    worst = max(ledgers.values(), key=lambda s: s.get("worst_mu", 0.0))
+    return {"unit": "sample (replace-one, local DP)", "clients": ledgers,
+            "worst_epsilon": worst.get("worst_epsilon"), "worst_mu": worst.get("worst_mu"),
+            "delta": config.protocol.delta,
+            "reference_formula_not_a_guarantee": reference_formula_epsilon(config.protocol.t_start)}
 
 
 def wire_bytes(transport: InProcessTransport, log: list[dict]) -> dict:
@@ -244,4 +262,4 @@ def _restore_clients(folder: Path, transport: InProcessTransport) -> None:
 
 
 __all__ = ["SPLIT_RUN_FILES", "build_simulation", "client_id", "load_triples", "make_client", "prepare_folder",
-           "serve", "shard", "simulate", "simulated_secret_seed", "train_rounds", "wire_bytes"]
+           "local_privacy", "serve", "shard", "simulate", "simulated_secret_seed", "train_rounds", "wire_bytes"]

@@ -1,0 +1,138 @@
+"""What every attack on split learning shares (spec §9): the server's view, the truth it is scored
+against, and one interface.
+
+Victims are drawn by the real client code: an `Observer` runs a client on a dataset, sends real
+forward replies through the wire format and decodes them as the server would (`Observation`), and
+recomputes the same private draws from the client's secret seed for scoring (`Truth`). An attacker
+builds its own training pairs the same way on public data with a seed of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from privdiff.data.examples import ImageDataset
+from privdiff.split.config import SplitConfig
+from privdiff.split.messages import encode, parse
+from privdiff.split.models import PublicModels
+
+PUBLIC_SEED = 7919  # the attacker's auxiliary fill triples: same generator, another seed (spec §3)
+
+
+@dataclass
+class Observation:
+    """What the server received for a batch: the decoded forward-reply tensors (float32, t int64)."""
+
+    design: str
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def t(self) -> torch.Tensor:
+        return self.tensors["t"]
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+
+@dataclass
+class Truth:
+    """The client's private side of the same batch (never available to an attack)."""
+
+    images: torch.Tensor      # (B, 3, H, W) in [0, 1]
+    conditions: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    z0: torch.Tensor          # scaled image latent actually used (clipped when hardened)
+    z_c: torch.Tensor         # condition latent actually used (clipped and noised when hardened)
+    x_t: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+
+
+@dataclass
+class Reconstruction:
+    """An attack's output: images and/or conditions in [0, 1], and anything it measured on the way."""
+
+    images: torch.Tensor | None = None
+    conditions: torch.Tensor | None = None
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttackData:
+    """Everything public: frozen models, the protocol (its settings are public), auxiliary triples."""
+
+    config: SplitConfig
+    models: PublicModels
+    public: ImageDataset
+    seed: int = 0
+
+    @property
+    def design(self) -> str:
+        return self.config.protocol.design
+
+
+class SplitAttack:
+    """One attack on what the server receives. `fit` uses only public data; `reconstruct` only an
+    observation (plus whatever `fit` learned)."""
+
+    name: ClassVar[str]
+    designs: ClassVar[tuple[str, ...]] = ("backward-free", "vanilla")
+
+    def fit(self, data: AttackData) -> None:
+        self.data = data
+
+    def reconstruct(self, observation: Observation) -> Reconstruction:
+        raise NotImplementedError
+
+
+def public_triples(config: SplitConfig, count: int) -> ImageDataset:
+    """The attacker's auxiliary data: fill triples from a seed no client uses."""
+    from privdiff.data.builtin import BUILTIN_DATASETS
+
+    return BUILTIN_DATASETS[config.data.name](config.data.image_size, count, PUBLIC_SEED)
+
+
+class Observer:
+    """Runs the real client on `dataset` and returns (what the server saw, what was true) per batch."""
+
+    def __init__(self, config: SplitConfig, models: PublicModels, dataset: ImageDataset, secret_seed: int) -> None:
+        from privdiff.split.run import make_client
+
+        self.config = config
+        self.client = make_client(config, models, "victim", b"k" * 32, dataset, secret_seed)
+
+    def next(self, batch_size: int, round_: int = 0) -> tuple[Observation, Truth]:
+        parts = []
+        for start in range(0, batch_size, self.config.protocol.max_batch):
+            parts.append(self._one(min(self.config.protocol.max_batch, batch_size - start), round_))
+        if len(parts) == 1:
+            return parts[0]
+        observation = Observation(parts[0][0].design, {k: torch.cat([p[0].tensors[k] for p in parts])
+                                                       for k in parts[0][0].tensors})
+        truth = Truth(**{f.name: torch.cat([getattr(p[1], f.name) for p in parts]) for f in dataclasses.fields(Truth)})
+        return observation, truth
+
+    def _one(self, batch_size: int, round_: int) -> tuple[Observation, Truth]:
+        client = self.client
+        position = client.position
+        message = client.forward(round_, batch_size)
+        received = parse(encode(message), 1 << 40)
+        tensors = {}
+        for name in received.specs:
+            array = np.array(received.load(name))
+            tensors[name] = torch.from_numpy(array if name == "t" else array.astype(np.float32))
+        draws = client._draw(client.seq, position, batch_size)
+        z_c = client.condition_latent(draws)
+        truth = Truth(images=(draws.images + 1) / 2, conditions=draws.conditions, z0=draws.z0, z_c=z_c,
+                      x_t=draws.x_t, noise=draws.noise, t=draws.t)
+        if hasattr(client, "pending"):  # vanilla: nobody pushes a gradient for this forward
+            client.pending, client.seq = None, client.seq + 1
+        return Observation(self.config.protocol.design, tensors), truth
+
+
+__all__ = ["AttackData", "Observation", "Observer", "PUBLIC_SEED", "Reconstruction", "SplitAttack", "Truth",
+           "public_triples"]
