@@ -69,14 +69,13 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     return float(brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, high, xtol=1e-10, rtol=1e-12))
 
 
-def release_mu(alphas_cumprod, t: int, *, target_noise: float, latent_clip: float | None,
-               condition_clip: float | None = None, condition_noise: float = 0.0) -> float:
-    """μ of one release (image and condition latents together) at timestep t."""
+def release_mu(alphas_cumprod, t: int, *, target_noise: float, latent_clip: float | None) -> float:
+    """μ of one release of the image latent at timestep t (∞ without a clip bound or target noise).
+    The condition latent's μ (`mu_condition`) composes with it per release."""
     if latent_clip is None:
         return math.inf
     a, b = snr_terms(alphas_cumprod, t)
-    image = mu_image(a=a, b=b, s=target_noise, clip=latent_clip)
-    return compose([image, mu_condition(clip=condition_clip, noise=condition_noise)])
+    return mu_image(a=a, b=b, s=target_noise, clip=latent_clip)
 
 
 def reference_formula_epsilon(t_start: int = 0, num_train_timesteps: int = 1000) -> float:
@@ -90,7 +89,9 @@ def reference_formula_epsilon(t_start: int = 0, num_train_timesteps: int = 1000)
 
 
 class ReleaseLedger:
-    """Per-example Σ μ² over its releases (kept by the client, which alone knows which example was sent)."""
+    """Per-example Σ μ² over its releases, of the image latent alone and of image plus condition (kept by
+    the client, which alone knows which example was sent). Without condition protection the total is ∞:
+    the condition is recoverable (spec §9.3 step 3), and the image-only figure is reported beside it."""
 
     def __init__(self, alphas_cumprod, *, target_noise: float, latent_clip: float | None,
                  condition_clip: float | None, condition_noise: float, delta: float) -> None:
@@ -98,32 +99,42 @@ class ReleaseLedger:
         self.settings = {"target_noise": target_noise, "latent_clip": latent_clip,
                          "condition_clip": condition_clip, "condition_noise": condition_noise}
         self.delta = delta
-        self.mu_squared: dict[int, float] = defaultdict(float)
+        self.image_mu_squared: dict[int, float] = defaultdict(float)
         self.releases: dict[int, int] = defaultdict(int)
+
+    @property
+    def condition_mu(self) -> float:
+        return mu_condition(clip=self.settings["condition_clip"], noise=self.settings["condition_noise"])
+
+    def _image_mu(self, t: int) -> float:
+        return release_mu(self.alphas_cumprod, t, target_noise=self.settings["target_noise"],
+                          latent_clip=self.settings["latent_clip"])
 
     def record(self, indices, timesteps) -> None:
         for index, t in zip(indices, timesteps):
-            mu = release_mu(self.alphas_cumprod, int(t), **self.settings)
-            self.mu_squared[int(index)] += mu * mu
+            self.image_mu_squared[int(index)] += self._image_mu(int(t)) ** 2
             self.releases[int(index)] += 1
 
     def state_dict(self) -> dict:
-        return {"mu_squared": dict(self.mu_squared), "releases": dict(self.releases)}
+        return {"image_mu_squared": dict(self.image_mu_squared), "releases": dict(self.releases)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mu_squared = defaultdict(float, {int(k): float(v) for k, v in state["mu_squared"].items()})
+        self.image_mu_squared = defaultdict(float, {int(k): float(v) for k, v in state["image_mu_squared"].items()})
         self.releases = defaultdict(int, {int(k): int(v) for k, v in state["releases"].items()})
 
     def summary(self, t_start: int) -> dict:
-        """The worst example's μ and ε so far, and the worst case predicted from t_start alone."""
-        if not self.mu_squared:
+        """The worst example's μ and ε so far (image alone, and with the condition), and the worst case
+        predicted before training from t_start and the most releases of any example."""
+        if not self.image_mu_squared:
             return {"examples": 0}
-        worst = max(self.mu_squared, key=self.mu_squared.get)
-        mu = math.sqrt(self.mu_squared[worst])
+        worst = max(self.image_mu_squared, key=lambda i: (self.image_mu_squared[i], self.releases[i]))
         most = max(self.releases.values())
-        predicted = release_mu(self.alphas_cumprod, t_start, **self.settings) * math.sqrt(most)
-        return {"examples": len(self.mu_squared), "delta": self.delta, "max_releases": most,
-                "worst_mu": mu, "worst_epsilon": gdp_epsilon(mu, self.delta),
+        image = math.sqrt(self.image_mu_squared[worst])
+        total = compose([image, self.condition_mu * math.sqrt(self.releases[worst])])
+        predicted = compose([self._image_mu(t_start), self.condition_mu]) * math.sqrt(most)
+        return {"examples": len(self.image_mu_squared), "delta": self.delta, "max_releases": most,
+                "worst_image_mu": image, "worst_image_epsilon": gdp_epsilon(image, self.delta),
+                "worst_mu": total, "worst_epsilon": gdp_epsilon(total, self.delta),
                 "predicted_worst_mu": predicted, "predicted_worst_epsilon": gdp_epsilon(predicted, self.delta),
                 **self.settings}
 
