@@ -42,10 +42,15 @@ def _stages(vae_factor: int) -> int:
 
 
 class PilotEncoder(nn.Module):
-    """f̃: condition (3, H, W) in [0, 1] → feature (C0, H/f, W/f), one stride-2 conv per factor 2."""
+    """f̃: condition (3, H, W) in [0, 1] → feature (C0, H/f, W/f), one stride-2 conv per factor 2.
 
-    def __init__(self, channels: int, vae_factor: int, width: int = 32) -> None:
+    The output is `scale·tanh(·)`: the client reaches a feature distribution only as far as its own
+    optimizer moves its weights, so the pilot's features are kept at a scale the client can reach.
+    """
+
+    def __init__(self, channels: int, vae_factor: int, width: int = 16, scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = scale
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
         for _ in range(_stages(vae_factor)):
             layers += [nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU()]
@@ -54,13 +59,13 @@ class PilotEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.net(2 * condition - 1)
+        return self.scale * torch.tanh(self.net(2 * condition - 1))
 
 
 class PilotDecoder(nn.Module):
     """f̃⁻¹: feature → condition in [0, 1] (×2 nearest upsampling stages, sigmoid)."""
 
-    def __init__(self, channels: int, vae_factor: int, width: int = 128) -> None:
+    def __init__(self, channels: int, vae_factor: int, width: int = 64) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU()]
         for _ in range(_stages(vae_factor)):
@@ -106,7 +111,7 @@ class FSHAAttack(SplitAttack):
 
     def __init__(self, *, batch_size: int = 32, pilot_lr: float = 1e-3, critic_lr: float = 1e-4,
                  gp_weight: float = 10.0, critic_steps: int = 2, pilot_steps: int = 1, pretrain_steps: int = 400,
-                 residual: bool = True) -> None:
+                 residual: bool = True, feature_scale: float = 0.5) -> None:
         self.batch_size = batch_size
         self.pilot_lr = pilot_lr
         self.critic_lr = critic_lr
@@ -115,6 +120,7 @@ class FSHAAttack(SplitAttack):
         self.pilot_steps = pilot_steps        # autoencoder updates per round after pretraining
         self.pretrain_steps = pretrain_steps  # autoencoder updates in `fit`, before any round
         self.residual = residual              # feature = control − s0 (else control itself)
+        self.feature_scale = feature_scale
         self.step = 0
 
     # -- public data only ------------------------------------------------------------------------------
@@ -128,7 +134,7 @@ class FSHAAttack(SplitAttack):
         channels, side = models.stem_channels, models.latent_shape(data.config.data.image_size)[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.seed)
-            self.encoder = PilotEncoder(channels, models.vae_factor)
+            self.encoder = PilotEncoder(channels, models.vae_factor, scale=self.feature_scale)
             self.decoder = PilotDecoder(channels, models.vae_factor)
             self.critic = Critic(channels, side)
         self.public_conditions = _conditions(data.public)
