@@ -140,4 +140,74 @@ def client(
     os.execvpe(command[0], command, flower_environment())
 
 
+def _protection_line(protocol: dict) -> str:
+    parts = [protocol["design"], f"t_start {protocol['t_start']}", protocol["activation"], protocol["precision"]]
+    if protocol.get("target_noise"):
+        parts.append(f"target noise s={protocol['target_noise']:g}, R={protocol['latent_clip']:g}")
+    if protocol.get("condition_noise"):
+        parts.append(f"condition noise s_c={protocol['condition_noise']:g}, R_c={protocol['condition_clip']:g}")
+    return ", ".join(parts)
+
+
+@split_app.command()
+def attack(
+    name: str = typer.Option(..., "--attack", "-a", help="analytic, inverse-network, unsplit or fsha (vanilla only)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML split config whose protocol is attacked."),
+    run: Path = typer.Option(None, "--run", help="A split run folder: attack the protocol it was trained with."),
+    victims: int = typer.Option(64, min=1, help="Held-out triples the victim client sends."),
+    out: Path = typer.Option(Path("runs/split-attack"), "--out", "-o", help="Folder for attack.json and the image grid."),
+    set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing attack.json."),
+) -> None:
+    """Attack what the server receives: reconstruct the clients' images and conditions, and score them."""
+    from privdiff.errors import ConfigError
+    from privdiff.split.attacks.evaluate import evaluate_attack, reconstruction_grid
+    from privdiff.split.models import load_public_models
+    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.training.run_info import run_record
+
+    if run is not None:
+        if config is not None:
+            raise ConfigError("give --config or --run, not both")
+        config = run / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"{run} is not a split run folder (no config.yaml)")
+    if (out / "attack.json").exists() and not overwrite:
+        raise ConfigError(f"{out / 'attack.json'} exists (use --overwrite or another --out)")
+    cfg = _config(config, {}, set_)
+    models = load_public_models(cfg.model.pretrained)
+    with console.status(f"{name}: fitting on public data and attacking {victims} victims"):
+        outcome = evaluate_attack(name, cfg, models, victims=victims, seed=cfg.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "attack.json", {**outcome.result, "record": run_record()})
+    (out / "reconstructions.png").write_bytes(reconstruction_grid(outcome))
+    result = outcome.result
+    console.print(f"{name} against {_protection_line(result['protocol'])} ({victims} victims):")
+    for target, summary in result["scores"].items():
+        base = result["references"]["baseline"][target]["all"]
+        ceiling = result["references"]["ceiling"][target]["all"]
+        got = summary["all"]
+        console.print(f"  {target:9s} SSIM {got['ssim']['value']:.3f} [{got['ssim']['ci'][0]:.3f}, "
+                      f"{got['ssim']['ci'][1]:.3f}]  PSNR {got['psnr']['value']:.1f} dB   "
+                      f"(baseline {base['ssim']['value']:.3f}, ceiling {ceiling['ssim']['value']:.3f})")
+    console.print(f"results: [bold]{out / 'attack.json'}[/]  images: [bold]{out / 'reconstructions.png'}[/]")
+
+
+@split_app.command("attack-grid")
+def attack_grid(
+    out: Path = typer.Option(Path("runs/split-attack-grid"), "--out", "-o", help="Folder for the grid's results."),
+    defence: list[str] = typer.Option(None, "--defence", help="Only these defences (repeatable; default all)."),
+    victims: int = typer.Option(64, min=1, help="Held-out triples per attack."),
+    utility: bool = typer.Option(True, help="Train each configuration and measure its condition fidelity."),
+    set_: list[str] = typer.Option(None, "--set", help="Config overrides applied to every configuration."),
+) -> None:
+    """Every attack against every defence, with each configuration's utility: the table of the README."""
+    from privdiff.split.attacks.grid import markdown_table, run_grid
+
+    grid = run_grid(out, base_overrides=list(set_ or []), defences=list(defence) if defence else None,
+                    victims=victims, utility=utility)
+    console.print(markdown_table(grid))
+    console.print(f"results: [bold]{out / 'split_attacks.json'}[/] (add the folder to `privdiff report`)")
+
+
 __all__ = ["split_app"]

@@ -41,17 +41,25 @@ def per_example_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).mean(dim=1)
 
 
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels, per example (anisotropic TV)."""
+    return ((x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+            + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1))
+
+
 class UnSplitAttack(SplitAttack):
     """Input (and, for vanilla, client-weight) optimisation against the received tensors."""
 
     name = "unsplit"
 
     def __init__(self, iterations: int = 2000, learning_rate: float = 0.05, weight_learning_rate: float = 1e-3,
-                 image_prior: float = 1.0, noise_prior: float = 1.0, seed: int = 0) -> None:
+                 image_prior: float = 1.0, noise_prior: float = 1.0, total_variation: float = 0.0,
+                 seed: int = 0) -> None:
         """`learning_rate` is Adam's on the sigmoid logits of x̃ and c̃ (and on ñ); the spec's 1e-3
         moves a logit by at most ~2 in 2000 iterations, too little to leave grey (measured)."""
         self.iterations, self.learning_rate, self.weight_learning_rate = iterations, learning_rate, weight_learning_rate
         self.image_prior, self.noise_prior, self.seed = image_prior, noise_prior, seed
+        self.total_variation = total_variation
 
     # -- the public client function, differentiable ----------------------------------------------------
     def _client(self, x01: torch.Tensor, c01: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -124,8 +132,10 @@ class UnSplitAttack(SplitAttack):
                     + self.noise_prior * noise.pow(2).flatten(1).mean(1) / 2
             prior = (x01 * (x01 - 1)).pow(2).flatten(1).mean(1) + (c01 * (c01 - 1)).pow(2).flatten(1).mean(1)
             loss = loss + self.image_prior * prior
+            if self.total_variation:
+                loss = loss + self.total_variation * (total_variation(x01) + total_variation(c01))
             if iteration == self.iterations:  # the last pass only measures
-                history.append({k: float(v.mean()) for k, v in data_terms.items()})
+                history.append({k: float(v.detach().mean()) for k, v in data_terms.items()})
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
@@ -136,7 +146,7 @@ class UnSplitAttack(SplitAttack):
                 (weights["control"] * per_example_mse(control, received["control"])).sum().backward()
                 weight_optimizer.step()
             if iteration in (0, self.iterations // 2):
-                history.append({k: float(v.mean()) for k, v in data_terms.items()})
+                history.append({k: float(v.detach().mean()) for k, v in data_terms.items()})
         with torch.no_grad():
             images, conditions = torch.sigmoid(logits_x), torch.sigmoid(logits_c)
         diagnostics = {"iterations": self.iterations, "learning_rate": self.learning_rate,

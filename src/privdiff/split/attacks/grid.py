@@ -1,0 +1,220 @@
+"""Attack × defence grid (spec §9.5, issue 8): which protocol configurations resist which attacks,
+measured, with the utility of each configuration measured beside it.
+
+Each defence is a set of protocol overrides. For each: every applicable attack is run and scored
+against held-out victims, and (unless skipped) a split run with the same protocol is trained and its
+condition fidelity compared, paired, with the untrained ControlNet. A reconstruction *leaks* when the
+lower end of its SSIM interval is above the upper end of the no-information baseline's (the mean
+public image); otherwise the configuration *resists* that attack for that target.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from privdiff.errors import ConfigError
+from privdiff.split.config import SplitConfig, load_split_config
+
+
+@dataclass(frozen=True)
+class Defence:
+    name: str
+    overrides: tuple[str, ...]
+    note: str
+
+
+DEFENCES = (
+    Defence("unprotected", ("protocol.t_start=0", "protocol.activation=identity", "protocol.precision=fp32"),
+            "backward-free, no timestep policy, identity activation, fp32"),
+    Defence("published", (), "backward-free as published: t_start 5, symsigmoid, fp16, clean target"),
+    Defence("t_start=500", ("protocol.t_start=500",), "published, timestep policy t ≥ 500"),
+    Defence("noisy target s=1", ("protocol.target_noise=1", "protocol.latent_clip=16"),
+            "published + target n + η (s = 1), ||z0|| clipped to 16 (about its typical norm)"),
+    Defence("hardened s=1 R=4, t≥500, condition noise", (
+        "protocol.t_start=500", "protocol.target_noise=1", "protocol.latent_clip=4", "protocol.condition_clip=4",
+        "protocol.condition_noise=4"),
+        "t ≥ 500, target noise s = 1, ||z0|| ≤ 4, condition clipped to 4 plus N(0, 4²)"),
+    Defence("vanilla", ("protocol.design=vanilla",), "vanilla split learning (gradients go back)"),
+)
+ATTACKS_BY_DESIGN = {"backward-free": ("analytic", "inverse-network", "unsplit"),
+                     "vanilla": ("analytic", "inverse-network", "unsplit", "fsha")}
+UTILITY_RECIPE = ("train.steps=600", "train.request_size=64", "train.batch_size=16", "train.passes=2",
+                  "eval.num_samples=256")
+VANILLA_UTILITY_RECIPE = ("train.steps=600", "train.request_size=16", "eval.num_samples=256")
+GRID_FILE = "split_attacks.json"
+
+
+def leaks(attack: dict, baseline: dict) -> bool:
+    """True when the attack's SSIM interval lies wholly above the baseline's."""
+    return attack["ssim"]["ci"][0] > baseline["ssim"]["ci"][1]
+
+
+def _compact(outcome: dict) -> dict:
+    keep = ("attack", "victims", "scores", "references", "latent_errors", "diagnostics", "fit_seconds",
+            "reconstruct_seconds")
+    out = {k: outcome[k] for k in keep}
+    out["leaks"] = {target: leaks(summary["all"], outcome["references"]["baseline"][target]["all"])
+                    for target, summary in outcome["scores"].items()}
+    return out
+
+
+def _utility(config: SplitConfig, folder: Path, show_progress: bool) -> dict:
+    from privdiff.split.run import simulate
+
+    config.output_dir = str(folder)
+    summary = simulate(config, overwrite=True, show_progress=show_progress)
+    fidelity = summary["condition_fidelity"]
+    return {"steps": summary["steps"], "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
+            "train_seconds": summary["train_seconds"], "num_samples": fidelity["num_samples"],
+            "edge_ssim": {k: fidelity[k]["edge_ssim"]["value"] for k in ("untrained", "trained", "ceiling")},
+            "paired": fidelity.get("trained_minus_untrained", {}),
+            "local_privacy": summary.get("local_privacy")}
+
+
+def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defences: list[str] | None = None,
+             attack_names: list[str] | None = None, victims: int = 64, utility: bool = True,
+             utility_overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+    """Runs the grid into `out` (split_attacks.json, split_attacks.md, split_attacks.png, utility runs)."""
+    from privdiff.split.attacks.evaluate import evaluate_attack
+    from privdiff.split.models import load_public_models
+    from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
+    from privdiff.training.run_info import run_record
+
+    out = Path(out)
+    chosen = [d for d in DEFENCES if defences is None or d.name in defences]
+    if defences is not None and len(chosen) != len(set(defences)):
+        unknown = sorted(set(defences) - {d.name for d in DEFENCES})
+        raise ConfigError(f"unknown defence(s) {unknown} (choose from {[d.name for d in DEFENCES]})")
+    out.mkdir(parents=True, exist_ok=True)
+    base = list(base_overrides or [])
+    models = None
+    rows = []
+    for defence in chosen:
+        config = load_split_config(None, base + list(defence.overrides))
+        models = models or load_public_models(config.model.pretrained)
+        names = [a for a in ATTACKS_BY_DESIGN[config.protocol.design] if attack_names is None or a in attack_names]
+        row = {"defence": defence.name, "note": defence.note, "overrides": list(defence.overrides),
+               "design": config.protocol.design, "attacks": {}}
+        for name in names:
+            began = time.perf_counter()
+            outcome = evaluate_attack(name, config, models, victims=victims, seed=config.train.seed)
+            row["attacks"][name] = _compact(outcome.result)
+            if show_progress:
+                s = outcome.result["scores"]
+                print(f"[{defence.name}] {name}: " + ", ".join(
+                    f"{k} SSIM {v['all']['ssim']['value']:.3f}" for k, v in s.items())
+                      + f" ({time.perf_counter() - began:.0f} s)", flush=True)
+        if utility:
+            recipe = VANILLA_UTILITY_RECIPE if config.protocol.design == "vanilla" else UTILITY_RECIPE
+            utility_config = load_split_config(None, base + list(recipe) + list(utility_overrides or [])
+                                               + list(defence.overrides))
+            row["utility"] = _utility(utility_config, out / "utility" / defence.name.replace(" ", "_").replace("=", "-")
+                                      .replace(",", ""), show_progress)
+        rows.append(row)
+        atomic_write_json(out / GRID_FILE, {"rows": rows, "victims": victims, "record": run_record()})
+    grid = {"rows": rows, "victims": victims, "record": run_record(),
+            "rule": "leaks = attack SSIM interval wholly above the mean-public-image baseline's interval"}
+    atomic_write_json(out / GRID_FILE, grid)
+    atomic_write_text(out / "split_attacks.md", markdown_table(grid))
+    (out / "split_attacks.png").write_bytes(grid_figure(grid))
+    return grid
+
+
+def _cell(entry: dict | None, target: str) -> str:
+    if entry is None or target not in entry["scores"]:
+        return "—"
+    value = entry["scores"][target]["all"]["ssim"]
+    verdict = "**leaks**" if entry["leaks"][target] else "resists"
+    return f"{value['value']:.2f} {verdict}"
+
+
+def markdown_table(grid: dict) -> str:
+    """The README / report table: per defence, each attack's image and condition SSIM and verdict,
+    the baseline and ceiling, the utility and the accounted ε."""
+    attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha")
+               if any(a in r["attacks"] for r in grid["rows"])]
+    head = ["defence"] + [f"{a} image / condition" for a in attacks] + \
+        ["baseline / ceiling SSIM", "utility: edge SSIM trained − untrained [95 % CI]", "ε per sample (δ)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in grid["rows"]:
+        cells = [row["defence"]]
+        any_entry = next(iter(row["attacks"].values()), None)
+        for a in attacks:
+            entry = row["attacks"].get(a)
+            cells.append("—" if entry is None else f"{_cell(entry, 'image')} / {_cell(entry, 'condition')}")
+        if any_entry:
+            ref = any_entry["references"]
+            cells.append(f"{ref['baseline']['image']['all']['ssim']['value']:.2f}, "
+                         f"{ref['baseline']['condition']['all']['ssim']['value']:.2f} / "
+                         f"{ref['ceiling']['image']['all']['ssim']['value']:.2f}, "
+                         f"{ref['ceiling']['condition']['all']['ssim']['value']:.2f}")
+        else:
+            cells.append("—")
+        utility = row.get("utility")
+        if utility and "edge_ssim" in utility.get("paired", {}):
+            p = utility["paired"]["edge_ssim"]
+            cells.append(f"{p['value']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]")
+        else:
+            cells.append("not measured")
+        privacy = (utility or {}).get("local_privacy")
+        if privacy:
+            worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))
+            cells.append(f"image {worst['worst_image_epsilon']:.3g}, total {worst['worst_epsilon']:.3g} "
+                         f"({privacy['delta']:g})")
+        else:
+            cells.append("none")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_figure(grid: dict) -> bytes:
+    """Bars: SSIM of each attack's image and condition reconstructions per defence, with the baseline."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = grid["rows"]
+    attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha") if any(a in r["attacks"] for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    width = 0.8 / max(1, len(attacks))
+    for ax, target in zip(axes, ("image", "condition")):
+        x = np.arange(len(rows))
+        for i, a in enumerate(attacks):
+            values = [r["attacks"].get(a, {}).get("scores", {}).get(target, {}).get("all", {}).get("ssim", {})
+                      .get("value", np.nan) for r in rows]
+            ax.bar(x + i * width - 0.4 + width / 2, values, width, label=a)
+        baseline = [next(iter(r["attacks"].values()))["references"]["baseline"][target]["all"]["ssim"]["value"]
+                    if r["attacks"] else np.nan for r in rows]
+        ceiling = [next(iter(r["attacks"].values()))["references"]["ceiling"][target]["all"]["ssim"]["value"]
+                   if r["attacks"] else np.nan for r in rows]
+        ax.scatter(x, baseline, marker="_", s=400, color="black", label="baseline (mean public image)", zorder=3)
+        ax.scatter(x, ceiling, marker="_", s=400, color="grey", label="ceiling (autoencoder)", zorder=3)
+        ax.set_xticks(x, [r["defence"] for r in rows], rotation=20, ha="right", fontsize=7)
+        ax.set_title(f"{target} reconstruction SSIM")
+    axes[0].set_ylabel("SSIM")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def load_grid(folder: str | Path) -> dict | None:
+    path = Path(folder) / GRID_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
+
+
+__all__ = ["ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "GRID_FILE", "grid_figure", "leaks", "load_grid",
+           "markdown_table", "run_grid"]
