@@ -70,9 +70,20 @@ def collect_run(path: str | Path) -> dict:
 
 
 def collect(paths: list[str | Path]) -> dict:
+    """Fine-tuning runs, plus split-learning attack grids (folders holding split_attacks.json)."""
+    from privdiff.split.attacks.grid import load_grid
+
     if not paths:
         raise ConfigError("report: give at least one run folder")
-    runs = [collect_run(p) for p in paths]
+    grids = []
+    run_paths = []
+    for p in paths:
+        grid = load_grid(p)
+        if grid is None:
+            run_paths.append(p)
+        else:
+            grids.append({"name": Path(p).name, "path": str(p), **grid})
+    runs = [collect_run(p) for p in run_paths]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # two folders with one name: qualify by parent
         for r in runs:
@@ -80,7 +91,7 @@ def collect(paths: list[str | Path]) -> dict:
     keys = []
     for r in runs:
         keys += [k for k in r["metrics"] if k not in keys]
-    return {"runs": runs, "metric_keys": keys, "matched": matched_comparisons(runs)}
+    return {"runs": runs, "metric_keys": keys, "matched": matched_comparisons(runs), "split_attacks": grids}
 
 
 def _scores(run: dict) -> dict | None:

@@ -250,12 +250,68 @@ def _proxy_notes(runs: list[dict]) -> str:
             + "".join(f"<p>{n}</p>" for n in notes))
 
 
+def _split_cell(entry: dict | None, target: str) -> str:
+    if entry is None or target not in entry["scores"]:
+        return "–"
+    value = entry["scores"][target]["all"]["ssim"]
+    verdict = "<b class=nodp>leaks</b>" if entry["leaks"][target] else "<span class=dp>resists</span>"
+    return f"{fmt(value['value'])} <span class=ci>[{fmt(value['ci'][0])}, {fmt(value['ci'][1])}]</span> {verdict}"
+
+
+def _split_attacks_section(grids: list[dict]) -> str:
+    """Attack × defence table per grid: reconstruction SSIM with the verdict, utility and accounted ε."""
+    from privdiff.split.attacks.grid import grid_figure
+
+    parts = []
+    for grid in grids:
+        rows = grid["rows"]
+        attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha") if any(a in r["attacks"] for r in rows)]
+        head = "<tr><th>defence</th>" + "".join(f"<th>{_e(a)}<br>image / condition SSIM</th>" for a in attacks) + \
+            "<th>utility: edge SSIM trained − untrained</th><th>ε per sample</th></tr>"
+        body = []
+        for r in rows:
+            cells = "".join(f"<td>{_split_cell(r['attacks'].get(a), 'image')}<br>"
+                            f"{_split_cell(r['attacks'].get(a), 'condition')}</td>" for a in attacks)
+            paired = (r.get("utility") or {}).get("paired", {}).get("edge_ssim")
+            utility = (f"{fmt(paired['value'])} <span class=ci>[{fmt(paired['ci'][0])}, {fmt(paired['ci'][1])}]</span>"
+                       if paired else "not measured")
+            privacy = (r.get("utility") or {}).get("local_privacy")
+            if privacy:
+                worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))
+                eps = (f"<span class=dp>image {fmt(worst['worst_image_epsilon'])}, total "
+                       f"{fmt(worst['worst_epsilon'])}</span> <span class=muted>δ = {fmt(privacy['delta'])}</span>")
+            else:
+                eps = '<span class="nodp">none</span>'
+            body.append(f"<tr><td><b>{_e(r['defence'])}</b><br><span class=muted>{_e(r['note'])}</span></td>{cells}"
+                        f"<td>{utility}</td><td>{eps}</td></tr>")
+        first = next((r for r in rows if r["attacks"]), None)
+        reference = ""
+        if first:
+            ref = next(iter(first["attacks"].values()))["references"]
+            reference = (f"No-information baseline (mean public image) SSIM: image "
+                         f"{fmt(ref['baseline']['image']['all']['ssim']['value'])}, condition "
+                         f"{fmt(ref['baseline']['condition']['all']['ssim']['value'])}; autoencoder ceiling: image "
+                         f"{fmt(ref['ceiling']['image']['all']['ssim']['value'])}, condition "
+                         f"{fmt(ref['ceiling']['condition']['all']['ssim']['value'])}. ")
+        parts.append(f"<h3>{_e(grid['name'])}</h3><p class=muted>{grid['victims']} held-out victims per attack. "
+                     f"{reference}{_e(grid.get('rule', ''))}. ε: per sample, replace-one local DP of the hardened "
+                     f"option (image latent alone, and with the condition; ∞ = that part is unprotected).</p>"
+                     f"<table>{head}{''.join(body)}</table>{_img(grid_figure(grid), 'split attacks')}")
+    return "".join(parts)
+
+
 def render(report: dict) -> str:
     """The HTML page for `report` (the output of `collect`)."""
     runs, keys = report["runs"], report["metric_keys"]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    body = [f"<h1>privdiff report card</h1><p class=muted>{len(runs)} run(s) · privdiff {_e(__version__)}"
-            f" · generated {when}</p>", "<h2>Runs</h2>", _runs_table(runs), "<h2>Utility</h2>"]
+    grids = report.get("split_attacks") or []
+    head = [f"<h1>privdiff report card</h1><p class=muted>{len(runs)} run(s) · privdiff {_e(__version__)}"
+            f" · generated {when}</p>"]
+    split = ["<h2>Split learning: attacks × defences</h2>", _split_attacks_section(grids)] if grids else []
+    if not runs:
+        return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>privdiff report</title>"
+                f"<style>{STYLE}</style></head><body>{''.join(head + split)}</body></html>")
+    body = head + ["<h2>Runs</h2>", _runs_table(runs), "<h2>Utility</h2>"]
     if keys:
         body += [_metrics_table(runs, keys), _eval_notes(runs)]
         figure = plots.metric_comparison(runs, keys)
@@ -273,5 +329,6 @@ def render(report: dict) -> str:
                           ("Held-out denoising loss by timestep", plots.heldout_by_timestep(runs))):
         if figure:
             body += [f"<h2>{title}</h2>", _img(figure, title)]
+    body += split
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>privdiff report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")

@@ -77,6 +77,9 @@ class PilotDecoder(nn.Module):
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(feature))
 
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.net(feature)
+
 
 class Critic(nn.Module):
     """D: feature → one score. No normalisation layers: the gradient penalty is per example."""
@@ -109,7 +112,7 @@ class FSHAAttack(SplitAttack):
     name = "fsha"
     designs = ("vanilla",)
 
-    def __init__(self, *, batch_size: int = 32, pilot_lr: float = 1e-3, critic_lr: float = 1e-4,
+    def __init__(self, *, batch_size: int = 32, pilot_lr: float = 3e-3, critic_lr: float = 1e-4,
                  gp_weight: float = 10.0, critic_steps: int = 2, pilot_steps: int = 1, pretrain_steps: int = 400,
                  residual: bool = True, feature_scale: float = 0.5) -> None:
         self.batch_size = batch_size
@@ -151,7 +154,9 @@ class FSHAAttack(SplitAttack):
 
     def _pilot_step(self) -> float:
         condition = self._public_batch()
-        loss = nn.functional.mse_loss(self.decoder(self.encoder(condition)), condition)
+        # Cross-entropy, not MSE: thin white outlines on black are a few % of the pixels, and an MSE
+        # autoencoder settles on the all-black image (measured: stuck at the black-image MSE).
+        loss = nn.functional.binary_cross_entropy_with_logits(self.decoder.logits(self.encoder(condition)), condition)
         self.pilot_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.pilot_optimizer.step()
