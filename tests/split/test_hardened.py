@@ -148,3 +148,10 @@ def test_noisy_target_keeps_the_expected_gradient(tiny_pipeline_dir, public_mode
     half_width = 2.576 * float(draws.std()) / math.sqrt(len(draws))
     assert abs(float(draws.mean()) - reference) <= half_width
     assert float(draws.std()) > 0  # the noise does reach the gradient: only its mean is unchanged
+
+
+def test_epsilon_of_weak_settings_is_finite_not_an_overflow():
+    """μ of several hundred (no clipping to speak of, small t) gives a huge but finite ε."""
+    values = [gdp_epsilon(mu, 1e-5) for mu in (50.0, 628.0, 5000.0)]
+    assert all(math.isfinite(v) for v in values) and values == sorted(values)
+    assert values[0] == pytest.approx(50 ** 2 / 2 + 50 * 4.26, rel=0.05)  # ≈ μ²/2 + μ·z(δ) for large μ
