@@ -39,6 +39,12 @@ def _print_summary(summary: dict, folder: Path) -> None:
                 value = fidelity[name]["edge_ssim"]
                 parts.append(f"{name} {value['value']:.3f} [{value['ci'][0]:.3f}, {value['ci'][1]:.3f}]")
         console.print(f"condition fidelity (edge SSIM, {fidelity['num_samples']} test conditions): " + ", ".join(parts))
+    privacy = summary.get("local_privacy")
+    if privacy:
+        worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))
+        console.print(f"local DP per sample (δ = {privacy['delta']:g}): image latent ε = {worst['worst_image_epsilon']:.3g}, "
+                      f"with the condition ε = {worst['worst_epsilon']:.3g} (∞: the condition is not protected); "
+                      f"reference formula {privacy['reference_formula_not_a_guarantee']:.2f} is not a guarantee")
     console.print(f"run folder: [bold]{folder}[/]  ControlNet: [bold]{folder / 'controlnet'}[/]")
 
 

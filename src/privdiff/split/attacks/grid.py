@@ -31,8 +31,8 @@ DEFENCES = (
             "backward-free, no timestep policy, identity activation, fp32"),
     Defence("published", (), "backward-free as published: t_start 5, symsigmoid, fp16, clean target"),
     Defence("t_start=500", ("protocol.t_start=500",), "published, timestep policy t ≥ 500"),
-    Defence("noisy target s=1", ("protocol.target_noise=1", "protocol.latent_clip=16"),
-            "published + target n + η (s = 1), ||z0|| clipped to 16 (about its typical norm)"),
+    Defence("noisy target s=0.5", ("protocol.target_noise=0.5", "protocol.latent_clip=16"),
+            "published + target n + η (s = 0.5), ||z0|| clipped to 16 (about its typical norm)"),
     Defence("hardened s=1 R=4, t≥500, condition noise", (
         "protocol.t_start=500", "protocol.target_noise=1", "protocol.latent_clip=4", "protocol.condition_clip=4",
         "protocol.condition_noise=4"),
