@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from privdiff.data.examples import ImageDataset
+from privdiff.errors import ConfigError, PrivdiffError
 from privdiff.split.config import SplitConfig
 from privdiff.split.messages import encode, parse
 from privdiff.split.models import PublicModels
@@ -89,6 +90,19 @@ class SplitAttack:
         raise NotImplementedError
 
 
+def check_observation(attack: SplitAttack, observation: Observation) -> None:
+    """Refuses an observation the fitted attack cannot read (not fitted, other design, other tensors)."""
+    data = getattr(attack, "data", None)
+    if data is None:
+        raise PrivdiffError(f"{attack.name}: call fit(data) before reconstruct")
+    if observation.design != data.design:
+        raise ConfigError(f"{attack.name}: fitted for the {data.design} design, observation is {observation.design}")
+    wanted = {"s0" if data.config.protocol.send == "s0" else "x_t", "t", "target",
+              "h" if data.design == "backward-free" else "control"}
+    if missing := sorted(wanted - set(observation.tensors)):
+        raise ConfigError(f"{attack.name}: observation lacks {', '.join(missing)} (protocol settings differ from fit)")
+
+
 def public_triples(config: SplitConfig, count: int) -> ImageDataset:
     """The attacker's auxiliary data: fill triples from a seed no client uses."""
     from privdiff.data.builtin import BUILTIN_DATASETS
@@ -135,4 +149,5 @@ class Observer:
 
 
 __all__ = ["AttackData", "Observation", "Observer", "PUBLIC_SEED", "Reconstruction", "SplitAttack", "Truth",
+           "check_observation",
            "public_triples"]
