@@ -81,7 +81,10 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
              attack_names: list[str] | None = None, victims: int = 64, utility: bool = True,
              utility_overrides: list[str] | None = None, attack_options: dict | None = None,
              show_progress: bool = True) -> dict:
-    """Runs the grid into `out` (split_attacks.json, split_attacks.md, split_attacks.png, utility runs)."""
+    """Runs the grid into `out` (split_attacks.json, split_attacks.md, split_attacks.png, utility runs).
+
+    Rows of defences not chosen this time are kept from an earlier grid in the same folder, so a grid
+    can be built (or one row re-run) one defence at a time."""
     from privdiff.split.attacks import attack_class
     from privdiff.split.attacks.evaluate import evaluate_attack
     from privdiff.split.models import load_public_models
@@ -94,10 +97,16 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
         unknown = sorted(set(defences) - {d.name for d in DEFENCES})
         raise ConfigError(f"unknown defence(s) {unknown} (choose from {[d.name for d in DEFENCES]})")
     out.mkdir(parents=True, exist_ok=True)
+    previous = {r["defence"]: r for r in (load_grid(out) or {}).get("rows", [])}  # rows kept from a prior call
     base = list(base_overrides or [])
     options = {**ATTACK_OPTIONS, **(attack_options or {})}
     models = None
-    rows = []
+    done: dict[str, dict] = dict(previous)
+
+    def ordered() -> list[dict]:
+        order = [d.name for d in DEFENCES]
+        return sorted(done.values(), key=lambda r: order.index(r["defence"]) if r["defence"] in order else len(order))
+
     for defence in chosen:
         config = load_split_config(None, base + list(defence.overrides))
         models = models or load_public_models(config.model.pretrained)
@@ -120,9 +129,9 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
                                                + list(defence.overrides))
             row["utility"] = _utility(utility_config, out / "utility" / defence.name.replace(" ", "_").replace("=", "-")
                                       .replace(",", ""), show_progress)
-        rows.append(row)
-        atomic_write_json(out / GRID_FILE, {"rows": rows, "victims": victims, "record": run_record()})
-    grid = {"rows": rows, "victims": victims, "record": run_record(), "attack_options": options,
+        done[defence.name] = row
+        atomic_write_json(out / GRID_FILE, {"rows": ordered(), "victims": victims, "record": run_record()})
+    grid = {"rows": ordered(), "victims": victims, "record": run_record(), "attack_options": options,
             "rule": "leaks = attack SSIM interval wholly above the mean-public-image baseline's interval"}
     atomic_write_json(out / GRID_FILE, grid)
     atomic_write_text(out / "split_attacks.md", markdown_table(grid))
