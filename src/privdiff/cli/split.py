@@ -194,8 +194,11 @@ def attack(
         ceiling = result["references"]["ceiling"][target]["all"]
         got = summary["all"]
         console.print(f"  {target:9s} SSIM {got['ssim']['value']:.3f} [{got['ssim']['ci'][0]:.3f}, "
-                      f"{got['ssim']['ci'][1]:.3f}]  PSNR {got['psnr']['value']:.1f} dB   "
+                      f"{got['ssim']['ci'][1]:.3f}]  PSNR {got['psnr']['value']:.1f} dB  MSE {got['mse']['value']:.4f}  "
                       f"(baseline {base['ssim']['value']:.3f}, ceiling {ceiling['ssim']['value']:.3f})")
+        buckets = [f"t in [{k[1:].replace('-', ', ')}): {v['ssim']['value']:.3f} (n={v['n']})"
+                   for k, v in summary.items() if k != "all"]
+        console.print("            SSIM by timestep: " + "; ".join(buckets))
     console.print(f"results: [bold]{out / 'attack.json'}[/]  images: [bold]{out / 'reconstructions.png'}[/]")
 
 

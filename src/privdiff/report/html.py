@@ -260,21 +260,19 @@ def _split_cell(entry: dict | None, target: str) -> str:
 
 def _split_attacks_section(grids: list[dict]) -> str:
     """Attack × defence table per grid: reconstruction SSIM with the verdict, utility and accounted ε."""
-    from privdiff.split.attacks.grid import grid_figure
+    from privdiff.split.attacks.grid import grid_figure, utility_cell
 
     parts = []
     for grid in grids:
         rows = grid["rows"]
         attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha") if any(a in r["attacks"] for r in rows)]
         head = "<tr><th>defence</th>" + "".join(f"<th>{_e(a)}<br>image / condition SSIM</th>" for a in attacks) + \
-            "<th>utility: edge SSIM trained − untrained</th><th>ε per sample</th></tr>"
+            "<th>utility, trained − untrained: edge SSIM; disk IoU</th><th>ε per sample</th></tr>"
         body = []
         for r in rows:
             cells = "".join(f"<td>{_split_cell(r['attacks'].get(a), 'image')}<br>"
                             f"{_split_cell(r['attacks'].get(a), 'condition')}</td>" for a in attacks)
-            paired = (r.get("utility") or {}).get("paired", {}).get("edge_ssim")
-            utility = (f"{fmt(paired['value'])} <span class=ci>[{fmt(paired['ci'][0])}, {fmt(paired['ci'][1])}]</span>"
-                       if paired else "not measured")
+            utility = _e(utility_cell(r.get("utility")))
             privacy = (r.get("utility") or {}).get("local_privacy")
             if privacy:
                 worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))

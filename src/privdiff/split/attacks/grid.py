@@ -5,7 +5,8 @@ Each defence is a set of protocol overrides. For each: every applicable attack i
 against held-out victims, and (unless skipped) a split run with the same protocol is trained and its
 condition fidelity compared, paired, with the untrained ControlNet. A reconstruction *leaks* when the
 lower end of its SSIM interval is above the upper end of the no-information baseline's (the mean
-public image); otherwise the configuration *resists* that attack for that target.
+public image), over all victims or within any timestep bucket; otherwise the configuration
+*resists* that attack for that target.
 """
 
 from __future__ import annotations
@@ -55,12 +56,22 @@ def leaks(attack: dict, baseline: dict) -> bool:
     return attack["ssim"]["ci"][0] > baseline["ssim"]["ci"][1]
 
 
+def verdicts(entry: dict) -> dict[str, bool]:
+    """Per target: does the attack leak overall or in any timestep bucket? (A protection that only
+    holds at large t does not protect the examples drawn at small t.)"""
+    out = {}
+    for target, summary in entry["scores"].items():
+        baseline = entry["references"]["baseline"][target]
+        out[target] = any(leaks(summary[key], baseline[key]) for key in summary
+                          if key in baseline and summary[key]["n"] > 1)
+    return out
+
+
 def _compact(outcome: dict) -> dict:
     keep = ("attack", "victims", "scores", "references", "latent_errors", "diagnostics", "fit_seconds",
             "reconstruct_seconds")
     out = {k: outcome[k] for k in keep}
-    out["leaks"] = {target: leaks(summary["all"], outcome["references"]["baseline"][target]["all"])
-                    for target, summary in outcome["scores"].items()}
+    out["leaks"] = verdicts(out)
     return out
 
 
@@ -131,8 +142,12 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
                                       .replace(",", ""), show_progress)
         done[defence.name] = row
         atomic_write_json(out / GRID_FILE, {"rows": ordered(), "victims": victims, "record": run_record()})
+    for row in done.values():  # kept rows too: one rule for the whole table
+        for entry in row["attacks"].values():
+            entry["leaks"] = verdicts(entry)
     grid = {"rows": ordered(), "victims": victims, "record": run_record(), "attack_options": options,
-            "rule": "leaks = attack SSIM interval wholly above the mean-public-image baseline's interval"}
+            "rule": "leaks = the attack's SSIM interval lies wholly above the mean-public-image baseline's, "
+                    "over all victims or within any timestep bucket"}
     atomic_write_json(out / GRID_FILE, grid)
     atomic_write_text(out / "split_attacks.md", markdown_table(grid))
     (out / "split_attacks.png").write_bytes(grid_figure(grid))
@@ -147,13 +162,22 @@ def _cell(entry: dict | None, target: str) -> str:
     return f"{value['value']:.2f} {verdict}"
 
 
+def utility_cell(utility: dict | None) -> str:
+    """Paired condition-fidelity gains (edge SSIM; disk IoU) of the configuration's trained ControlNet."""
+    paired = (utility or {}).get("paired", {})
+    if not paired:
+        return "not measured"
+    return "; ".join(f"{p['value']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+                     for metric in ("edge_ssim", "disk_iou") if (p := paired.get(metric)))
+
+
 def markdown_table(grid: dict) -> str:
     """The README / report table: per defence, each attack's image and condition SSIM and verdict,
     the baseline and ceiling, the utility and the accounted ε."""
     attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha")
                if any(a in r["attacks"] for r in grid["rows"])]
     head = ["defence"] + [f"{a} image / condition" for a in attacks] + \
-        ["baseline / ceiling SSIM", "utility: edge SSIM trained − untrained [95 % CI]", "ε per sample (δ)"]
+        ["baseline / ceiling SSIM", "utility, trained − untrained [95 % CI]: edge SSIM; disk IoU", "ε per sample (δ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in grid["rows"]:
         cells = [row["defence"]]
@@ -169,13 +193,8 @@ def markdown_table(grid: dict) -> str:
                          f"{ref['ceiling']['condition']['all']['ssim']['value']:.2f}")
         else:
             cells.append("—")
-        utility = row.get("utility")
-        if utility and "edge_ssim" in utility.get("paired", {}):
-            p = utility["paired"]["edge_ssim"]
-            cells.append(f"{p['value']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]")
-        else:
-            cells.append("not measured")
-        privacy = (utility or {}).get("local_privacy")
+        cells.append(utility_cell(row.get("utility")))
+        privacy = (row.get("utility") or {}).get("local_privacy")
         if privacy:
             worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))
             cells.append(f"image {worst['worst_image_epsilon']:.3g}, total {worst['worst_epsilon']:.3g} "
@@ -232,5 +251,5 @@ def load_grid(folder: str | Path) -> dict | None:
         raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
 
 
-__all__ = ["ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "GRID_FILE", "grid_figure", "leaks", "load_grid",
-           "markdown_table", "run_grid"]
+__all__ = ["verdicts", "ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "GRID_FILE", "grid_figure", "leaks", "load_grid",
+           "markdown_table", "run_grid", "utility_cell"]
