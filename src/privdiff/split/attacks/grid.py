@@ -216,7 +216,7 @@ def grid_figure(grid: dict) -> bytes:
 
     rows = grid["rows"]
     attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha") if any(a in r["attacks"] for r in rows)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), sharey=True)
     width = 0.8 / max(1, len(attacks))
     for ax, target in zip(axes, ("image", "condition")):
         x = np.arange(len(rows))
@@ -233,7 +233,7 @@ def grid_figure(grid: dict) -> bytes:
         ax.set_xticks(x, [r["defence"] for r in rows], rotation=20, ha="right", fontsize=7)
         ax.set_title(f"{target} reconstruction SSIM")
     axes[0].set_ylabel("SSIM")
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
