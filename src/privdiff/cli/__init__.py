@@ -28,14 +28,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from privdiff.cli import audit, demo, evaluate, sample, split, train  # noqa: F401  (each module adds its commands)
+    from privdiff.cli import audit, demo, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the CLI; PrivdiffError -> 'error: ...' on stderr and exit 2."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
     except PrivdiffError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
         return 2
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             err.show()
             return err.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:
