@@ -56,6 +56,15 @@ def clip_per_example(z: torch.Tensor, bound: float) -> torch.Tensor:
     return z * (bound / norms).clamp(max=1.0).view(-1, *([1] * (z.dim() - 1)))
 
 
+@dataclass
+class Release:
+    """One forward reply and the private draws it was made from (kept by the client side only)."""
+
+    message: Message
+    draws: ForwardDraws
+    z_c: torch.Tensor | None  # the condition latent as used (backward-free); None for vanilla
+
+
 class SplitClient:
     """Common part: data shard, secret streams, request parsing, the noisy latent."""
 
@@ -110,6 +119,10 @@ class SplitClient:
         raise ProtocolError(f"client {self.client_id}: unexpected message type {str(kind)[:40]!r}")
 
     def forward(self, round_: int, batch_size: int) -> Message:
+        return self.release(round_, batch_size).message
+
+    def release(self, round_: int, batch_size: int) -> Release:
+        """The next forward reply, with the draws behind it (an experimenter's view for scoring attacks)."""
         raise NotImplementedError
 
     def apply_gradient(self, push: Received) -> Message:
@@ -165,7 +178,7 @@ class BackwardFreeClient(SplitClient):
     """Forward only (spec §6): sends h, s0 (or x_t), t and the target noise; nothing comes back."""
 
     @torch.no_grad()
-    def forward(self, round_: int, batch_size: int) -> Message:
+    def release(self, round_: int, batch_size: int) -> Release:
         self.seq += 1
         draws = self._draw(self.seq, self.position, batch_size)
         self.position += batch_size
@@ -180,7 +193,7 @@ class BackwardFreeClient(SplitClient):
             tensors["x_t"] = draws.x_t
         if self.protocol.send_zero_text:  # the reference's zeros_like(e(p)): shape only, no prompt
             tensors["text_embedding"] = torch.zeros((batch_size, *self.models.text_shape))
-        return self._reply(round_, tensors)
+        return Release(self._reply(round_, tensors), draws, z_c)
 
 
 class VanillaClient(SplitClient):
@@ -219,7 +232,7 @@ class VanillaClient(SplitClient):
         with torch.no_grad():
             return self.models.text_encoder(tok.input_ids)[0]
 
-    def forward(self, round_: int, batch_size: int) -> Message:
+    def release(self, round_: int, batch_size: int) -> Release:
         self.seq += 1
         draws = self._draw(self.seq, self.position, batch_size)
         self.pending = (round_, self.seq, self.position, batch_size)
@@ -227,7 +240,7 @@ class VanillaClient(SplitClient):
         with torch.no_grad():
             tensors = {"control": self._control(draws), "s0": self.models.unet.conv_in(draws.x_t), "t": draws.t,
                        "text_embedding": self._text(draws.indices), "target": draws.target}
-        return self._reply(round_, tensors)
+        return Release(self._reply(round_, tensors), draws, None)
 
     def apply_gradient(self, push: Received) -> Message:
         if self.pending is None:
@@ -250,4 +263,4 @@ class VanillaClient(SplitClient):
         return Message(GRADIENT_ACK, self.client_id, round_, self.seq)
 
 
-__all__ = ["BackwardFreeClient", "ForwardDraws", "clip_per_example", "ProtocolError", "SplitClient", "VanillaClient"]
+__all__ = ["BackwardFreeClient", "ForwardDraws", "Release", "clip_per_example", "ProtocolError", "SplitClient", "VanillaClient"]

@@ -3,7 +3,7 @@ against, and one interface.
 
 Victims are drawn by the real client code: an `Observer` runs a client on a dataset, sends real
 forward replies through the wire format and decodes them as the server would (`Observation`), and
-recomputes the same private draws from the client's secret seed for scoring (`Truth`). An attacker
+keeps the private draws the client made them from for scoring (`Truth`, from `SplitClient.release`). An attacker
 builds its own training pairs the same way on public data with a seed of its own.
 """
 
@@ -47,7 +47,7 @@ class Truth:
     images: torch.Tensor      # (B, 3, H, W) in [0, 1]
     conditions: torch.Tensor  # (B, 3, H, W) in [0, 1]
     z0: torch.Tensor          # scaled image latent actually used (clipped when hardened)
-    z_c: torch.Tensor         # condition latent actually used (clipped and noised when hardened)
+    z_c: torch.Tensor | None  # condition latent actually used (clipped and noised when hardened); vanilla: None
     x_t: torch.Tensor
     noise: torch.Tensor
     t: torch.Tensor
@@ -127,21 +127,20 @@ class Observer:
             return parts[0]
         observation = Observation(parts[0][0].design, {k: torch.cat([p[0].tensors[k] for p in parts])
                                                        for k in parts[0][0].tensors})
-        truth = Truth(**{f.name: torch.cat([getattr(p[1], f.name) for p in parts]) for f in dataclasses.fields(Truth)})
+        truth = Truth(**{f.name: None if getattr(parts[0][1], f.name) is None
+                         else torch.cat([getattr(p[1], f.name) for p in parts]) for f in dataclasses.fields(Truth)})
         return observation, truth
 
     def _one(self, batch_size: int, round_: int) -> tuple[Observation, Truth]:
         client = self.client
-        position = client.position
-        message = client.forward(round_, batch_size)
-        received = parse(encode(message), 1 << 40)
+        release = client.release(round_, batch_size)
+        received = parse(encode(release.message), 1 << 40)
         tensors = {}
         for name in received.specs:
             array = np.array(received.load(name))
             tensors[name] = torch.from_numpy(array if name == "t" else array.astype(np.float32))
-        draws = client._draw(client.seq, position, batch_size)
-        z_c = client.condition_latent(draws)
-        truth = Truth(images=(draws.images + 1) / 2, conditions=draws.conditions, z0=draws.z0, z_c=z_c,
+        draws = release.draws
+        truth = Truth(images=(draws.images + 1) / 2, conditions=draws.conditions, z0=draws.z0, z_c=release.z_c,
                       x_t=draws.x_t, noise=draws.noise, t=draws.t)
         if hasattr(client, "pending"):  # vanilla: nobody pushes a gradient for this forward
             client.pending, client.seq = None, client.seq + 1
@@ -149,5 +148,4 @@ class Observer:
 
 
 __all__ = ["AttackData", "Observation", "Observer", "PUBLIC_SEED", "Reconstruction", "SplitAttack", "Truth",
-           "check_observation",
-           "public_triples"]
+           "check_observation", "public_triples"]
