@@ -22,13 +22,7 @@ from tests.split.conftest import split_config
 VICTIM = ("protocol.design=vanilla", "train.clients=1", "train.request_size=16", "data.num_examples=64")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Compute-bound small tensors: one thread is much faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quick_attack(config, models, **overrides) -> FSHAAttack:

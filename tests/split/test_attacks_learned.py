@@ -25,13 +25,7 @@ from tests.split.conftest import split_config
 UNPROTECTED = ["protocol.t_start=0", "protocol.activation=identity", "protocol.precision=fp32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests are compute-bound: one thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from privdiff.metrics.evaluate import record_key
 from privdiff.run_folder import open_run
 
 
-def _read_json(path: Path) -> dict | list | None:
+def read_json(path: Path) -> dict | list | None:
     if not path.is_file():
         return None
     try:
@@ -36,9 +36,9 @@ def collect_run(path: str | Path) -> dict:
     """One run's figures: settings, privacy, metric records, training history and image paths."""
     run = open_run(path)
     cfg = run.config
-    metrics = _read_json(run.path / "metrics.json") or {}
-    audit = _read_json(run.path / "audit" / "audit.json")
-    control = _read_json(run.path / "audit" / "control" / "audit.json")
+    metrics = read_json(run.path / "metrics.json") or {}
+    audit = read_json(run.path / "audit" / "audit.json")
+    control = read_json(run.path / "audit" / "control" / "audit.json")
     eval_grid = run.path / "eval" / "samples.png"
     return {
         "name": run.name,

@@ -260,12 +260,12 @@ def _split_cell(entry: dict | None, target: str) -> str:
 
 def _split_attacks_section(grids: list[dict]) -> str:
     """Attack × defence table per grid: reconstruction SSIM with the verdict, utility and accounted ε."""
-    from privdiff.split.attacks.grid import grid_figure, utility_cell
+    from privdiff.split.attacks.grid import attacks_in, grid_figure, reference_ssim, utility_cell, worst_client
 
     parts = []
     for grid in grids:
         rows = grid["rows"]
-        attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha") if any(a in r["attacks"] for r in rows)]
+        attacks = attacks_in(rows)
         head = "<tr><th>defence</th>" + "".join(f"<th>{_e(a)}<br>image / condition SSIM</th>" for a in attacks) + \
             "<th>utility, trained − untrained: edge SSIM; disk IoU</th><th>ε per sample</th></tr>"
         body = []
@@ -273,11 +273,10 @@ def _split_attacks_section(grids: list[dict]) -> str:
             cells = "".join(f"<td>{_split_cell(r['attacks'].get(a), 'image')}<br>"
                             f"{_split_cell(r['attacks'].get(a), 'condition')}</td>" for a in attacks)
             utility = _e(utility_cell(r.get("utility")))
-            privacy = (r.get("utility") or {}).get("local_privacy")
-            if privacy:
-                worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))
+            worst = worst_client(r)
+            if worst:
                 eps = (f"<span class=dp>image {fmt(worst['worst_image_epsilon'])}, total "
-                       f"{fmt(worst['worst_epsilon'])}</span> <span class=muted>δ = {fmt(privacy['delta'])}</span>")
+                       f"{fmt(worst['worst_epsilon'])}</span> <span class=muted>δ = {fmt(worst['delta'])}</span>")
             else:
                 eps = '<span class="nodp">none</span>'
             body.append(f"<tr><td><b>{_e(r['defence'])}</b><br><span class=muted>{_e(r['note'])}</span></td>{cells}"
@@ -285,12 +284,10 @@ def _split_attacks_section(grids: list[dict]) -> str:
         first = next((r for r in rows if r["attacks"]), None)
         reference = ""
         if first:
-            ref = next(iter(first["attacks"].values()))["references"]
-            reference = (f"No-information baseline (mean public image) SSIM: image "
-                         f"{fmt(ref['baseline']['image']['all']['ssim']['value'])}, condition "
-                         f"{fmt(ref['baseline']['condition']['all']['ssim']['value'])}; autoencoder ceiling: image "
-                         f"{fmt(ref['ceiling']['image']['all']['ssim']['value'])}, condition "
-                         f"{fmt(ref['ceiling']['condition']['all']['ssim']['value'])}. ")
+            baseline, ceiling = (f"image {fmt(reference_ssim(first, kind, 'image'))}, condition "
+                                f"{fmt(reference_ssim(first, kind, 'condition'))}" for kind in ("baseline", "ceiling"))
+            reference = (f"No-information baseline (mean public image) SSIM: {baseline}; "
+                         f"autoencoder ceiling: {ceiling}. ")
         parts.append(f"<h3>{_e(grid['name'])}</h3><p class=muted>{grid['victims']} held-out victims per attack. "
                      f"{reference}{_e(grid.get('rule', ''))}. ε: per sample, replace-one local DP of the hardened "
                      f"option (image latent alone, and with the condition; ∞ = that part is unprotected).</p>"

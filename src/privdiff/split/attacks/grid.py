@@ -11,7 +11,7 @@ public image), over all victims or within any timestep bucket; otherwise the con
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +162,27 @@ def _cell(entry: dict | None, target: str) -> str:
     return f"{value['value']:.2f} {verdict}"
 
 
+def attacks_in(rows: list[dict]) -> list[str]:
+    """The registered attacks that appear in any row, in registry order (the table's columns)."""
+    from privdiff.split.attacks import ATTACKS
+
+    return [a for a in ATTACKS if any(a in r["attacks"] for r in rows)]
+
+
+def reference_ssim(row: dict, kind: str, target: str) -> float:
+    """The row's baseline or ceiling SSIM (the same for every attack of the row; NaN without attacks)."""
+    entry = next(iter(row["attacks"].values()), None)
+    return entry["references"][kind][target]["all"]["ssim"]["value"] if entry else math.nan
+
+
+def worst_client(row: dict) -> dict | None:
+    """The client with the largest accounted μ of the row's utility run (None: no guarantee to report)."""
+    privacy = (row.get("utility") or {}).get("local_privacy")
+    if not privacy:
+        return None
+    return {**max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0)), "delta": privacy["delta"]}
+
+
 def utility_cell(utility: dict | None) -> str:
     """Paired condition-fidelity gains (edge SSIM; disk IoU) of the configuration's trained ControlNet."""
     paired = (utility or {}).get("paired", {})
@@ -174,33 +195,22 @@ def utility_cell(utility: dict | None) -> str:
 def markdown_table(grid: dict) -> str:
     """The README / report table: per defence, each attack's image and condition SSIM and verdict,
     the baseline and ceiling, the utility and the accounted ε."""
-    attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha")
-               if any(a in r["attacks"] for r in grid["rows"])]
+    attacks = attacks_in(grid["rows"])
     head = ["defence"] + [f"{a} image / condition" for a in attacks] + \
         ["baseline / ceiling SSIM", "utility, trained − untrained [95 % CI]: edge SSIM; disk IoU", "ε per sample (δ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in grid["rows"]:
         cells = [row["defence"]]
-        any_entry = next(iter(row["attacks"].values()), None)
         for a in attacks:
             entry = row["attacks"].get(a)
             cells.append("—" if entry is None else f"{_cell(entry, 'image')} / {_cell(entry, 'condition')}")
-        if any_entry:
-            ref = any_entry["references"]
-            cells.append(f"{ref['baseline']['image']['all']['ssim']['value']:.2f}, "
-                         f"{ref['baseline']['condition']['all']['ssim']['value']:.2f} / "
-                         f"{ref['ceiling']['image']['all']['ssim']['value']:.2f}, "
-                         f"{ref['ceiling']['condition']['all']['ssim']['value']:.2f}")
-        else:
-            cells.append("—")
+        cells.append("—" if not row["attacks"] else " / ".join(
+            ", ".join(f"{reference_ssim(row, kind, target):.2f}" for target in ("image", "condition"))
+            for kind in ("baseline", "ceiling")))
         cells.append(utility_cell(row.get("utility")))
-        privacy = (row.get("utility") or {}).get("local_privacy")
-        if privacy:
-            worst = max(privacy["clients"].values(), key=lambda c: c.get("worst_image_mu", 0))
-            cells.append(f"image {worst['worst_image_epsilon']:.3g}, total {worst['worst_epsilon']:.3g} "
-                         f"({privacy['delta']:g})")
-        else:
-            cells.append("none")
+        worst = worst_client(row)
+        cells.append("none" if worst is None else f"image {worst['worst_image_epsilon']:.3g}, total "
+                     f"{worst['worst_epsilon']:.3g} ({worst['delta']:g})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -215,7 +225,7 @@ def grid_figure(grid: dict) -> bytes:
     import numpy as np
 
     rows = grid["rows"]
-    attacks = [a for a in ("analytic", "inverse-network", "unsplit", "fsha") if any(a in r["attacks"] for r in rows)]
+    attacks = attacks_in(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), sharey=True)
     width = 0.8 / max(1, len(attacks))
     for ax, target in zip(axes, ("image", "condition")):
@@ -224,10 +234,8 @@ def grid_figure(grid: dict) -> bytes:
             values = [r["attacks"].get(a, {}).get("scores", {}).get(target, {}).get("all", {}).get("ssim", {})
                       .get("value", np.nan) for r in rows]
             ax.bar(x + i * width - 0.4 + width / 2, values, width, label=a)
-        baseline = [next(iter(r["attacks"].values()))["references"]["baseline"][target]["all"]["ssim"]["value"]
-                    if r["attacks"] else np.nan for r in rows]
-        ceiling = [next(iter(r["attacks"].values()))["references"]["ceiling"][target]["all"]["ssim"]["value"]
-                   if r["attacks"] else np.nan for r in rows]
+        baseline = [reference_ssim(r, "baseline", target) for r in rows]
+        ceiling = [reference_ssim(r, "ceiling", target) for r in rows]
         ax.scatter(x, baseline, marker="_", s=400, color="black", label="baseline (mean public image)", zorder=3)
         ax.scatter(x, ceiling, marker="_", s=400, color="grey", label="ceiling (autoencoder)", zorder=3)
         ax.set_xticks(x, [r["defence"] for r in rows], rotation=20, ha="right", fontsize=7)
@@ -242,14 +250,12 @@ def grid_figure(grid: dict) -> bytes:
 
 
 def load_grid(folder: str | Path) -> dict | None:
-    path = Path(folder) / GRID_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
+    """The grid in `folder`, or None when it holds none (a JSON error is a ConfigError)."""
+    from privdiff.report.collect import read_json
+
+    return read_json(Path(folder) / GRID_FILE)
 
 
-__all__ = ["verdicts", "ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "GRID_FILE", "grid_figure", "leaks", "load_grid",
-           "markdown_table", "run_grid", "utility_cell"]
+__all__ = ["ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "GRID_FILE", "attacks_in", "grid_figure",
+           "leaks", "load_grid", "markdown_table", "reference_ssim", "run_grid", "utility_cell", "verdicts",
+           "worst_client"]
