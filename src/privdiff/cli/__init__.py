@@ -28,7 +28,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from privdiff.cli import audit, demo, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
+    from privdiff.cli import attack, audit, demo, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
 
 
 def main(argv: list[str] | None = None) -> int:

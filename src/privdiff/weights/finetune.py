@@ -1,0 +1,183 @@
+"""Victim and shadow fine-tunes: DreamBooth-style LoRA on one identity (weights-attack.md §4).
+
+One `FinetuneBench` holds what every run shares: the frozen base pipeline, the public class
+images of the prior-preservation term (generated once from the base with the class prompt) and
+the recipe. Each run fine-tunes a fresh copy of the base UNet through the shared training loop,
+so the base model is never modified and a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from privdiff.config import DPConfig, LoRAConfig, RunConfig, TrainConfig
+from privdiff.data.identities import identity_images, trigger_word
+from privdiff.models.lora import save_lora
+from privdiff.seeding import derive_seed, generator
+from privdiff.training.loop import train
+from privdiff.training.methods.dreambooth import DreamBoothLoRA, SeededDPLoRA
+from privdiff.training.task import DiffusionTask, EncodedSplit, encode_images, encode_prompts
+
+# (r, the UNet being fine-tuned, its task): called after every fine-tune step
+StepHook = Callable[[int, UNet2DConditionModel, DiffusionTask], None]
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """The victims' and shadows' recipe (spec §4, privdiff column).
+
+    The text-encoder LoRA of the spec's table is left out [D]: the attack never reads it and
+    its decoder bypasses the text encoder; the UNet adapter alone learns the trigger.
+    """
+
+    rank: int = 4
+    alpha: float = 7.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    steps: int = 200
+    images_per_identity: int = 5
+    prior_images: int = 20
+    prior_weight: float = 1.0
+    init_seed: int = 0
+    prompt_template: str = "a face of {}"
+    class_prompt: str = "a face"
+
+    def prompt(self, identity: int) -> str:
+        return self.prompt_template.format(trigger_word(identity))
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, target_modules=list(self.target_modules))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Attack-time sampling (spec §7 [D]): G images, DDIM, classifier-free guidance."""
+
+    images: int = 4
+    inference_steps: int = 25
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class FinetuneBench:
+    """Base model + prior images + recipe: runs victim and shadow fine-tunes.
+
+    Attributes:
+        pipe: the frozen base pipeline (its UNet is copied per run, never trained).
+        recipe: the fine-tune recipe.
+        seed: seeds the prior images and each run's step stream.
+    """
+
+    pipe: StableDiffusionPipeline
+    recipe: FinetuneRecipe = field(default_factory=FinetuneRecipe)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.null_context = encode_prompts(self.pipe, [""])
+        self.class_context = encode_prompts(self.pipe, [self.recipe.class_prompt])
+        latents = self._class_latents(self.recipe.prior_images)
+        self.prior = EncodedSplit([f"prior-{i}" for i in range(len(latents))], latents,
+                                  self.class_context.expand(len(latents), -1, -1).clone())
+        self._workdir = tempfile.TemporaryDirectory(prefix="privdiff-finetune-")
+
+    @torch.no_grad()
+    def _class_latents(self, count: int) -> torch.Tensor:
+        if count == 0:
+            return torch.zeros(0, *self._latent_shape())
+        out = self.pipe(prompt_embeds=self.class_context.expand(count, -1, -1),
+                        negative_prompt_embeds=self.null_context.expand(count, -1, -1),
+                        num_inference_steps=25, guidance_scale=GenerationConfig.guidance_scale,
+                        generator=generator(self.seed, "prior-images"), output_type="latent")
+        return out.images  # already in the UNet's (scaled) latent space
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        cfg = self.pipe.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def private_images(self, identity: int) -> np.ndarray:
+        """(n, H, W, 3) uint8: the identity's training images (renders 0..n-1)."""
+        return identity_images(identity, self.recipe.images_per_identity)
+
+    def identity_task(self, identity: int, unet: UNet2DConditionModel, *, with_prior: bool = True) -> DiffusionTask:
+        images = torch.from_numpy(self.private_images(identity)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents = encode_images(self.pipe, images)
+        context = encode_prompts(self.pipe, [self.recipe.prompt(identity)])
+        return DiffusionTask(unet=unet, scheduler=self.pipe.scheduler, latents=latents,
+                             contexts=context.expand(len(latents), -1, -1).clone(),
+                             null_context=self.null_context,
+                             example_ids=[f"{identity}-{i}" for i in range(len(latents))],
+                             splits={"prior": self.prior} if with_prior else {})
+
+    def run_config(self, steps: int, *, dp_epsilon: float | None = None, seed_key: object = 0) -> RunConfig:
+        r = self.recipe
+        train_cfg = TrainConfig(method="dp-lora" if dp_epsilon else "dreambooth-lora", steps=steps, batch_size=1,
+                                learning_rate=r.learning_rate, weight_decay=r.weight_decay,
+                                max_grad_norm=None if dp_epsilon else r.max_grad_norm,
+                                checkpoint_every=10 ** 9, log_every=10 ** 9,
+                                seed=derive_seed(self.seed, "finetune", seed_key) % 2 ** 31)
+        dp = DPConfig(target_epsilon=dp_epsilon, delta=1e-5, epochs=None, expected_batch_size=1,
+                      physical_batch_size=8) if dp_epsilon else DPConfig()
+        return RunConfig(lora=r.lora_config(), train=train_cfg, dp=dp)
+
+    def finetune(self, identity: int, steps: int | None = None, *, on_step: StepHook | None = None,
+                 dp_epsilon: float | None = None, seed_key: object = None) -> UNet2DConditionModel:
+        """Fine-tunes a fresh copy of the base UNet on `identity`; returns it (adapter attached).
+
+        Args:
+            identity: the identity seed (its trigger word and renders follow from it).
+            steps: fine-tune steps (default: the recipe's S).
+            on_step: called after every step with (r, unet, task): the step-embedding paradigm's hook.
+            dp_epsilon: train with DP-LoRA at this epsilon (delta 1e-5, no prior term: spec §8).
+            seed_key: names the run's random stream (default: the identity).
+        """
+        steps = steps or self.recipe.steps
+        unet = copy.deepcopy(self.pipe.unet)
+        config = self.run_config(steps, dp_epsilon=dp_epsilon, seed_key=identity if seed_key is None else seed_key)
+        if dp_epsilon:
+            method = SeededDPLoRA(config, init_seed=self.recipe.init_seed)
+            task = self.identity_task(identity, unet, with_prior=False)
+        else:
+            method = DreamBoothLoRA(config, init_seed=self.recipe.init_seed, prior_weight=self.recipe.prior_weight)
+            task = self.identity_task(identity, unet)
+        method.check_inputs(task.num_examples, unet)
+        hook = None if on_step is None else (lambda r, _metrics: on_step(r, unet, task))
+        train(task, method, Path(self._workdir.name), show_progress=False, on_step=hook)
+        unet.eval()
+        self.last_method = method
+        return unet
+
+    def save_adapter(self, unet: UNet2DConditionModel, path: Path, extra: dict[str, str] | None = None) -> Path:
+        save_lora(path, unet, self.recipe.lora_config(), extra)
+        return path
+
+    def pipeline_with(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+        """The base pipeline with `unet` swapped in and a DDIM sampler (shares every other component)."""
+        pipe = StableDiffusionPipeline(**{**self.pipe.components, "unet": unet,
+                                          "scheduler": DDIMScheduler.from_config(self.pipe.scheduler.config)})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def generate(self, unet: UNet2DConditionModel, context: torch.Tensor, generation: GenerationConfig,
+                 rng: torch.Generator) -> np.ndarray:
+        """(G, H, W, 3) uint8 images from `unet` conditioned on `context` (1, L, D)."""
+        g = generation.images
+        out = self.pipeline_with(unet)(
+            prompt_embeds=context.expand(g, -1, -1), negative_prompt_embeds=self.null_context.expand(g, -1, -1),
+            num_inference_steps=generation.inference_steps, guidance_scale=generation.guidance_scale,
+            generator=rng, output_type="np")
+        return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+
+    def describe(self) -> dict:
+        return {"recipe": asdict(self.recipe), "seed": self.seed}
+

@@ -1,0 +1,284 @@
+"""Training the encoder on shadow fine-tunes: the step-embedding paradigm (weights-attack.md §5).
+
+One shadow run = one public identity fine-tuned for s' ~ U{1..S} steps through the shared
+training loop; after every fine-tune step r the loop's `on_step` hook makes one encoder update
+on (Delta theta_r, r): z = Enc(Delta theta_r, r), and L_enc is the noise-prediction error of the
+shadow's own UNet (theta_r) conditioned on z, on one of the shadow's images. A run of s' steps
+thus yields s' supervised pairs for the cost of the fine-tune the attacker runs anyway.
+
+Gradient hygiene (which the reference code gets wrong, §5): the encoder's gradient is taken
+with `torch.autograd.grad` with respect to the encoder's parameters only, so nothing is written
+into the LoRA's `.grad`; the fine-tune loss never sees the encoder.
+
+The ablation (i) of §7 is `pairs="end-of-run"` without the step token: full S-step runs and one
+pair per run, at the same budget of shadow fine-tune steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from privdiff.diffusion import draw_noise_and_timesteps
+from privdiff.errors import ModelError
+from privdiff.models.lora import add_lora
+from privdiff.seeding import generator
+from privdiff.training.checkpoint import atomic_replace, atomic_write_text
+from privdiff.training.task import DiffusionTask
+from privdiff.weights.defences import defend_layers
+from privdiff.weights.encoder import EncoderConfig, WeightEncoder, encoder_loss
+from privdiff.weights.finetune import FinetuneBench
+from privdiff.weights.inputs import InputMode, batch_inputs, encoder_inputs, live_layers, matrix_shapes
+from privdiff.weights.lora_math import LoRALayer
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_CONFIG = "encoder.json"
+
+
+@dataclass(frozen=True)
+class EncoderTrainingConfig:
+    """How the attacker trains the encoder.
+
+    Attributes:
+        mode: what the encoder reads (`delta`, `raw`, `canonical`; §5).
+        step_token: feed r to the encoder (False: the no-step-token ablations).
+        pairs: `every-step` (the paradigm) or `end-of-run` (one pair per full S-step run).
+        budget_steps: total shadow fine-tune steps: the compute unit compared across ablations.
+        learning_rate, weight_decay: AdamW of the encoder (spec §6: 5e-3, 5e-4).
+        kl_weight, align_weight: beta_KL and lambda_align (0 and 0: the later reference code).
+        encoder_images: instance images per encoder update (spec: one).
+        conv_channels: width of the tokenizers' conv stages.
+        defence, defence_knob: train against shadows whose adapters pass through this post-hoc
+            defence (the adaptive attack of §8); None = undefended shadows.
+        seed: seeds the run lengths, noise draws and the encoder's initialisation.
+    """
+
+    mode: str = "delta"  # an InputMode
+    step_token: bool = True
+    pairs: str = "every-step"  # or "end-of-run"
+    budget_steps: int = 4_000
+    learning_rate: float = 5e-3
+    weight_decay: float = 5e-4
+    kl_weight: float = 0.0
+    align_weight: float = 0.0
+    encoder_images: int = 1
+    conv_channels: int = 32
+    defence: str | None = None
+    defence_knob: float | None = None
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return (f"{self.pairs}, {'step token' if self.step_token else 'no step token'}, {self.mode}"
+                + (f", adaptive to {self.defence} {self.defence_knob:g}" if self.defence else ""))
+
+
+@contextmanager
+def loaded_layers(unet: torch.nn.Module, layers: list[LoRALayer]) -> Iterator[None]:
+    """Temporarily writes `layers` into the UNet's adapter (canonical order), then restores it."""
+    modules = sorted(((n, m) for n, m in unet.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A),
+                     key=lambda item: item[0])
+    saved = [(m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+             for _, m in modules]
+    with torch.no_grad():
+        for (_, m), layer in zip(modules, layers, strict=True):
+            m.lora_A["default"].weight.copy_(layer.down)
+            m.lora_B["default"].weight.copy_(layer.up)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (_, m), (down, up) in zip(modules, saved):
+                m.lora_A["default"].weight.copy_(down)
+                m.lora_B["default"].weight.copy_(up)
+
+
+def reference_layers(bench: FinetuneBench) -> list[LoRALayer]:
+    """The adapter layout of the recipe (a fresh adapter on a copy of the base UNet)."""
+    unet = copy.deepcopy(bench.pipe.unet)
+    add_lora(unet, bench.recipe.lora_config())
+    return live_layers(unet)
+
+
+def build_encoder(bench: FinetuneBench, config: EncoderTrainingConfig) -> WeightEncoder:
+    pipe = bench.pipe
+    enc_config = EncoderConfig(matrix_shapes=matrix_shapes(reference_layers(bench)),
+                               context_length=pipe.tokenizer.model_max_length,
+                               context_dim=pipe.unet.config.cross_attention_dim,
+                               hidden=pipe.text_encoder.config.hidden_size,
+                               conv_channels=config.conv_channels, kl_weight=config.kl_weight)
+    torch.manual_seed(config.seed)  # the encoder's initialisation
+    return WeightEncoder(enc_config, pipe.text_encoder)
+
+
+class EncoderTrainer:
+    """Runs shadow fine-tunes and updates the encoder from their intermediate adapters.
+
+    Args:
+        bench: the base model and fine-tune recipe (S = `bench.recipe.steps`).
+        config: how the encoder is trained.
+        shadows: the public identities the attacker fine-tunes (cycled in order).
+    """
+
+    def __init__(self, bench: FinetuneBench, config: EncoderTrainingConfig, shadows: list[int]) -> None:
+        if not shadows:
+            raise ValueError("no shadow identities to train the encoder on")
+        self.bench, self.config, self.shadows = bench, config, list(shadows)
+        self.encoder = build_encoder(bench, config)
+        self.params = self.encoder.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                           betas=(0.9, 0.999))
+        self.updates: list[dict[str, float]] = []  # one row per encoder update
+        self.runs: list[dict[str, float]] = []     # one row per shadow run
+        self.finetune_steps = 0
+        self.encoder_seconds = 0.0
+        self.finetune_seconds = 0.0
+
+    def update(self, unet: torch.nn.Module, task: DiffusionTask, step: int, rng: torch.Generator) -> float:
+        """One encoder update on the shadow's adapter after fine-tune step `step` (= r)."""
+        began = time.perf_counter()
+        layers = live_layers(unet)
+        cfg = self.config
+        if cfg.defence:
+            layers = defend_layers(layers, cfg.defence, cfg.defence_knob, rng)
+        inputs = batch_inputs([encoder_inputs(layers, cfg.mode)])
+        mu, logvar = self.encoder(inputs, torch.tensor([step]) if cfg.step_token else None)
+        z = self.encoder.sample(mu, logvar, rng)
+        rows = torch.randint(0, task.num_examples, (cfg.encoder_images,), generator=rng)
+        latents = task.latents[rows]
+        noise, timesteps = draw_noise_and_timesteps(latents.shape, task.scheduler.config.num_train_timesteps, rng)
+        noisy = task.scheduler.add_noise(latents, noise, timesteps)
+        with loaded_layers(unet, layers) if cfg.defence else _nothing():
+            pred = unet(noisy, timesteps, encoder_hidden_states=z.expand(len(rows), -1, -1)).sample
+            align = task.contexts[:1] if cfg.align_weight else None
+            loss = encoder_loss(pred, noise, mu, logvar, cfg.kl_weight, align, cfg.align_weight)
+            # The encoder only: no LoRA .grad is touched (unused: e.g. the step MLP's input in the ablation).
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates.append({"step": step, "loss": loss.item()})
+        self.encoder_seconds += time.perf_counter() - began
+        return loss.item()
+
+    def shadow_run(self, identity: int, steps: int) -> list[int]:
+        """Fine-tunes `identity` for `steps` steps with encoder updates; returns the r of each update."""
+        rng = generator(self.config.seed, "encoder-run", len(self.runs))
+        seen: list[int] = []
+        every = self.config.pairs == "every-step"
+
+        def on_step(r: int, unet: torch.nn.Module, task: DiffusionTask) -> None:
+            if every or r == steps:
+                seen.append(r)
+                self.update(unet, task, r, rng)
+
+        began = time.perf_counter()
+        encoder_before = self.encoder_seconds
+        self.bench.finetune(identity, steps, on_step=on_step, seed_key=("shadow", len(self.runs), identity))
+        total = time.perf_counter() - began
+        self.finetune_seconds += total - (self.encoder_seconds - encoder_before)
+        self.finetune_steps += steps
+        self.runs.append({"identity": identity, "steps": steps, "pairs": len(seen),
+                          "loss": sum(u["loss"] for u in self.updates[-len(seen):]) / max(1, len(seen))})
+        return seen
+
+    def run_lengths(self) -> list[int]:
+        """The shadow runs' lengths: s' ~ U{1..S} (every-step) or S (end-of-run), summing to the budget."""
+        S, budget = self.bench.recipe.steps, self.config.budget_steps
+        rng = generator(self.config.seed, "run-lengths")
+        lengths = []
+        while sum(lengths) < budget:
+            draw = int(torch.randint(1, S + 1, (1,), generator=rng)) if self.config.pairs == "every-step" else S
+            lengths.append(min(draw, budget - sum(lengths)))
+        return lengths
+
+    def train(self, *, show_progress: bool = True,
+              on_run: Callable[[int, "EncoderTrainer"], None] | None = None) -> dict:
+        """Runs the whole budget; returns a summary (pairs, pairs/s, seconds)."""
+        lengths = self.run_lengths()
+        self.encoder.train()
+        began = time.perf_counter()
+        columns = (TextColumn("[bold]training the encoder"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("L_enc {task.fields[loss]:.4f}"), TimeRemainingColumn())
+        with Progress(*columns, disable=not show_progress) as progress:
+            bar = progress.add_task("encoder", total=sum(lengths), loss=float("nan"))
+            for index, steps in enumerate(lengths):
+                self.shadow_run(self.shadows[index % len(self.shadows)], steps)
+                progress.update(bar, advance=steps, loss=self.runs[-1]["loss"])
+                if on_run is not None:
+                    on_run(index + 1, self)
+        self.encoder.eval()
+        return self.summary(time.perf_counter() - began)
+
+    def summary(self, wall: float) -> dict:
+        pairs = len(self.updates)
+        return {"config": asdict(self.config), "label": self.config.label, "shadow_runs": len(self.runs),
+                "distinct_shadows": len({r["identity"] for r in self.runs}), "pairs": pairs,
+                "finetune_steps": self.finetune_steps, "wall_time_s": wall,
+                "encoder_seconds": self.encoder_seconds, "finetune_seconds": self.finetune_seconds,
+                "pairs_per_s": pairs / wall if wall else None,
+                "encoder_updates_per_s": pairs / self.encoder_seconds if self.encoder_seconds else None,
+                "finetune_s_per_step": self.finetune_seconds / max(1, self.finetune_steps),
+                "final_loss": (sum(u["loss"] for u in self.updates[-50:]) / len(self.updates[-50:])
+                               if self.updates else None)}
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@torch.no_grad()
+def embed_adapter(encoder: WeightEncoder, layers: list[LoRALayer], mode: InputMode, step: int | None,
+                  *, sample: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
+    """z for one adapter at attack time (1, L, D_ctx): the mean (default) or a sample.
+
+    Raises:
+        ModelError: the adapter's layout differs from the one the encoder was trained on.
+    """
+    shapes = matrix_shapes(layers)
+    if shapes != encoder.config.matrix_shapes:
+        raise ModelError(f"the adapter has {len(shapes)} matrices of shapes {_short(shapes)}, the encoder was "
+                         f"trained on {len(encoder.config.matrix_shapes)} of {_short(encoder.config.matrix_shapes)}")
+    encoder.eval()
+    mu, logvar = encoder(batch_inputs([encoder_inputs(layers, mode)]), None if step is None else torch.tensor([step]))
+    return encoder.sample(mu, logvar, rng) if sample else mu
+
+
+def _short(shapes: tuple[tuple[int, int], ...]) -> str:
+    distinct = sorted(set(shapes))
+    return ", ".join(f"{r}x{d}" for r, d in distinct)
+
+
+def save_encoder(folder: Path, encoder: WeightEncoder, training: EncoderTrainingConfig) -> None:
+    """Writes the encoder (safetensors) and its configs (JSON) into `folder`, atomically each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_replace(folder / ENCODER_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_text(folder / ENCODER_CONFIG, json.dumps(
+        {"encoder": encoder.config.to_dict(), "training": asdict(training)}, indent=2))
+
+
+def load_encoder(folder: Path, bench: FinetuneBench) -> tuple[WeightEncoder, EncoderTrainingConfig]:
+    """Reads an encoder saved by `save_encoder` (the frozen backbone comes from `bench`'s base model).
+
+    Raises:
+        ModelError: missing or mismatched files.
+    """
+    try:
+        raw = json.loads((folder / ENCODER_CONFIG).read_text())
+        training = EncoderTrainingConfig(**raw["training"])
+        encoder = WeightEncoder(EncoderConfig.from_dict(raw["encoder"]), bench.pipe.text_encoder)
+        encoder.load_state_dict(load_file(str(folder / ENCODER_WEIGHTS)))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{folder}: not a usable encoder ({str(err).splitlines()[0]})") from None
+    return encoder.eval(), training

@@ -1,0 +1,231 @@
+"""`privdiff attack weights`: the whole weights-to-image experiment in one run folder (spec §10).
+
+1. Victims: held-out identities fine-tuned with the recipe; their adapters saved as files.
+2. Metadata: each victim file's header is read first; a trigger word found there is the
+   "metadata attack", reported separately.
+3. The encoder is trained on shadow fine-tunes (the step-embedding paradigm), and, at the same
+   budget of shadow fine-tune steps, the ablation (no step token, one end-of-run pair per run).
+4. Every victim is attacked from its file alone and scored with the bounds (`evaluate`).
+5. Defences: each (defence, knob) gives defended victim files, attacked by the undefended
+   encoder and (adaptive, post-hoc defences) by an encoder re-trained on defended shadows;
+   utility is the defended model's true-prompt identity similarity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from privdiff.data.identities import attack_split, trigger_word
+from privdiff.errors import ConfigError
+from privdiff.models.inspect import read_header
+from privdiff.models.load import load_pipeline
+from privdiff.report.plots import weights_defence_curve
+from privdiff.seeding import generator, seed_everything
+from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
+from privdiff.training.run_info import run_record
+from privdiff.weights.base import FACE_BASE_DIR
+from privdiff.weights.config import WeightsAttackConfig
+from privdiff.weights.defences import defend_file
+from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
+                                       prompt_statistics)
+from privdiff.weights.finetune import FinetuneBench
+from privdiff.weights.lora_math import read_unet_lora
+from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, embed_adapter, save_encoder
+
+RESULT_FILE = "attack.json"
+
+
+def metadata_trigger(path: Path, trigger: str) -> str | None:
+    """The header key whose value contains `trigger` (the metadata attack), or None."""
+    _, metadata, _ = read_header(path)
+    for key, value in metadata.items():
+        if trigger.lower() in str(value).lower():
+            return key
+    return None
+
+
+def _paired_difference(rows_a: list[dict], rows_b: list[dict], seed: int, key: str) -> dict:
+    from privdiff.metrics.intervals import mean_interval
+
+    diff = np.array([a["attack"]["identity_similarity"] - b["attack"]["identity_similarity"]
+                     for a, b in zip(rows_a, rows_b, strict=True)])
+    lo, hi = mean_interval(diff, seed=seed, key=key)
+    return {"mean": float(diff.mean()), "ci": [lo, hi]}
+
+
+class WeightsAttackRun:
+    """Holds the shared pieces of one run (base model, bench, judge, victims) across its stages."""
+
+    def __init__(self, config: WeightsAttackConfig, *, show_progress: bool = True) -> None:
+        self.config, self.show_progress = config, show_progress
+        self.out = Path(config.output_dir)
+        seed_everything(config.seed)
+        self.pipe = load_pipeline(config.base_model or FACE_BASE_DIR)
+        self.bench = FinetuneBench(self.pipe, config.recipe, seed=config.seed)
+        shadow_pool, victim_pool = attack_split()
+        d = config.data
+        held = d.validation_shadows
+        self.validation = shadow_pool[len(shadow_pool) - held:] if held else []
+        usable = shadow_pool[: len(shadow_pool) - held]
+        self.shadows = usable[: d.shadows] if d.shadows else usable
+        if d.victims > len(victim_pool):
+            raise ConfigError(f"data.victims {d.victims} is more than the {len(victim_pool)} held-out identities")
+        self.gallery = victim_pool
+        self.victims = victim_pool[: d.victims]
+        self.judge = IdentityJudge(self.gallery, config.recipe.images_per_identity)
+        self.prompt_stats = prompt_statistics(self.bench, self.shadows[:256])
+        self.timings: dict[str, float] = {}
+
+    def fine_tune_victims(self, folder: Path, dp_epsilon: float | None = None) -> dict[int, Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        adapters = {}
+        began = time.perf_counter()
+        label = f"fine-tuning victims (DP ε={dp_epsilon:g})" if dp_epsilon else "fine-tuning victims"
+        with Progress(disable=not self.show_progress, transient=True) as progress:
+            bar = progress.add_task(label, total=len(self.victims))
+            for identity in self.victims:
+                unet = self.bench.finetune(identity, dp_epsilon=dp_epsilon)
+                extra = ({"privdiff.dp.epsilon": f"{dp_epsilon:g}", "privdiff.dp.delta": "1e-05"} if dp_epsilon else None)
+                adapters[identity] = self.bench.save_adapter(unet, folder / f"{identity}.safetensors", extra)
+                progress.advance(bar)
+        self.timings["victim_finetune_s_per_run" + (f"_dp{dp_epsilon:g}" if dp_epsilon else "")] = (
+            (time.perf_counter() - began) / max(1, len(self.victims)))
+        return adapters
+
+    def train_encoder(self, training: EncoderTrainingConfig, name: str) -> tuple[EncoderTrainer, dict]:
+        trainer = EncoderTrainer(self.bench, training, self.shadows)
+        summary = trainer.train(show_progress=self.show_progress)
+        folder = self.out / name
+        save_encoder(folder, trainer.encoder, training)
+        with open(folder / "encoder_log.jsonl", "w") as fh:
+            for row in trainer.updates:
+                fh.write(json.dumps(row) + "\n")
+        atomic_write_json(folder / "runs.json", trainer.runs)
+        return trainer, summary
+
+    def attack_context(self, trainer: EncoderTrainer):
+        cfg = trainer.config
+        step = self.config.recipe.steps if cfg.step_token else None
+
+        def context(adapter: Path) -> torch.Tensor:
+            rng = generator(self.config.eval.seed, "z-sample", adapter.name)
+            return embed_adapter(trainer.encoder, read_unet_lora(adapter), cfg.mode, step,
+                                 sample=self.config.eval.sample_z, rng=rng)
+        return context
+
+    def evaluate(self, adapters: dict[int, Path], trainer: EncoderTrainer | None, conditions: tuple[str, ...],
+                 keep_images: int = 0):
+        return evaluate_victims(self.bench, self.judge, adapters,
+                                None if trainer is None else self.attack_context(trainer),
+                                self.config.eval.generation, self.prompt_stats, seed=self.config.eval.seed,
+                                conditions=conditions, keep_images=keep_images)
+
+
+def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = True, overwrite: bool = False) -> dict:
+    """Runs the experiment of `config` into `config.output_dir`; returns the content of attack.json.
+
+    Raises:
+        ConfigError: the folder already holds a result (without `overwrite`), or a bad setting.
+    """
+    out = Path(config.output_dir)
+    if (out / RESULT_FILE).exists() and not overwrite:
+        raise ConfigError(f"{out / RESULT_FILE} exists (use --overwrite or another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", __import__("yaml").safe_dump(config.to_dict(), sort_keys=False))
+    began = time.perf_counter()
+    run = WeightsAttackRun(config, show_progress=show_progress)
+    seed = config.eval.seed
+
+    adapters = run.fine_tune_victims(out / "victims")
+    metadata = {str(v): metadata_trigger(path, trigger_word(v)) for v, path in adapters.items()}
+
+    trainer, training_summary = run.train_encoder(config.training, "encoder")
+    rows, images = run.evaluate(adapters, trainer, ("attack", "true_prompt", "random_embedding", "base"),
+                                keep_images=config.eval.grid_victims)
+    result: dict = {
+        "threat_model": "attacker sees only the victim's LoRA file; knows the base model, the recipe "
+                        "(S, lr) and, in delta mode, the default seeded LoRA init",
+        "headline": {"input_mode": config.training.mode, "step": config.recipe.steps,
+                     "z": "sample" if config.eval.sample_z else "mean"},
+        "victims": rows, "aggregate": aggregate(rows, seed=seed), "encoder": training_summary,
+        "metadata_attack": {"recovered": sum(k is not None for k in metadata.values()), "of": len(metadata),
+                            "keys": {v: k for v, k in metadata.items() if k}},
+        "gallery_size": len(run.gallery), "chance_retrieval": 1 / len(run.gallery),
+    }
+    private = {v: run.bench.private_images(v) for v in images}
+    image_grid(out / "attack_grid.png", private, images)
+
+    if config.eval.ablation:
+        ablation_cfg = dataclasses.replace(config.training, step_token=False, pairs="end-of-run")
+        ablation, ablation_summary = run.train_encoder(ablation_cfg, "encoder-ablation")
+        ablation_rows, _ = run.evaluate(adapters, ablation, ("attack",))
+        result["ablation"] = {"label": ablation_cfg.label, "encoder": ablation_summary,
+                              "aggregate": aggregate(ablation_rows, ("attack",), seed=seed),
+                              "paradigm_minus_ablation": _paired_difference(rows, ablation_rows, seed, "ablation"),
+                              "victims": ablation_rows}
+
+    if config.defences.apply:
+        result["defences"] = run_defences(run, adapters, trainer, rows)
+        atomic_write_json(out / "defences.json", result["defences"])
+        (out / "defence_curve.png").write_bytes(weights_defence_curve(result["defences"]))
+
+    result["timings"] = {**run.timings, "encoder_pairs_per_s": training_summary["pairs_per_s"],
+                         "shadow_finetune_s_per_step": training_summary["finetune_s_per_step"],
+                         "wall_time_s": time.perf_counter() - began}
+    result["run"] = run_record()
+    atomic_write_json(out / RESULT_FILE, result)
+    return result
+
+
+def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: EncoderTrainer,
+                 undefended_rows: list[dict]) -> dict:
+    """Every (defence, knob): defended victim files, attacked (plain and adaptive), with utility."""
+    config, seed = run.config, run.config.eval.seed
+    points = [{"defence": "none", "knob": None,
+               "utility": aggregate(undefended_rows, ("true_prompt",), seed=seed)["true_prompt"]["identity_similarity"],
+               "attack": aggregate(undefended_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]}]
+    lower = aggregate(undefended_rows, ("random_embedding",), seed=seed)["random_embedding"]["identity_similarity"]
+    for name, knob in config.defences.parsed():
+        folder = run.out / "victims" / f"{name}-{knob:g}"
+        if name == "dp":
+            defended = run.fine_tune_victims(folder, dp_epsilon=knob)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            defended = {v: defend_file(path, folder / path.name, name, _knob(name, knob, config.recipe.rank),
+                                       seed=int(v)) for v, path in adapters.items()}
+        rows, _ = run.evaluate(defended, trainer, ("attack", "true_prompt"))
+        point = {"defence": name, "knob": knob,
+                 "utility": aggregate(rows, ("true_prompt",), seed=seed)["true_prompt"]["identity_similarity"],
+                 "attack": aggregate(rows, ("attack",), seed=seed)["attack"]["identity_similarity"],
+                 "attack_retrieval": aggregate(rows, ("attack",), seed=seed)["attack"]["retrieval"]}
+        if name == "dp":
+            point["group_privacy_note"] = (f"example-level ε={knob:g}; the identity is shared by "
+                                           f"{config.recipe.images_per_identity} images, so identity-level "
+                                           f"protection is only group privacy: about "
+                                           f"{config.recipe.images_per_identity * knob:g}ε")
+        if config.defences.adaptive and name != "dp":
+            adaptive_cfg = dataclasses.replace(config.training, defence=name,
+                                               defence_knob=_knob(name, knob, config.recipe.rank))
+            adaptive, _ = run.train_encoder(adaptive_cfg, f"encoder-adaptive-{name}-{knob:g}")
+            adaptive_rows, _ = run.evaluate(defended, adaptive, ("attack",))
+            point["adaptive_attack"] = aggregate(adaptive_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]
+        points.append(point)
+    return {"points": points, "lower_bound": lower,
+            "utility": "true-prompt identity similarity of the defended model",
+            "leak": "attack identity similarity (encoder trained on undefended shadows; adaptive where listed)"}
+
+
+def _knob(name: str, knob: float, rank: int) -> float:
+    """Rank truncation keeps an integer number of singular values; other knobs pass through."""
+    if name == "rank":
+        if knob != int(knob) or not 1 <= knob <= rank:
+            raise ConfigError(f"rank truncation keeps 1..{rank} singular values, got {knob:g}")
+        return int(knob)
+    return knob
