@@ -69,3 +69,13 @@ def test_bench_split_quick_writes_json(tmp_path: Path):
     assert result["client"]["backward-free (default: s0)"]["trainable_parameters"] == 0
     assert result["throughput"]["flower loopback"]["examples_per_s"] > 0
     assert "flower / in-process throughput" in stdout
+
+
+@pytest.mark.slow
+def test_bench_weights_quick_writes_json(tmp_path: Path):
+    result, stdout = run_quick("bench_weights.py", tmp_path / "bench.json")
+    variants = result["variants"]
+    assert variants["paradigm (every-step pairs)"]["pairs"] == result["steps_per_run"]
+    assert variants["ablation (end-of-run pair)"]["pairs"] == 1
+    assert result["shadow_finetune_s"] > 0 and result["encoder_pairs_per_s"] > 0
+    assert "pairs/s" in stdout

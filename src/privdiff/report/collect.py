@@ -70,19 +70,23 @@ def collect_run(path: str | Path) -> dict:
 
 
 def collect(paths: list[str | Path]) -> dict:
-    """Fine-tuning runs, plus split-learning attack grids (folders holding split_attacks.json)."""
+    """Fine-tuning runs, plus split-learning attack grids (folders holding split_attacks.json) and
+    weights-attack runs (folders whose attack.json is of kind `weights-attack`)."""
     from privdiff.split.attacks.grid import load_grid
 
     if not paths:
         raise ConfigError("report: give at least one run folder")
-    grids = []
+    grids, weights = [], []
     run_paths = []
     for p in paths:
         grid = load_grid(p)
-        if grid is None:
-            run_paths.append(p)
-        else:
+        weights_result = load_weights_attack(p)
+        if grid is not None:
             grids.append({"name": Path(p).name, "path": str(p), **grid})
+        elif weights_result is not None:
+            weights.append({"name": Path(p).name, "path": str(p), **weights_result})
+        else:
+            run_paths.append(p)
     runs = [collect_run(p) for p in run_paths]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # two folders with one name: qualify by parent
@@ -91,7 +95,14 @@ def collect(paths: list[str | Path]) -> dict:
     keys = []
     for r in runs:
         keys += [k for k in r["metrics"] if k not in keys]
-    return {"runs": runs, "metric_keys": keys, "matched": matched_comparisons(runs), "split_attacks": grids}
+    return {"runs": runs, "metric_keys": keys, "matched": matched_comparisons(runs), "split_attacks": grids,
+            "weights_attacks": weights}
+
+
+def load_weights_attack(path: str | Path) -> dict | None:
+    """The attack.json of a `privdiff attack weights` folder, or None for any other folder."""
+    result = read_json(Path(path) / "attack.json")
+    return result if isinstance(result, dict) and result.get("kind") == "weights-attack" else None
 
 
 def _scores(run: dict) -> dict | None:

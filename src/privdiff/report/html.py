@@ -295,6 +295,61 @@ def _split_attacks_section(grids: list[dict]) -> str:
     return "".join(parts)
 
 
+def _interval(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    return f"{fmt(entry['mean'])} <span class=ci>[{fmt(entry['ci'][0])}, {fmt(entry['ci'][1])}]</span>"
+
+
+def _weights_attacks_section(results: list[dict]) -> str:
+    """Per weights-attack run: the attack against its bounds, the ablation, the baseline, the defences."""
+    parts = []
+    for r in results:
+        agg = r["aggregate"]
+        rows = [("attack (the file only)", agg.get("attack")), ("true prompt (upper bound)", agg.get("true_prompt")),
+                ("random embedding (lower bound)", agg.get("random_embedding")),
+                ("base model, 'a face' (lower bound)", agg.get("base"))]
+        if "ablation" in r:
+            rows.append((f"ablation: {r['ablation']['label']}", r["ablation"]["aggregate"].get("attack")))
+        matching = r.get("update_matching")
+        if matching:
+            rows += [(f"update matching, dummy images ({len(matching['victims'])} victims)",
+                      matching["aggregate"].get("dummy_images")),
+                     ("update matching, dummy prompt", matching["aggregate"].get("dummy_prompt"))]
+        body = "".join(f"<tr><td>{_e(name)}</td><td>{_interval(e and e['identity_similarity'])}</td>"
+                       f"<td>{_interval(e and e['retrieval'])}</td></tr>" for name, e in rows)
+        table = f"<table><tr><th>condition</th><th>identity similarity</th><th>top-1 retrieval</th></tr>{body}</table>"
+        gap = agg.get("gap_closed")
+        notes = [f"{agg['victims']} held-out victims; retrieval gallery {r['gallery_size']} identities "
+                 f"(chance {fmt(r['chance_retrieval'])}). Input mode <b>{_e(r['headline']['input_mode'])}</b>; "
+                 f"{_e(r['threat_model'])}.",
+                 f"Attack − random embedding: {_interval(agg.get('attack_minus_random'))}; gap closed "
+                 f"{fmt(gap) if gap is not None else '–'}."]
+        if "ablation" in r:
+            notes.append(f"Step-embedding paradigm − ablation at equal compute: "
+                         f"{_interval(r['ablation']['paradigm_minus_ablation'])}.")
+        meta = r["metadata_attack"]
+        notes.append(f"Metadata attack: trigger word in {meta['recovered']} of {meta['of']} file headers.")
+        parts.append(f"<h3>{_e(r['name'])}</h3>{table}<p class=muted>{' '.join(notes)}</p>")
+        defences = r.get("defences")
+        if defences:
+            drows = "".join(
+                f"<tr><td>{_e(p['defence'])}</td><td>{'–' if p['knob'] is None else fmt(p['knob'])}</td>"
+                f"<td>{_interval(p['utility'])}</td><td>{_interval(p['attack'])}</td>"
+                f"<td>{_interval(p.get('adaptive_attack'))}</td></tr>" for p in defences["points"])
+            parts.append("<h4>Defences: utility against leak</h4><table><tr><th>defence</th><th>knob</th>"
+                         "<th>utility (true-prompt identity similarity)</th><th>attack identity similarity</th>"
+                         f"<th>adaptive attack</th></tr>{drows}</table>"
+                         f"<p class=muted>Lower bound (random embedding): {_interval(defences['lower_bound'])}. "
+                         "DP-LoRA is example-level: the identity is shared by all its images, so it is protected "
+                         "only through group privacy.</p>" + _img(plots.weights_defence_curve(defences), "defence curve"))
+        grid = Path(r["path"]) / "attack_grid.png"
+        if grid.is_file():
+            parts.append("<p class=muted>Rows: victims. Columns: private images | true prompt | attack | random "
+                         "embedding.</p>" + _img(grid.read_bytes(), "attack grid"))
+    return "".join(parts)
+
+
 def render(report: dict) -> str:
     """The HTML page for `report` (the output of `collect`)."""
     runs, keys = report["runs"], report["metric_keys"]
@@ -303,6 +358,9 @@ def render(report: dict) -> str:
     head = [f"<h1>privdiff report card</h1><p class=muted>{len(runs)} run(s) · privdiff {_e(__version__)}"
             f" · generated {when}</p>"]
     split = ["<h2>Split learning: attacks × defences</h2>", _split_attacks_section(grids)] if grids else []
+    weights = report.get("weights_attacks") or []
+    if weights:
+        split += ["<h2>Shared LoRA weights: what the file reveals</h2>", _weights_attacks_section(weights)]
     if not runs:
         return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>privdiff report</title>"
                 f"<style>{STYLE}</style></head><body>{''.join(head + split)}</body></html>")

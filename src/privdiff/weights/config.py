@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from privdiff.config import raise_first_failure
+from privdiff.errors import ConfigError
 from privdiff.weights.finetune import FinetuneRecipe, GenerationConfig
 from privdiff.weights.inputs import INPUT_MODES
 from privdiff.weights.paradigm import EncoderTrainingConfig
@@ -29,6 +30,8 @@ class AttackEvalConfig:
     sample_z: bool = False            # use a sample of z instead of its mean (the reference samples)
     grid_victims: int = 8             # victims drawn in the image grid
     ablation: bool = True             # ablation (i): no step token, end-of-run pairs, equal compute
+    baseline_victims: int = 8         # victims attacked by update matching (the slow baseline); 0 = off
+    baseline_iterations: int = 60
     seed: int = 0
 
 
@@ -42,8 +45,14 @@ class DefenceConfig:
     def parsed(self) -> list[tuple[str, float]]:
         out = []
         for item in self.apply:
-            name, _, knobs = item.partition("=")
-            out += [(name.strip(), float(k)) for k in knobs.split(",") if k.strip()]
+            name, sep, knobs = item.partition("=")
+            try:
+                values = [float(k) for k in knobs.split(",") if k.strip()]
+            except ValueError:
+                values = []
+            if not sep or not values:
+                raise ConfigError(f"defences.apply: '{item}' must look like NAME=KNOB[,KNOB...], e.g. prune=0.9,0.99")
+            out += [(name.strip(), v) for v in values]
         return out
 
 

@@ -33,8 +33,9 @@ from privdiff.training.run_info import run_record
 from privdiff.weights.base import FACE_BASE_DIR
 from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.defences import defend_file
+from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
 from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
-                                       prompt_statistics)
+                                       prompt_statistics, victim_unet)
 from privdiff.weights.finetune import FinetuneBench
 from privdiff.weights.lora_math import read_unet_lora
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, embed_adapter, save_encoder
@@ -150,6 +151,7 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     rows, images = run.evaluate(adapters, trainer, ("attack", "true_prompt", "random_embedding", "base"),
                                 keep_images=config.eval.grid_victims)
     result: dict = {
+        "kind": "weights-attack",
         "threat_model": "attacker sees only the victim's LoRA file; knows the base model, the recipe "
                         "(S, lr) and, in delta mode, the default seeded LoRA init",
         "headline": {"input_mode": config.training.mode, "step": config.recipe.steps,
@@ -161,6 +163,9 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     }
     private = {v: run.bench.private_images(v) for v in images}
     image_grid(out / "attack_grid.png", private, images)
+
+    if config.eval.baseline_victims:
+        result["update_matching"] = run_update_matching(run, adapters, rows)
 
     if config.eval.ablation:
         ablation_cfg = dataclasses.replace(config.training, step_token=False, pairs="end-of-run")
@@ -182,6 +187,29 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     result["run"] = run_record()
     atomic_write_json(out / RESULT_FILE, result)
     return result
+
+
+def run_update_matching(run: WeightsAttackRun, adapters: dict[int, Path], rows: list[dict]) -> dict:
+    """The update-matching baseline on the first victims: its dummy images, and the victim model
+    prompted with its dummy embedding, scored like the attack (paired with the attack's rows)."""
+    cfg = run.config.eval
+    matching = UpdateMatchingConfig(iterations=cfg.baseline_iterations)
+    chosen = list(adapters.items())[: cfg.baseline_victims]
+    out_rows = []
+    with Progress(disable=not run.show_progress, transient=True) as progress:
+        bar = progress.add_task("update-matching baseline", total=len(chosen))
+        for identity, adapter in chosen:
+            found = update_matching(run.bench, read_unet_lora(adapter), matching, seed=identity)
+            images = run.bench.generate(victim_unet(run.bench, adapter), found.prompt, cfg.generation,
+                                        generator(cfg.seed, "generate", identity))
+            out_rows.append({"identity": identity, "dummy_images": run.judge.score(identity, found.images),
+                             "dummy_prompt": run.judge.score(identity, images),
+                             "final_mismatch": found.history[-1]})
+            progress.advance(bar)
+    attack_rows = [r for r in rows if r["identity"] in {i for i, _ in chosen}]
+    return {"config": dataclasses.asdict(matching), "victims": out_rows,
+            "aggregate": aggregate(out_rows, ("dummy_images", "dummy_prompt"), seed=cfg.seed),
+            "attack_on_same_victims": aggregate(attack_rows, ("attack",), seed=cfg.seed)}
 
 
 def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: EncoderTrainer,
