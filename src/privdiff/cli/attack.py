@@ -31,10 +31,31 @@ def weights(
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing attack.json."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    adapter: Path = typer.Option(None, help="Attack this one LoRA file instead (needs --encoder from an earlier run)."),
+    encoder: Path = typer.Option(None, help="The encoder folder of an earlier run (RUN/encoder), for --adapter."),
+    private: Path = typer.Option(None, help="With --adapter: an image folder of the identity, to score the images."),
 ) -> None:
-    """Train the weights-to-image encoder on shadow fine-tunes and attack held-out victims' LoRA files."""
+    """Train the weights-to-image encoder on shadow fine-tunes and attack held-out victims' LoRA files.
+
+    With --adapter and --encoder: attack one file with an already trained encoder (what would
+    sharing it show?)."""
+    from privdiff.errors import ConfigError
     from privdiff.weights.config import WeightsAttackConfig
-    from privdiff.weights.run import run_weights_attack
+    from privdiff.weights.run import attack_adapter, run_weights_attack
+
+    if (adapter is None) != (encoder is None):
+        raise ConfigError("--adapter and --encoder go together (train an encoder first: privdiff attack weights)")
+    if adapter is not None:
+        target = Path(out or "runs/weights-attack-adapter")
+        result = attack_adapter(encoder, adapter, target, private=private, overwrite=overwrite)
+        header = result["header"]
+        console.print(f"header: {len(header['findings'])} finding(s)"
+                      + (" — [bold red]it leaks[/]: run privdiff inspect --scrub" if header["leaks"] else ""))
+        if "identity_similarity_to_private" in result:
+            console.print(f"identity similarity of the attack images to {private}: "
+                          f"{result['identity_similarity_to_private']:.3f}")
+        console.print(f"attack images: [bold]{target / 'adapter_attack.png'}[/]  results: {target / 'adapter_attack.json'}")
+        return
 
     flags = {"output_dir": out, "data.victims": victims, "training.budget_steps": budget,
              "defences.apply": list(defence) if defence else None, "defences.adaptive": adaptive}

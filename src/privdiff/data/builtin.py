@@ -6,6 +6,7 @@
   stroke width and colours; the public pre-training set (letters are to digits what public
   pre-training data is to the private set in the DP diffusion literature).
 - `fill`: procedural fill-circles for ControlNet (circle outline -> filled coloured circle).
+- `identities`: procedural faces of the base identity pool, captioned "a face" (`identities.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from privdiff.data.examples import Example, ImageDataset
+from privdiff.data.identities import load_identities
 from privdiff.errors import DataError
 from privdiff.data.vocabulary import COLOURS, NUMBER_WORDS
 
@@ -152,4 +154,5 @@ def pick_subset(total: int, num_examples: int | None, seed: int) -> list[int]:
 
 BUILTIN_DATASETS: dict[str, Callable[[int, int | None, int], ImageDataset]] = {
     "digits": load_digits, "faces": load_faces, "glyphs": load_glyphs, "fill": load_fill,
+    "identities": load_identities,
 }

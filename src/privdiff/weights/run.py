@@ -257,3 +257,55 @@ def _knob(name: str, knob: float, rank: int) -> float:
             raise ConfigError(f"rank truncation keeps 1..{rank} singular values, got {knob:g}")
         return int(knob)
     return knob
+
+
+def attack_adapter(encoder_dir: Path, adapter: Path, out: Path, *, private: Path | None = None,
+                   overwrite: bool = False) -> dict:
+    """Attacks one shared file with an encoder trained by an earlier run: what would it show?
+
+    Writes `adapter_attack.json` and `adapter_attack.png` (G attack images; with `private`, an
+    image folder of the identity, also the identity similarity to it). The header is inspected
+    first: a leaking header is reported before any weights are read.
+
+    Raises:
+        ConfigError: no run config beside the encoder, or an existing result without `overwrite`.
+        ModelError: the adapter's layout differs from the encoder's.
+    """
+    from privdiff.config import load_config
+    from privdiff.data.folder import load_image_folder
+    from privdiff.metrics.identity import embed_identities, identity_similarity, load_identity_embedder
+    from privdiff.models.inspect import inspect_file
+    from privdiff.weights.paradigm import load_encoder
+
+    result_file = out / "adapter_attack.json"
+    if result_file.exists() and not overwrite:
+        raise ConfigError(f"{result_file} exists (use --overwrite or another --out)")
+    run_config = encoder_dir.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ConfigError(f"{encoder_dir}: no config.yaml beside it (pass the encoder folder of a weights-attack run)")
+    config = load_config(run_config, kind=WeightsAttackConfig)
+    header = inspect_file(adapter)
+    layers = read_unet_lora(adapter)
+    pipe = load_pipeline(config.base_model or FACE_BASE_DIR)
+    bench = FinetuneBench(pipe, dataclasses.replace(config.recipe, prior_images=0), seed=config.seed)
+    encoder, training = load_encoder(encoder_dir, bench)
+    step = config.recipe.steps if training.step_token else None
+    z = embed_adapter(encoder, layers, training.mode, step)
+    images = bench.generate(victim_unet(bench, adapter), z, config.eval.generation,
+                            generator(config.eval.seed, "adapter-attack"))
+    result: dict = {"adapter": str(adapter), "encoder": str(encoder_dir), "input_mode": training.mode,
+                    "step": step, "header": header, "images": len(images)}
+    if private is not None:
+        dataset = load_image_folder(private, pipe.vae.config.sample_size)
+        judge = load_identity_embedder()
+        similarity = identity_similarity(embed_identities(judge, images),
+                                         embed_identities(judge, np.stack([e.image for e in dataset.examples])))
+        result["identity_similarity_to_private"] = float(similarity.mean())
+    out.mkdir(parents=True, exist_ok=True)
+    strip = np.concatenate([np.pad(i, ((1, 1), (1, 1), (0, 0)), constant_values=255) for i in images], axis=1)
+    from PIL import Image
+
+    Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(out / "adapter_attack.png")
+    result["run"] = run_record()
+    atomic_write_json(result_file, result)
+    return result
