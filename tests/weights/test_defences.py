@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,22 +12,12 @@ from safetensors.torch import save_file
 from privdiff.cli import main
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.inspect import read_header
-from privdiff.models.lora import LORA_WEIGHT_NAME, load_lora_into_unet, read_lora
+from privdiff.models.lora import load_lora_into_unet, read_lora
 from privdiff.weights.defences import (DEFENCES, add_weight_noise, defend_file, defend_layers, prune_by_magnitude,
                                        truncate_rank)
 from privdiff.weights.lora_math import LoRALayer, read_unet_lora
 
 ALL_SETTINGS = [(name, knob) for name, defence in DEFENCES.items() for knob in defence.knobs]
-
-
-@pytest.fixture(scope="module")
-def adapter(finished_tiny_run: Path) -> Path:
-    return finished_tiny_run / LORA_WEIGHT_NAME
-
-
-@pytest.fixture(scope="module")
-def layers(adapter: Path) -> list[LoRALayer]:
-    return read_unet_lora(adapter)
 
 
 def _random_layers(rank: int = 8, d: int = 40, seed: int = 0) -> list[LoRALayer]:

@@ -12,19 +12,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from privdiff.errors import ConfigError, ModelError
-from privdiff.models.lora import LORA_WEIGHT_NAME, read_lora
+from privdiff.models.lora import read_lora
 from privdiff.weights.lora_math import (LoRALayer, canonical_layers, layers_from_state_dict, read_unet_lora,
                                         refactor, write_kohya, write_unet_lora)
-
-
-@pytest.fixture(scope="module")
-def adapter(finished_tiny_run: Path) -> Path:
-    return finished_tiny_run / LORA_WEIGHT_NAME
-
-
-@pytest.fixture(scope="module")
-def layers(adapter: Path) -> list[LoRALayer]:
-    return read_unet_lora(adapter)
 
 
 def assert_same_layers(got: list[LoRALayer], expected: list[LoRALayer]) -> None:

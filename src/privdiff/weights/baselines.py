@@ -23,7 +23,7 @@ from torch.func import functional_call
 from privdiff.models.lora import add_lora
 from privdiff.seeding import generator
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.inputs import _lora_modules, initial_layers
+from privdiff.weights.inputs import initial_layers, lora_modules
 from privdiff.weights.lora_math import LoRALayer
 
 
@@ -56,7 +56,7 @@ def update_matching(bench: FinetuneBench, observed: list[LoRALayer], config: Upd
     unet.set_attn_processor(AttnProcessor())  # plain attention: SDPA on CPU has no double backward
     add_lora(unet, bench.recipe.lora_config())
     unet.requires_grad_(False)
-    modules = _lora_modules(unet)
+    modules = lora_modules(unet)
     start = initial_layers(observed, bench.recipe.init_seed)
     names = []
     theta0 = {}
@@ -66,7 +66,7 @@ def update_matching(bench: FinetuneBench, observed: list[LoRALayer], config: Upd
         names += [f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"]
     target = _flat([t for o, s in zip(observed, start) for t in (o.down - s.down, o.up - s.up)])
     rng = generator(seed, "update-matching")
-    shape = (config.images, *bench._latent_shape())
+    shape = (config.images, *bench.latent_shape())
     latents = torch.randn(shape, generator=rng).requires_grad_(True)
     prompt = bench.class_context.clone().requires_grad_(True)
     noise = torch.randn((config.draws, *shape), generator=rng)

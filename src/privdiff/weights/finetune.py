@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from privdiff.config import DPConfig, LoRAConfig, RunConfig, TrainConfig
+from privdiff.data.examples import to_model_tensor
 from privdiff.data.identities import identity_images, trigger_word
 from privdiff.models.lora import save_lora
 from privdiff.seeding import derive_seed, generator
@@ -97,14 +98,14 @@ class FinetuneBench:
     @torch.no_grad()
     def _class_latents(self, count: int) -> torch.Tensor:
         if count == 0:
-            return torch.zeros(0, *self._latent_shape())
+            return torch.zeros(0, *self.latent_shape())
         out = self.pipe(prompt_embeds=self.class_context.expand(count, -1, -1),
                         negative_prompt_embeds=self.null_context.expand(count, -1, -1),
                         num_inference_steps=25, guidance_scale=GenerationConfig.guidance_scale,
                         generator=generator(self.seed, "prior-images"), output_type="latent")
         return out.images  # already in the UNet's (scaled) latent space
 
-    def _latent_shape(self) -> tuple[int, ...]:
+    def latent_shape(self) -> tuple[int, ...]:
         cfg = self.pipe.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
@@ -113,8 +114,7 @@ class FinetuneBench:
         return identity_images(identity, self.recipe.images_per_identity)
 
     def identity_task(self, identity: int, unet: UNet2DConditionModel, *, with_prior: bool = True) -> DiffusionTask:
-        images = torch.from_numpy(self.private_images(identity)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        latents = encode_images(self.pipe, images)
+        latents = encode_images(self.pipe, to_model_tensor(self.private_images(identity)))
         context = encode_prompts(self.pipe, [self.recipe.prompt(identity)])
         return DiffusionTask(unet=unet, scheduler=self.pipe.scheduler, latents=latents,
                              contexts=context.expand(len(latents), -1, -1).clone(),
@@ -157,7 +157,6 @@ class FinetuneBench:
         hook = None if on_step is None else (lambda r, _metrics: on_step(r, unet, task))
         train(task, method, Path(self._workdir.name), show_progress=False, on_step=hook)
         unet.eval()
-        self.last_method = method
         return unet
 
     def save_adapter(self, unet: UNet2DConditionModel, path: Path, extra: dict[str, str] | None = None) -> Path:
@@ -182,7 +181,4 @@ class FinetuneBench:
             num_inference_steps=generation.inference_steps, guidance_scale=generation.guidance_scale,
             generator=rng, output_type="np")
         return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
-
-    def describe(self) -> dict:
-        return {"recipe": asdict(self.recipe), "seed": self.seed}
 

@@ -24,7 +24,8 @@ INPUT_MODES: tuple[str, ...] = ("delta", "raw", "canonical")
 DEFAULT_INIT_SEED = 0  # the "default seeded init" granted to the attacker in `delta` mode
 
 
-def _lora_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def lora_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The peft-adapted modules (adapter "default") of `unet`, in canonical (module-name) order."""
     modules = [(name, m) for name, m in unet.named_modules()
                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
     return sorted(modules, key=lambda item: item[0])
@@ -33,7 +34,7 @@ def _lora_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 def live_layers(unet: torch.nn.Module) -> list[LoRALayer]:
     """The adapter attached to `unet` (peft, adapter "default") as detached layers, canonical order."""
     layers = []
-    for name, module in _lora_modules(unet):
+    for name, module in lora_modules(unet):
         down = module.lora_A["default"].weight.detach().clone()
         up = module.lora_B["default"].weight.detach().clone()
         rank = down.shape[0]
@@ -50,7 +51,7 @@ def reset_lora(unet: torch.nn.Module, seed: int = DEFAULT_INIT_SEED) -> None:
     recomputes with `initial_layers`.
     """
     rng = generator(seed, "lora-init")
-    modules = _lora_modules(unet)
+    modules = lora_modules(unet)
     if not modules:
         raise ValueError("the UNet carries no LoRA adapter")
     for _, module in modules:

@@ -36,7 +36,8 @@ from privdiff.training.task import DiffusionTask
 from privdiff.weights.defences import defend_layers
 from privdiff.weights.encoder import EncoderConfig, WeightEncoder, encoder_loss
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.inputs import InputMode, batch_inputs, encoder_inputs, live_layers, matrix_shapes
+from privdiff.weights.inputs import (DEFAULT_INIT_SEED, InputMode, batch_inputs, encoder_inputs, initial_layers,
+                                     live_layers, lora_modules, matrix_shapes)
 from privdiff.weights.lora_math import LoRALayer
 
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -84,8 +85,7 @@ class EncoderTrainingConfig:
 @contextmanager
 def loaded_layers(unet: torch.nn.Module, layers: list[LoRALayer]) -> Iterator[None]:
     """Temporarily writes `layers` into the UNet's adapter (canonical order), then restores it."""
-    modules = sorted(((n, m) for n, m in unet.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A),
-                     key=lambda item: item[0])
+    modules = lora_modules(unet)
     saved = [(m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
              for _, m in modules]
     with torch.no_grad():
@@ -133,6 +133,8 @@ class EncoderTrainer:
             raise ValueError("no shadow identities to train the encoder on")
         self.bench, self.config, self.shadows = bench, config, list(shadows)
         self.encoder = build_encoder(bench, config)
+        # theta_0 is the same for every shadow run: drawn once, not at every update.
+        self.initial = initial_layers(reference_layers(bench), bench.recipe.init_seed)
         self.params = self.encoder.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                            betas=(0.9, 0.999))
@@ -149,7 +151,7 @@ class EncoderTrainer:
         cfg = self.config
         if cfg.defence:
             layers = defend_layers(layers, cfg.defence, cfg.defence_knob, rng)
-        inputs = batch_inputs([encoder_inputs(layers, cfg.mode)])
+        inputs = batch_inputs([encoder_inputs(layers, cfg.mode, self.initial)])
         mu, logvar = self.encoder(inputs, torch.tensor([step]) if cfg.step_token else None)
         z = self.encoder.sample(mu, logvar, rng)
         rows = torch.randint(0, task.num_examples, (cfg.encoder_images,), generator=rng)
@@ -239,7 +241,8 @@ def _nothing() -> Iterator[None]:
 
 @torch.no_grad()
 def embed_adapter(encoder: WeightEncoder, layers: list[LoRALayer], mode: InputMode, step: int | None,
-                  *, sample: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
+                  *, sample: bool = False, rng: torch.Generator | None = None,
+                  init_seed: int = DEFAULT_INIT_SEED) -> torch.Tensor:
     """z for one adapter at attack time (1, L, D_ctx): the mean (default) or a sample.
 
     Raises:
@@ -250,7 +253,8 @@ def embed_adapter(encoder: WeightEncoder, layers: list[LoRALayer], mode: InputMo
         raise ModelError(f"the adapter has {len(shapes)} matrices of shapes {_short(shapes)}, the encoder was "
                          f"trained on {len(encoder.config.matrix_shapes)} of {_short(encoder.config.matrix_shapes)}")
     encoder.eval()
-    mu, logvar = encoder(batch_inputs([encoder_inputs(layers, mode)]), None if step is None else torch.tensor([step]))
+    inputs = encoder_inputs(layers, mode, initial_layers(layers, init_seed) if mode == "delta" else None)
+    mu, logvar = encoder(batch_inputs([inputs]), None if step is None else torch.tensor([step]))
     return encoder.sample(mu, logvar, rng) if sample else mu
 
 

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from privdiff.config import save_config
 from privdiff.data.identities import attack_split, trigger_word
 from privdiff.errors import ConfigError
 from privdiff.models.inspect import read_header
 from privdiff.models.load import load_pipeline
 from privdiff.report.plots import weights_defence_curve
 from privdiff.seeding import generator, seed_everything
-from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
+from privdiff.training.checkpoint import atomic_write_json
 from privdiff.training.run_info import run_record
 from privdiff.weights.base import FACE_BASE_DIR
 from privdiff.weights.config import WeightsAttackConfig
@@ -118,7 +119,7 @@ class WeightsAttackRun:
         def context(adapter: Path) -> torch.Tensor:
             rng = generator(self.config.eval.seed, "z-sample", adapter.name)
             return embed_adapter(trainer.encoder, read_unet_lora(adapter), cfg.mode, step,
-                                 sample=self.config.eval.sample_z, rng=rng)
+                                 sample=self.config.eval.sample_z, rng=rng, init_seed=self.config.recipe.init_seed)
         return context
 
     def evaluate(self, adapters: dict[int, Path], trainer: EncoderTrainer | None, conditions: tuple[str, ...],
@@ -139,7 +140,7 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     if (out / RESULT_FILE).exists() and not overwrite:
         raise ConfigError(f"{out / RESULT_FILE} exists (use --overwrite or another --out)")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", __import__("yaml").safe_dump(config.to_dict(), sort_keys=False))
+    save_config(config, out / "config.yaml")
     began = time.perf_counter()
     run = WeightsAttackRun(config, show_progress=show_progress)
     seed = config.eval.seed
@@ -216,10 +217,10 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: Enco
                  undefended_rows: list[dict]) -> dict:
     """Every (defence, knob): defended victim files, attacked (plain and adaptive), with utility."""
     config, seed = run.config, run.config.eval.seed
-    points = [{"defence": "none", "knob": None,
-               "utility": aggregate(undefended_rows, ("true_prompt",), seed=seed)["true_prompt"]["identity_similarity"],
-               "attack": aggregate(undefended_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]}]
-    lower = aggregate(undefended_rows, ("random_embedding",), seed=seed)["random_embedding"]["identity_similarity"]
+    undefended = aggregate(undefended_rows, seed=seed)
+    points = [{"defence": "none", "knob": None, "utility": undefended["true_prompt"]["identity_similarity"],
+               "attack": undefended["attack"]["identity_similarity"]}]
+    lower = undefended["random_embedding"]["identity_similarity"]
     for name, knob in config.defences.parsed():
         folder = run.out / "victims" / f"{name}-{knob:g}"
         if name == "dp":
@@ -229,10 +230,9 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: Enco
             defended = {v: defend_file(path, folder / path.name, name, _knob(name, knob, config.recipe.rank),
                                        seed=int(v)) for v, path in adapters.items()}
         rows, _ = run.evaluate(defended, trainer, ("attack", "true_prompt"))
-        point = {"defence": name, "knob": knob,
-                 "utility": aggregate(rows, ("true_prompt",), seed=seed)["true_prompt"]["identity_similarity"],
-                 "attack": aggregate(rows, ("attack",), seed=seed)["attack"]["identity_similarity"],
-                 "attack_retrieval": aggregate(rows, ("attack",), seed=seed)["attack"]["retrieval"]}
+        scores = aggregate(rows, ("attack", "true_prompt"), seed=seed)
+        point = {"defence": name, "knob": knob, "utility": scores["true_prompt"]["identity_similarity"],
+                 "attack": scores["attack"]["identity_similarity"], "attack_retrieval": scores["attack"]["retrieval"]}
         if name == "dp":
             point["group_privacy_note"] = (f"example-level ε={knob:g}; the identity is shared by "
                                            f"{config.recipe.images_per_identity} images, so identity-level "
@@ -290,7 +290,7 @@ def attack_adapter(encoder_dir: Path, adapter: Path, out: Path, *, private: Path
     bench = FinetuneBench(pipe, dataclasses.replace(config.recipe, prior_images=0), seed=config.seed)
     encoder, training = load_encoder(encoder_dir, bench)
     step = config.recipe.steps if training.step_token else None
-    z = embed_adapter(encoder, layers, training.mode, step)
+    z = embed_adapter(encoder, layers, training.mode, step, init_seed=config.recipe.init_seed)
     images = bench.generate(victim_unet(bench, adapter), z, config.eval.generation,
                             generator(config.eval.seed, "adapter-attack"))
     result: dict = {"adapter": str(adapter), "encoder": str(encoder_dir), "input_mode": training.mode,
