@@ -3,8 +3,8 @@
 Measured in one process on the shipped face base with the default recipe, interleaved so that
 machine noise hits every variant alike:
 1. a plain shadow fine-tune (DreamBooth LoRA, no encoder): seconds per step and per S-step run;
-2. the step-embedding paradigm (one encoder update after every fine-tune step): pairs/s, and
-   its cost relative to the plain fine-tune;
+2. the step-embedding paradigm (one pair after every fine-tune step, each spent in one batched
+   encoder update): pairs/s, and its cost relative to the plain fine-tune;
 3. the ablation (one end-of-run pair per S-step run): pairs/s at the same fine-tune steps.
 Prints a table and writes JSON (default: benchmarks/results/bench_weights.json).
 
@@ -57,6 +57,7 @@ def main() -> None:
         for name, trainer in (("paradigm (every-step pairs)", paradigm), ("ablation (end-of-run pair)", ablation)):
             began = time.perf_counter()
             seen = trainer.shadow_run(identity, steps)
+            trainer.train_on(seen)  # the run's pairs, shuffled and batched as in training
             times[name].append(time.perf_counter() - began)
             pairs[name] += len(seen)
     plain = sum(times["plain fine-tune"]) / rounds

@@ -13,7 +13,8 @@ from privdiff.models.load import load_pipeline
 from privdiff.models.lora import add_lora, save_lora
 from privdiff.weights.encoder import encoder_loss
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
-from privdiff.weights.inputs import encoder_inputs, initial_layers, live_layers, reset_lora
+from privdiff.diffusion import draw_noise_and_timesteps
+from privdiff.weights.inputs import batch_inputs, encoder_inputs, initial_layers, live_layers, lora_modules, reset_lora
 from privdiff.weights.lora_math import LoRALayer, read_unet_lora, write_kohya
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, build_encoder, embed_adapter
 
@@ -30,46 +31,62 @@ def _lora_params(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in unet.named_parameters() if "lora_" in n}
 
 
-def test_a_shadow_run_makes_one_encoder_update_per_step_with_clean_gradients(bench):
-    trainer = EncoderTrainer(bench, EncoderTrainingConfig(budget_steps=4), SHADOWS[:1])
+def test_a_shadow_run_yields_one_pair_per_step_each_spent_once_with_clean_gradients(bench):
+    trainer = EncoderTrainer(bench, EncoderTrainingConfig(budget_steps=4, pair_batch=3), SHADOWS[:1])
     base_state = {k: v.clone() for k, v in bench.pipe.unet.state_dict().items()}
-    checks: list[dict] = []
-    encoder_after: list[torch.Tensor] = []
-    real_update = trainer.update
+    scratch_state = {k: v.clone() for k, v in trainer.scratch.state_dict().items()}
+    encoder_start = [p.detach().clone() for p in trainer.params]
+    pairs = trainer.shadow_run(SHADOWS[0], 4)
+    assert [p.step for p in pairs] == [1, 2, 3, 4]
+    # The fine-tune loss never reaches the encoder: no gradient, no change.
+    assert all(p.grad is None for p in trainer.params)
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, encoder_start))
+    # Each pair holds its own theta_r: the fine-tune moved the adapter between steps.
+    assert not torch.equal(pairs[0].layers[0].up, pairs[-1].layers[0].up)
+    kept = [[(layer.down.clone(), layer.up.clone()) for layer in p.layers] for p in pairs]
 
-    def watched_update(unet, task, step, rng):
-        lora = _lora_params(unet)
-        record = {"step": step,
-                  # The fine-tune loss never reaches the encoder: no gradient, and unchanged since its last update.
-                  "encoder_grads_none": all(p.grad is None for p in trainer.params),
-                  "encoder_untouched": (not encoder_after or all(torch.equal(p, q) for p, q in zip(trainer.params, encoder_after))),
-                  "lora_grad_before": {n: None if p.grad is None else p.grad.clone() for n, p in lora.items()},
-                  "lora_before": {n: p.detach().clone() for n, p in lora.items()},
-                  "frozen": {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" not in n}}
-        loss = real_update(unet, task, step, rng)
-        record["lora_grad_after"] = {n: None if p.grad is None else p.grad.clone() for n, p in lora.items()}
-        record["lora_after"] = {n: p.detach().clone() for n, p in lora.items()}
-        record["unet_frozen_same"] = all(torch.equal(p, record["frozen"][n]) for n, p in unet.named_parameters()
-                                         if "lora_" not in n)
-        encoder_after[:] = [p.detach().clone() for p in trainer.params]
-        checks.append(record)
-        return loss
+    trainer.train_on(pairs)
+    assert [u["pairs"] for u in trainer.updates] == [3, 1]
+    assert sorted(r for u in trainer.updates for r in u["steps"]) == [1, 2, 3, 4]  # every pair exactly once
+    assert trainer.pairs_used == 4
+    # L_enc wrote no adapter gradient and changed no adapter: the pairs' theta_r, the scratch UNet
+    # (every theta_r unloaded again) and the base are as before.
+    assert all(p.grad is None for p in trainer.scratch.parameters())
+    for pair, saved in zip(pairs, kept):
+        assert all(torch.equal(layer.down, d) and torch.equal(layer.up, u) for layer, (d, u) in zip(pair.layers, saved))
+    assert all(torch.equal(v, trainer.scratch.state_dict()[k]) for k, v in scratch_state.items())
+    assert all(torch.equal(v, bench.pipe.unet.state_dict()[k]) for k, v in base_state.items())
+    assert not all(torch.equal(p, q) for p, q in zip(trainer.params, encoder_start))  # the encoder learned
 
-    trainer.update = watched_update
-    steps = trainer.shadow_run(SHADOWS[0], 4)
-    assert steps == [1, 2, 3, 4]
-    assert [u["step"] for u in trainer.updates] == [1, 2, 3, 4]
-    for record in checks:
-        assert record["encoder_grads_none"] and record["encoder_untouched"]
-        for name, before in record["lora_grad_before"].items():
-            after = record["lora_grad_after"][name]
-            assert before is not None and torch.equal(before, after), name  # L_enc wrote no LoRA gradient
-            assert torch.equal(record["lora_before"][name], record["lora_after"][name])
-        assert record["unet_frozen_same"]
-    # The fine-tune moved the adapter, and the encoder moved with every update.
-    assert not torch.equal(checks[0]["lora_before"][next(iter(checks[0]["lora_before"]))],
-                           checks[-1]["lora_after"][next(iter(checks[-1]["lora_after"]))])
-    assert all(torch.equal(v, bench.pipe.unet.state_dict()[k]) for k, v in base_state.items())  # base untouched
+
+def test_the_batched_update_has_the_gradient_of_the_mean_pair_loss(bench):
+    """The two-stage backward (dL/dz per pair, then through the encoder) equals plain autograd."""
+    trainer = EncoderTrainer(bench, EncoderTrainingConfig(budget_steps=2, pair_batch=2), SHADOWS[:1])
+    pairs = trainer.shadow_run(SHADOWS[0], 2)
+    rng_state = trainer.rng.get_state()
+    captured: list[torch.Tensor] = []
+    trainer.optimizer.step = lambda: captured.extend(p.grad.clone() for p in trainer.params if p.grad is not None)
+    trainer.update(pairs)
+
+    # Reference: each pair on its own UNet copy, one ordinary backward of the mean loss.
+    rng = torch.Generator().manual_seed(0)
+    rng.set_state(rng_state)
+    inputs = batch_inputs([encoder_inputs(p.layers, "delta", trainer.initial) for p in pairs])
+    mu, logvar = trainer.encoder(inputs, torch.tensor([p.step for p in pairs]))
+    z = trainer.encoder.sample(mu, logvar, rng)
+    total = 0.0
+    for k, pair in enumerate(pairs):
+        unet = copy.deepcopy(trainer.scratch)
+        for (_, m), layer in zip(lora_modules(unet), pair.layers):
+            m.lora_A["default"].weight.data.copy_(layer.down)
+            m.lora_B["default"].weight.data.copy_(layer.up)
+        rows = torch.randint(0, len(pair.latents), (1,), generator=rng)
+        noise, timesteps = draw_noise_and_timesteps(pair.latents[rows].shape, 1000, rng)
+        noisy = bench.pipe.scheduler.add_noise(pair.latents[rows], noise, timesteps)
+        total = total + F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=z[k:k + 1]).sample, noise) / 2
+    expected = [g for g in torch.autograd.grad(total, trainer.params, allow_unused=True) if g is not None]
+    assert len(captured) == len(expected) > 0
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(captured, expected))
 
 
 def test_end_of_run_pairs_use_full_runs_and_one_update_each(bench):
@@ -78,6 +95,7 @@ def test_end_of_run_pairs_use_full_runs_and_one_update_each(bench):
     assert trainer.run_lengths() == [4, 4]
     summary = trainer.train(show_progress=False)
     assert summary["pairs"] == 2 and summary["finetune_steps"] == 8
+    assert [r["pairs"] for r in trainer.runs] == [1, 1]
     paradigm = EncoderTrainer(bench, EncoderTrainingConfig(budget_steps=8), SHADOWS[:2])
     lengths = paradigm.run_lengths()
     assert sum(lengths) == 8 and all(1 <= s <= 4 for s in lengths)  # equal compute, s' ~ U{1..S}
@@ -99,7 +117,9 @@ def test_encoder_has_one_tokenizer_per_matrix_and_prompt_shaped_output(bench, tm
     pipe = bench.pipe
     assert z.shape == (1, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)
     # Each tokenizer reads its own matrix: changing one matrix changes the output.
-    bumped = [LoRALayer(layers[0].name, layers[0].down + 1.0, layers[0].up, layers[0].alpha)] + layers[1:]
+    down = layers[0].down.clone()
+    down[0, 0] += 1.0  # not a constant shift, which the tokenizers' instance norm removes
+    bumped = [LoRALayer(layers[0].name, down, layers[0].up, layers[0].alpha)] + layers[1:]
     assert not torch.allclose(embed_adapter(encoder, bumped, "raw", 4), embed_adapter(encoder, layers, "raw", 4))
 
 

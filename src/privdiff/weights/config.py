@@ -79,6 +79,7 @@ class WeightsAttackConfig:
             (t.pairs in ("every-step", "end-of-run"), "training.pairs must be every-step or end-of-run"),
             (t.budget_steps >= r.steps, "training.budget_steps must be >= recipe.steps (one full shadow run)"),
             (t.learning_rate > 0 and t.encoder_images >= 1, "training.learning_rate > 0 and encoder_images >= 1"),
+            (t.concurrent_runs >= 1 and t.pair_batch >= 1, "training.concurrent_runs and pair_batch must be >= 1"),
             (t.defence is None or t.defence in DEFENCE_NAMES[:3],
              "training.defence must be weight-noise, prune or rank (post-hoc defences)"),
             (d.victims >= 1 and d.validation_shadows >= 0, "data.victims must be >= 1"),

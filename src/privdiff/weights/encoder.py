@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
+INITIAL_LOGVAR = -6.0  # [D] initial sampling std exp(-3) ~ 0.05 prompt std
 MatrixShapes = list[tuple[int, int]]  # (rank, length) of each encoder input, in canonical order
 
 
@@ -110,6 +111,21 @@ class WeightEncoder(nn.Module):
         self.backbone_norm = copy.deepcopy(text_transformer.final_layer_norm).requires_grad_(False)
         self.mean_head = nn.Linear(text_hidden, config.context_dim)
         self.logvar_head = nn.Linear(text_hidden, config.context_dim)
+        # z starts near-deterministic: with beta_KL = 0 a unit initial variance only drowns the
+        # signal of the first thousands of updates (sigma 1 is as large as the prompts' own spread).
+        nn.init.constant_(self.logvar_head.bias, INITIAL_LOGVAR)
+        # Heads speak in units of real prompt embeddings: mu = mean + std * head (see set_context_prior).
+        self.register_buffer("context_mean", torch.zeros(config.context_length, config.context_dim))
+        self.register_buffer("context_scale", torch.ones(config.context_length, config.context_dim))
+
+    def set_context_prior(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Centres the output on real prompt embeddings (per-dimension mean and std, each (L, D_ctx)).
+
+        At initialisation z is then an average prompt, which the victim's UNet reads like one, and
+        the heads learn only the identity-specific deviation, in units of the prompts' own spread.
+        """
+        self.context_mean.copy_(mean)
+        self.context_scale.copy_(std.clamp_min(1e-3))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -144,11 +160,16 @@ class WeightEncoder(nn.Module):
         # No position embedding and no causal mask: the tokens are an unordered-ish set of matrices.
         hidden = self.backbone(inputs_embeds=hidden, attention_mask=None).last_hidden_state
         hidden = self.backbone_norm(hidden)[:, : self.config.context_length]
-        return self.mean_head(hidden), self.logvar_head(hidden)
+        mu = self.context_mean + self.context_scale * self.mean_head(hidden)
+        return mu, self.logvar_head(hidden)
+
+    def standardized(self, mu: torch.Tensor) -> torch.Tensor:
+        """mu in units of the prompt prior ((mu - mean) / std): what the KL term is measured in."""
+        return (mu - self.context_mean) / self.context_scale
 
     def sample(self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * logvar) * noise
+        return mu + self.context_scale * torch.exp(0.5 * logvar) * noise
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -158,15 +179,16 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def encoder_loss(noise_pred: torch.Tensor, noise: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                  kl_weight: float, align_target: torch.Tensor | None = None,
-                 align_weight: float = 0.0) -> torch.Tensor:
+                 align_weight: float = 0.0, standardized_mu: torch.Tensor | None = None) -> torch.Tensor:
     """L_enc = mse(UNet(x_tau, tau, z), n) [+ lambda_align mse(z, text) + beta_KL KL] (spec §5).
 
     With both weights 0 the extra terms are not even computed, so the loss is the noise-prediction
-    MSE exactly (§11.4).
+    MSE exactly (§11.4). The KL is taken in prompt-prior units when `standardized_mu` is given
+    (`WeightEncoder.standardized`), else on mu itself.
     """
     loss = F.mse_loss(noise_pred, noise)
     if kl_weight:
-        loss = loss + kl_weight * kl_divergence(mu, logvar)
+        loss = loss + kl_weight * kl_divergence(mu if standardized_mu is None else standardized_mu, logvar)
     if align_weight and align_target is not None:
         loss = loss + align_weight * F.mse_loss(mu, align_target.expand_as(mu))
     return loss

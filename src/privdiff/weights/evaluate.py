@@ -58,12 +58,6 @@ class IdentityJudge:
         return {"identity_similarity": similarity, "retrieval": float(hits.mean())}
 
 
-def prompt_statistics(bench: FinetuneBench, identities: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (L, D) of real prompt embeddings "a face of {trigger}"."""
-    contexts = encode_prompts(bench.pipe, [bench.recipe.prompt(i) for i in identities])
-    return contexts.mean(0), contexts.std(0)
-
-
 def victim_unet(bench: FinetuneBench, adapter: Path) -> torch.nn.Module:
     """The victim's model as the attacker rebuilds it: the public base UNet plus the shared file."""
     unet = copy.deepcopy(bench.pipe.unet)

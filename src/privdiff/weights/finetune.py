@@ -109,6 +109,13 @@ class FinetuneBench:
         cfg = self.pipe.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
+    def prompt_statistics(self, identities: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std (L, D) of real prompt embeddings "a face of {trigger}"."""
+        if len(identities) < 2:
+            raise ValueError("prompt statistics need at least two identities")
+        contexts = encode_prompts(self.pipe, [self.recipe.prompt(i) for i in identities])
+        return contexts.mean(0), contexts.std(0)
+
     def private_images(self, identity: int) -> np.ndarray:
         """(n, H, W, 3) uint8: the identity's training images (renders 0..n-1)."""
         return identity_images(identity, self.recipe.images_per_identity)

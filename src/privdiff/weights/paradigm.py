@@ -1,14 +1,16 @@
 """Training the encoder on shadow fine-tunes: the step-embedding paradigm (weights-attack.md §5).
 
 One shadow run = one public identity fine-tuned for s' ~ U{1..S} steps through the shared
-training loop; after every fine-tune step r the loop's `on_step` hook makes one encoder update
-on (Delta theta_r, r): z = Enc(Delta theta_r, r), and L_enc is the noise-prediction error of the
-shadow's own UNet (theta_r) conditioned on z, on one of the shadow's images. A run of s' steps
-thus yields s' supervised pairs for the cost of the fine-tune the attacker runs anyway.
+training loop; after every fine-tune step r the loop's `on_step` hook records the pair
+(theta_r, r). Each pair is spent in exactly one encoder update: z = Enc(Delta theta_r, r), and
+L_enc is the noise-prediction error of the shadow's UNet at theta_r conditioned on z, on one of
+the shadow's images. A run of s' steps thus yields s' supervised pairs for the cost of the
+fine-tune the attacker runs anyway. The pairs of a few consecutive runs are shuffled together
+and batched [D], so consecutive updates do not all see one identity.
 
 Gradient hygiene (which the reference code gets wrong, §5): the encoder's gradient is taken
-with `torch.autograd.grad` with respect to the encoder's parameters only, so nothing is written
-into the LoRA's `.grad`; the fine-tune loss never sees the encoder.
+with `torch.autograd.grad` with respect to z and then the encoder's parameters only, so nothing
+is written into any LoRA's `.grad`; the fine-tune loss never sees the encoder.
 
 The ablation (i) of §7 is `pairs="end-of-run"` without the step token: full S-step runs and one
 pair per run, at the same budget of shadow fine-tune steps.
@@ -27,6 +29,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
+from privdiff.data.identities import attack_split
 from privdiff.diffusion import draw_noise_and_timesteps
 from privdiff.errors import ModelError
 from privdiff.models.lora import add_lora
@@ -55,7 +58,10 @@ class EncoderTrainingConfig:
         budget_steps: total shadow fine-tune steps: the compute unit compared across ablations.
         learning_rate, weight_decay: AdamW of the encoder (spec §6: 5e-3, 5e-4).
         kl_weight, align_weight: beta_KL and lambda_align (0 and 0: the later reference code).
-        encoder_images: instance images per encoder update (spec: one).
+        encoder_images: instance images per pair in an update (spec: one).
+        concurrent_runs: shadow runs whose pairs are pooled and shuffled before the encoder sees
+            them (1: the reference's order, one shadow's pairs in sequence).
+        pair_batch: pairs per encoder update (each pair is used once).
         conv_channels: width of the tokenizers' conv stages.
         defence, defence_knob: train against shadows whose adapters pass through this post-hoc
             defence (the adaptive attack of §8); None = undefended shadows.
@@ -71,6 +77,8 @@ class EncoderTrainingConfig:
     kl_weight: float = 0.0
     align_weight: float = 0.0
     encoder_images: int = 1
+    concurrent_runs: int = 8
+    pair_batch: int = 8
     conv_channels: int = 32
     defence: str | None = None
     defence_knob: float | None = None
@@ -101,14 +109,26 @@ def loaded_layers(unet: torch.nn.Module, layers: list[LoRALayer]) -> Iterator[No
                 m.lora_B["default"].weight.copy_(up)
 
 
-def reference_layers(bench: FinetuneBench) -> list[LoRALayer]:
-    """The adapter layout of the recipe (a fresh adapter on a copy of the base UNet)."""
+def adapted_base(bench: FinetuneBench) -> torch.nn.Module:
+    """A copy of the base UNet with a fresh adapter of the recipe's layout."""
     unet = copy.deepcopy(bench.pipe.unet)
     add_lora(unet, bench.recipe.lora_config())
-    return live_layers(unet)
+    return unet
 
 
-def build_encoder(bench: FinetuneBench, config: EncoderTrainingConfig) -> WeightEncoder:
+def reference_layers(bench: FinetuneBench) -> list[LoRALayer]:
+    """The adapter layout of the recipe."""
+    return live_layers(adapted_base(bench))
+
+
+def build_encoder(bench: FinetuneBench, config: EncoderTrainingConfig,
+                  prompt_identities: list[int] | None = None) -> WeightEncoder:
+    """A fresh encoder for the recipe's adapter layout, centred on real prompt embeddings.
+
+    Args:
+        prompt_identities: public identities whose prompts "a face of {trigger}" give the prompt
+            prior (default: the first 256 shadow identities; the attacker can encode any prompt).
+    """
     pipe = bench.pipe
     enc_config = EncoderConfig(matrix_shapes=matrix_shapes(reference_layers(bench)),
                                context_length=pipe.tokenizer.model_max_length,
@@ -116,11 +136,30 @@ def build_encoder(bench: FinetuneBench, config: EncoderTrainingConfig) -> Weight
                                hidden=pipe.text_encoder.config.hidden_size,
                                conv_channels=config.conv_channels, kl_weight=config.kl_weight)
     torch.manual_seed(config.seed)  # the encoder's initialisation
-    return WeightEncoder(enc_config, pipe.text_encoder)
+    encoder = WeightEncoder(enc_config, pipe.text_encoder)
+    identities = attack_split()[0][:256] if prompt_identities is None else prompt_identities
+    encoder.set_context_prior(*bench.prompt_statistics(identities))
+    return encoder
+
+
+@dataclass
+class Pair:
+    """One supervised pair of the paradigm: a shadow's adapter after fine-tune step r."""
+
+    step: int                  # r
+    layers: list[LoRALayer]    # theta_r
+    latents: torch.Tensor      # the shadow's instance latents (the denoising targets)
+    context: torch.Tensor      # its true prompt embedding (only the alignment term reads it)
 
 
 class EncoderTrainer:
     """Runs shadow fine-tunes and updates the encoder from their intermediate adapters.
+
+    Every fine-tune step of a shadow run yields one pair (Delta theta_r, r), used in exactly one
+    encoder update. The pairs of `concurrent_runs` consecutive runs are pooled and shuffled, and
+    each update takes `pair_batch` of them [D]: updating on one shadow's pairs in sequence (the
+    reference's order) makes the encoder output the current shadow's identity whatever the input,
+    which measured below the random-embedding bound on held-out identities.
 
     Args:
         bench: the base model and fine-tune recipe (S = `bench.recipe.steps`).
@@ -133,65 +172,89 @@ class EncoderTrainer:
             raise ValueError("no shadow identities to train the encoder on")
         self.bench, self.config, self.shadows = bench, config, list(shadows)
         self.encoder = build_encoder(bench, config)
+        # A frozen copy of the base with the recipe's adapter: each pair's theta_r is loaded into it.
+        self.scratch = adapted_base(bench).requires_grad_(False).eval()
         # theta_0 is the same for every shadow run: drawn once, not at every update.
-        self.initial = initial_layers(reference_layers(bench), bench.recipe.init_seed)
+        self.initial = initial_layers(live_layers(self.scratch), bench.recipe.init_seed)
         self.params = self.encoder.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                            betas=(0.9, 0.999))
+        self.rng = generator(config.seed, "encoder-updates")
         self.updates: list[dict[str, float]] = []  # one row per encoder update
         self.runs: list[dict[str, float]] = []     # one row per shadow run
+        self.pairs_used = 0
         self.finetune_steps = 0
         self.encoder_seconds = 0.0
         self.finetune_seconds = 0.0
 
-    def update(self, unet: torch.nn.Module, task: DiffusionTask, step: int, rng: torch.Generator) -> float:
-        """One encoder update on the shadow's adapter after fine-tune step `step` (= r)."""
+    def update(self, pairs: list[Pair]) -> float:
+        """One encoder update on a batch of pairs; returns the batch's mean L_enc.
+
+        z comes from one batched encoder pass; each pair's loss is computed on the scratch UNet
+        holding that pair's theta_r and differentiated with respect to z only, and the summed
+        dL/dz is then pushed through the encoder alone: no adapter ever receives a gradient.
+        """
         began = time.perf_counter()
-        layers = live_layers(unet)
-        cfg = self.config
-        if cfg.defence:
-            layers = defend_layers(layers, cfg.defence, cfg.defence_knob, rng)
-        inputs = batch_inputs([encoder_inputs(layers, cfg.mode, self.initial)])
-        mu, logvar = self.encoder(inputs, torch.tensor([step]) if cfg.step_token else None)
+        cfg, rng = self.config, self.rng
+        layers = [defend_layers(p.layers, cfg.defence, cfg.defence_knob, rng) if cfg.defence else p.layers
+                  for p in pairs]
+        inputs = batch_inputs([encoder_inputs(each, cfg.mode, self.initial) for each in layers])
+        mu, logvar = self.encoder(inputs, torch.tensor([p.step for p in pairs]) if cfg.step_token else None)
         z = self.encoder.sample(mu, logvar, rng)
-        rows = torch.randint(0, task.num_examples, (cfg.encoder_images,), generator=rng)
-        latents = task.latents[rows]
-        noise, timesteps = draw_noise_and_timesteps(latents.shape, task.scheduler.config.num_train_timesteps, rng)
-        noisy = task.scheduler.add_noise(latents, noise, timesteps)
-        with loaded_layers(unet, layers) if cfg.defence else _nothing():
-            pred = unet(noisy, timesteps, encoder_hidden_states=z.expand(len(rows), -1, -1)).sample
-            align = task.contexts[:1] if cfg.align_weight else None
-            loss = encoder_loss(pred, noise, mu, logvar, cfg.kl_weight, align, cfg.align_weight)
-            # The encoder only: no LoRA .grad is touched (unused: e.g. the step MLP's input in the ablation).
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        leaves = [t.detach().requires_grad_(True) for t in (z, mu, logvar)]
+        totals = [torch.zeros_like(t) for t in leaves]
+        loss_sum = 0.0
+        for k, (pair, adapter) in enumerate(zip(pairs, layers)):
+            z_k, mu_k, logvar_k = (leaf[k:k + 1] for leaf in leaves)
+            rows = torch.randint(0, len(pair.latents), (cfg.encoder_images,), generator=rng)
+            latents = pair.latents[rows]
+            noise, timesteps = draw_noise_and_timesteps(latents.shape, self.bench.pipe.scheduler.config.num_train_timesteps,
+                                                        rng)
+            noisy = self.bench.pipe.scheduler.add_noise(latents, noise, timesteps)
+            with loaded_layers(self.scratch, adapter):  # the gradient is taken before theta_r is unloaded
+                pred = self.scratch(noisy, timesteps, encoder_hidden_states=z_k.expand(len(rows), -1, -1)).sample
+                loss = encoder_loss(pred, noise, mu_k, logvar_k, cfg.kl_weight,
+                                    pair.context if cfg.align_weight else None, cfg.align_weight,
+                                    standardized_mu=self.encoder.standardized(mu_k) if cfg.kl_weight else None)
+                grads = torch.autograd.grad(loss / len(pairs), leaves, allow_unused=True)
+            for total, g in zip(totals, grads):
+                if g is not None:
+                    total += g
+            loss_sum += loss.item()
+        # The encoder only: nothing else is in the graph of (z, mu, logvar).
+        grads = torch.autograd.grad((z, mu, logvar), self.params, grad_outputs=totals, allow_unused=True)
         for p, g in zip(self.params, grads):
             p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.updates.append({"step": step, "loss": loss.item()})
+        mean_loss = loss_sum / len(pairs)
+        self.updates.append({"pairs": len(pairs), "steps": [p.step for p in pairs], "loss": mean_loss})
+        self.pairs_used += len(pairs)
         self.encoder_seconds += time.perf_counter() - began
-        return loss.item()
+        return mean_loss
 
-    def shadow_run(self, identity: int, steps: int) -> list[int]:
-        """Fine-tunes `identity` for `steps` steps with encoder updates; returns the r of each update."""
-        rng = generator(self.config.seed, "encoder-run", len(self.runs))
-        seen: list[int] = []
+    def shadow_run(self, identity: int, steps: int) -> list[Pair]:
+        """Fine-tunes `identity` for `steps` steps; returns its pairs (every step, or the last only)."""
+        pairs: list[Pair] = []
         every = self.config.pairs == "every-step"
 
         def on_step(r: int, unet: torch.nn.Module, task: DiffusionTask) -> None:
             if every or r == steps:
-                seen.append(r)
-                self.update(unet, task, r, rng)
+                pairs.append(Pair(r, live_layers(unet), task.latents, task.contexts[:1]))
 
         began = time.perf_counter()
-        encoder_before = self.encoder_seconds
         self.bench.finetune(identity, steps, on_step=on_step, seed_key=("shadow", len(self.runs), identity))
-        total = time.perf_counter() - began
-        self.finetune_seconds += total - (self.encoder_seconds - encoder_before)
+        self.finetune_seconds += time.perf_counter() - began
         self.finetune_steps += steps
-        self.runs.append({"identity": identity, "steps": steps, "pairs": len(seen),
-                          "loss": sum(u["loss"] for u in self.updates[-len(seen):]) / max(1, len(seen))})
-        return seen
+        self.runs.append({"identity": identity, "steps": steps, "pairs": len(pairs)})
+        return pairs
+
+    def train_on(self, pairs: list[Pair]) -> None:
+        """Shuffles a pool of pairs and spends each in exactly one update of `pair_batch` pairs."""
+        order = torch.randperm(len(pairs), generator=self.rng).tolist()
+        batch = self.config.pair_batch
+        for start in range(0, len(order), batch):
+            self.update([pairs[i] for i in order[start:start + batch]])
 
     def run_lengths(self) -> list[int]:
         """The shadow runs' lengths: s' ~ U{1..S} (every-step) or S (end-of-run), summing to the budget."""
@@ -211,32 +274,33 @@ class EncoderTrainer:
         began = time.perf_counter()
         columns = (TextColumn("[bold]training the encoder"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("L_enc {task.fields[loss]:.4f}"), TimeRemainingColumn())
+        pool: list[Pair] = []
         with Progress(*columns, disable=not show_progress) as progress:
             bar = progress.add_task("encoder", total=sum(lengths), loss=float("nan"))
             for index, steps in enumerate(lengths):
-                self.shadow_run(self.shadows[index % len(self.shadows)], steps)
-                progress.update(bar, advance=steps, loss=self.runs[-1]["loss"])
+                pool += self.shadow_run(self.shadows[index % len(self.shadows)], steps)
+                if (index + 1) % self.config.concurrent_runs == 0 or index + 1 == len(lengths):
+                    self.train_on(pool)
+                    pool = []
+                    progress.update(bar, loss=self.updates[-1]["loss"])
+                progress.update(bar, advance=steps)
                 if on_run is not None:
                     on_run(index + 1, self)
         self.encoder.eval()
         return self.summary(time.perf_counter() - began)
 
     def summary(self, wall: float) -> dict:
-        pairs = len(self.updates)
+        pairs = self.pairs_used
+        last = self.updates[-max(1, 400 // self.config.pair_batch):]
         return {"config": asdict(self.config), "label": self.config.label, "shadow_runs": len(self.runs),
                 "distinct_shadows": len({r["identity"] for r in self.runs}), "pairs": pairs,
+                "encoder_updates": len(self.updates),
                 "finetune_steps": self.finetune_steps, "wall_time_s": wall,
                 "encoder_seconds": self.encoder_seconds, "finetune_seconds": self.finetune_seconds,
                 "pairs_per_s": pairs / wall if wall else None,
-                "encoder_updates_per_s": pairs / self.encoder_seconds if self.encoder_seconds else None,
+                "encoder_pairs_per_s": pairs / self.encoder_seconds if self.encoder_seconds else None,
                 "finetune_s_per_step": self.finetune_seconds / max(1, self.finetune_steps),
-                "final_loss": (sum(u["loss"] for u in self.updates[-50:]) / len(self.updates[-50:])
-                               if self.updates else None)}
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+                "final_loss": sum(u["loss"] for u in last) / len(last) if last else None}
 
 
 @torch.no_grad()

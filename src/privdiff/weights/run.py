@@ -36,7 +36,7 @@ from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.defences import defend_file
 from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
 from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
-                                       prompt_statistics, victim_unet)
+                                       victim_unet)
 from privdiff.weights.finetune import FinetuneBench
 from privdiff.weights.lora_math import read_unet_lora
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, embed_adapter, save_encoder
@@ -82,7 +82,7 @@ class WeightsAttackRun:
         self.gallery = victim_pool
         self.victims = victim_pool[: d.victims]
         self.judge = IdentityJudge(self.gallery, config.recipe.images_per_identity)
-        self.prompt_stats = prompt_statistics(self.bench, self.shadows[:256])
+        self.prompt_stats = self.bench.prompt_statistics(self.shadows[:256])
         self.timings: dict[str, float] = {}
 
     def fine_tune_victims(self, folder: Path, dp_epsilon: float | None = None) -> dict[int, Path]:
