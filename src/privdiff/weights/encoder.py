@@ -5,7 +5,8 @@ width as length) into one token; a learned task token and an embedding of the fi
 go in front; a frozen text transformer (the base model's own text-encoder layers, fed embeddings
 directly, no positions, no causal mask) mixes them; the first L tokens go through mean and
 log-variance heads, so z has the shape of a prompt embedding (L, D_ctx) and the victim's own
-UNet can be conditioned on it.
+UNet can be conditioned on it. The mean is centred on real prompt embeddings and scaled by their
+spread [D], so an untrained encoder already outputs an average prompt.
 """
 
 from __future__ import annotations
