@@ -3,8 +3,9 @@
 Small scale (8 held-out victims, 400 shadow fine-tune steps). Asserted: what the full run (README)
 also shows, with paired 95 % intervals over victims. The spec's further claims (the attack above
 the random-embedding bound, the step token above the ablation) do not hold on this toy base: a
-victim's model draws its identity from almost any prompt-like embedding (README, issue 9 note), so
-they are reported by the run, not asserted here.
+victim's model draws its identity from almost any prompt-like embedding and the encoder does not
+generalise past that from a few dozen shadows (README, issue 9 note), so they are reported by the
+run, not asserted here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def test_the_shared_file_reveals_the_identity_on_held_out_victims(tmp_path):
     # prompt-like embedding, its model draws the victim more than the base model does.
     assert _paired(rows, "true_prompt", "base")[0] > 0
     assert _paired(rows, "random_embedding", "base")[0] > 0
+    # The attacker, from the file alone, gets the victim's model to draw more of the victim than the
+    # base model does (the encoder starts at an average prompt; it does not yet beat the random bound).
+    assert _paired(rows, "attack", "base")[0] > 0
     for name in ("attack", "true_prompt", "random_embedding", "base"):
         entry = result["aggregate"][name]["identity_similarity"]
         assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
