@@ -122,23 +122,23 @@ def reference_layers(bench: FinetuneBench) -> list[LoRALayer]:
 
 
 def build_encoder(bench: FinetuneBench, config: EncoderTrainingConfig,
-                  prompt_identities: list[int] | None = None) -> WeightEncoder:
-    """A fresh encoder for the recipe's adapter layout, centred on real prompt embeddings.
+                  layout: list[LoRALayer] | None = None) -> WeightEncoder:
+    """A fresh encoder for the recipe's adapter layout, centred on real prompt embeddings
+    ("a face of {trigger}" for the first 256 shadow identities; the attacker can encode any prompt).
 
     Args:
-        prompt_identities: public identities whose prompts "a face of {trigger}" give the prompt
-            prior (default: the first 256 shadow identities; the attacker can encode any prompt).
+        layout: the recipe's adapter layers when the caller already has them (default: built on a
+            copy of the base UNet).
     """
     pipe = bench.pipe
-    enc_config = EncoderConfig(matrix_shapes=matrix_shapes(reference_layers(bench)),
+    enc_config = EncoderConfig(matrix_shapes=matrix_shapes(layout or reference_layers(bench)),
                                context_length=pipe.tokenizer.model_max_length,
                                context_dim=pipe.unet.config.cross_attention_dim,
                                hidden=pipe.text_encoder.config.hidden_size,
                                conv_channels=config.conv_channels, kl_weight=config.kl_weight)
     torch.manual_seed(config.seed)  # the encoder's initialisation
     encoder = WeightEncoder(enc_config, pipe.text_encoder)
-    identities = attack_split()[0][:256] if prompt_identities is None else prompt_identities
-    encoder.set_context_prior(*bench.prompt_statistics(identities))
+    encoder.set_context_prior(*bench.prompt_statistics(attack_split()[0][:256]))
     return encoder
 
 
@@ -171,11 +171,12 @@ class EncoderTrainer:
         if not shadows:
             raise ValueError("no shadow identities to train the encoder on")
         self.bench, self.config, self.shadows = bench, config, list(shadows)
-        self.encoder = build_encoder(bench, config)
         # A frozen copy of the base with the recipe's adapter: each pair's theta_r is loaded into it.
         self.scratch = adapted_base(bench).requires_grad_(False).eval()
+        layout = live_layers(self.scratch)
+        self.encoder = build_encoder(bench, config, layout)
         # theta_0 is the same for every shadow run: drawn once, not at every update.
-        self.initial = initial_layers(live_layers(self.scratch), bench.recipe.init_seed)
+        self.initial = initial_layers(layout, bench.recipe.init_seed)
         self.params = self.encoder.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                            betas=(0.9, 0.999))
@@ -195,7 +196,7 @@ class EncoderTrainer:
         dL/dz is then pushed through the encoder alone: no adapter ever receives a gradient.
         """
         began = time.perf_counter()
-        cfg, rng = self.config, self.rng
+        cfg, rng, scheduler = self.config, self.rng, self.bench.pipe.scheduler
         layers = [defend_layers(p.layers, cfg.defence, cfg.defence_knob, rng) if cfg.defence else p.layers
                   for p in pairs]
         inputs = batch_inputs([encoder_inputs(each, cfg.mode, self.initial) for each in layers])
@@ -208,9 +209,8 @@ class EncoderTrainer:
             z_k, mu_k, logvar_k = (leaf[k:k + 1] for leaf in leaves)
             rows = torch.randint(0, len(pair.latents), (cfg.encoder_images,), generator=rng)
             latents = pair.latents[rows]
-            noise, timesteps = draw_noise_and_timesteps(latents.shape, self.bench.pipe.scheduler.config.num_train_timesteps,
-                                                        rng)
-            noisy = self.bench.pipe.scheduler.add_noise(latents, noise, timesteps)
+            noise, timesteps = draw_noise_and_timesteps(latents.shape, scheduler.config.num_train_timesteps, rng)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
             with loaded_layers(self.scratch, adapter):  # the gradient is taken before theta_r is unloaded
                 pred = self.scratch(noisy, timesteps, encoder_hidden_states=z_k.expand(len(rows), -1, -1)).sample
                 loss = encoder_loss(pred, noise, mu_k, logvar_k, cfg.kl_weight,
