@@ -31,20 +31,22 @@ def weights(
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing attack.json."),
     quiet: bool = typer.Option(False, help="No progress bars."),
-    adapter: Path = typer.Option(None, help="Attack this one LoRA file instead (needs --encoder from an earlier run)."),
-    encoder: Path = typer.Option(None, help="The encoder folder of an earlier run (RUN/encoder), for --adapter."),
+    adapter: Path = typer.Option(None, help="Attack this one LoRA file instead (with the shipped encoder for the "
+                                            "face base, or --encoder)."),
+    encoder: Path = typer.Option(None, help="With --adapter: the encoder folder of an earlier run (RUN/encoder) "
+                                            "instead of the shipped one."),
     private: Path = typer.Option(None, help="With --adapter: an image folder of the identity, to score the images."),
 ) -> None:
     """Train the weights-to-image encoder on shadow fine-tunes and attack held-out victims' LoRA files.
 
-    With --adapter and --encoder: attack one file with an already trained encoder (what would
-    sharing it show?)."""
+    With --adapter: attack one file with an already trained encoder (what would sharing it show?);
+    the shipped encoder fits files fine-tuned from the shipped face base, --encoder takes another."""
     from privdiff.errors import ConfigError
     from privdiff.weights.config import WeightsAttackConfig
     from privdiff.weights.run import attack_adapter, run_weights_attack
 
-    if (adapter is None) != (encoder is None):
-        raise ConfigError("--adapter and --encoder go together (train an encoder first: privdiff attack weights)")
+    if encoder is not None and adapter is None:
+        raise ConfigError("--encoder goes with --adapter (the file to attack)")
     if adapter is not None:
         target = Path(out or "runs/weights-attack-adapter")
         result = attack_adapter(encoder, adapter, target, private=private, overwrite=overwrite)

@@ -42,10 +42,10 @@ def verify_checksums(folder: Path) -> None:
             raise ModelError(f"{path}: sha256 does not match {CHECKSUM_FILE} (corrupt or modified)")
 
 
-def write_checksums(folder: Path) -> None:
-    """Writes `SHA256SUMS` over the weight and config files of a saved pipeline."""
+def write_checksums(folder: Path, suffixes: tuple[str, ...] = (".safetensors", ".json", ".txt")) -> None:
+    """Writes `SHA256SUMS` over the weight and config files (`suffixes`) of a saved folder."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE
-                   and p.suffix in (".safetensors", ".json", ".txt"))
+                   and p.suffix in suffixes)
     lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
 

@@ -39,9 +39,11 @@ from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victim
                                        victim_unet)
 from privdiff.weights.finetune import FinetuneBench
 from privdiff.weights.lora_math import read_unet_lora
+from privdiff.weights.encoder import WeightEncoder
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, embed_adapter, save_encoder
 
 RESULT_FILE = "attack.json"
+TrainedEncoder = tuple[WeightEncoder, EncoderTrainingConfig]  # what `load_encoder` returns
 
 
 def metadata_trigger(path: Path, trigger: str) -> str | None:
@@ -112,20 +114,21 @@ class WeightsAttackRun:
         atomic_write_json(folder / "runs.json", trainer.runs)
         return trainer, summary
 
-    def attack_context(self, trainer: EncoderTrainer):
-        cfg = trainer.config
+    def attack_context(self, trained: TrainedEncoder):
+        encoder, cfg = trained
         step = self.config.recipe.steps if cfg.step_token else None
 
         def context(adapter: Path) -> torch.Tensor:
             rng = generator(self.config.eval.seed, "z-sample", adapter.name)
-            return embed_adapter(trainer.encoder, read_unet_lora(adapter), cfg.mode, step,
+            return embed_adapter(encoder, read_unet_lora(adapter), cfg.mode, step,
                                  sample=self.config.eval.sample_z, rng=rng, init_seed=self.config.recipe.init_seed)
         return context
 
-    def evaluate(self, adapters: dict[int, Path], trainer: EncoderTrainer | None, conditions: tuple[str, ...],
+    def evaluate(self, adapters: dict[int, Path], trained: TrainedEncoder | None, conditions: tuple[str, ...],
                  keep_images: int = 0):
+        """Scores `adapters` under `conditions`; `trained` = (encoder, its training config) or None."""
         return evaluate_victims(self.bench, self.judge, adapters,
-                                None if trainer is None else self.attack_context(trainer),
+                                None if trained is None else self.attack_context(trained),
                                 self.config.eval.generation, self.prompt_stats, seed=self.config.eval.seed,
                                 conditions=conditions, keep_images=keep_images)
 
@@ -149,7 +152,7 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     metadata = {str(v): metadata_trigger(path, trigger_word(v)) for v, path in adapters.items()}
 
     trainer, training_summary = run.train_encoder(config.training, "encoder")
-    rows, images = run.evaluate(adapters, trainer, ("attack", "true_prompt", "random_embedding", "base"),
+    rows, images = run.evaluate(adapters, (trainer.encoder, trainer.config), ("attack", "true_prompt", "random_embedding", "base"),
                                 keep_images=config.eval.grid_victims)
     result: dict = {
         "kind": "weights-attack",
@@ -171,14 +174,14 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     if config.eval.ablation:
         ablation_cfg = dataclasses.replace(config.training, step_token=False, pairs="end-of-run")
         ablation, ablation_summary = run.train_encoder(ablation_cfg, "encoder-ablation")
-        ablation_rows, _ = run.evaluate(adapters, ablation, ("attack",))
+        ablation_rows, _ = run.evaluate(adapters, (ablation.encoder, ablation.config), ("attack",))
         result["ablation"] = {"label": ablation_cfg.label, "encoder": ablation_summary,
                               "aggregate": aggregate(ablation_rows, ("attack",), seed=seed),
                               "paradigm_minus_ablation": _paired_difference(rows, ablation_rows, seed, "ablation"),
                               "victims": ablation_rows}
 
     if config.defences.apply:
-        result["defences"] = run_defences(run, adapters, trainer, rows)
+        result["defences"] = run_defences(run, adapters, (trainer.encoder, trainer.config), rows)
         atomic_write_json(out / "defences.json", result["defences"])
         (out / "defence_curve.png").write_bytes(weights_defence_curve(result["defences"]))
 
@@ -213,7 +216,7 @@ def run_update_matching(run: WeightsAttackRun, adapters: dict[int, Path], rows: 
             "attack_on_same_victims": aggregate(attack_rows, ("attack",), seed=cfg.seed)}
 
 
-def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: EncoderTrainer,
+def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trained: TrainedEncoder,
                  undefended_rows: list[dict]) -> dict:
     """Every (defence, knob): defended victim files, attacked (plain and adaptive), with utility."""
     config, seed = run.config, run.config.eval.seed
@@ -229,7 +232,7 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: Enco
             folder.mkdir(parents=True, exist_ok=True)
             defended = {v: defend_file(path, folder / path.name, name, _knob(name, knob, config.recipe.rank),
                                        seed=int(v)) for v, path in adapters.items()}
-        rows, _ = run.evaluate(defended, trainer, ("attack", "true_prompt"))
+        rows, _ = run.evaluate(defended, trained, ("attack", "true_prompt"))
         scores = aggregate(rows, ("attack", "true_prompt"), seed=seed)
         point = {"defence": name, "knob": knob, "utility": scores["true_prompt"]["identity_similarity"],
                  "attack": scores["attack"]["identity_similarity"], "attack_retrieval": scores["attack"]["retrieval"]}
@@ -242,7 +245,7 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trainer: Enco
             adaptive_cfg = dataclasses.replace(config.training, defence=name,
                                                defence_knob=_knob(name, knob, config.recipe.rank))
             adaptive, _ = run.train_encoder(adaptive_cfg, f"encoder-adaptive-{name}-{knob:g}")
-            adaptive_rows, _ = run.evaluate(defended, adaptive, ("attack",))
+            adaptive_rows, _ = run.evaluate(defended, (adaptive.encoder, adaptive.config), ("attack",))
             point["adaptive_attack"] = aggregate(adaptive_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]
         points.append(point)
     return {"points": points, "lower_bound": lower,
@@ -259,9 +262,10 @@ def _knob(name: str, knob: float, rank: int) -> float:
     return knob
 
 
-def attack_adapter(encoder_dir: Path, adapter: Path, out: Path, *, private: Path | None = None,
+def attack_adapter(encoder_dir: Path | None, adapter: Path, out: Path, *, private: Path | None = None,
                    overwrite: bool = False) -> dict:
-    """Attacks one shared file with an encoder trained by an earlier run: what would it show?
+    """Attacks one shared file with an encoder trained by an earlier run (None: the shipped encoder
+    for the face base, hash-checked): what would it show?
 
     Writes `adapter_attack.json` and `adapter_attack.png` (G attack images; with `private`, an
     image folder of the identity, also the identity similarity to it). The header is inspected
@@ -276,7 +280,9 @@ def attack_adapter(encoder_dir: Path, adapter: Path, out: Path, *, private: Path
     from privdiff.metrics.identity import embed_identities, identity_similarity, load_identity_embedder
     from privdiff.models.inspect import inspect_file
     from privdiff.weights.paradigm import load_encoder
+    from privdiff.weights.shipped import shipped_encoder_dir
 
+    encoder_dir = shipped_encoder_dir() if encoder_dir is None else encoder_dir
     result_file = out / "adapter_attack.json"
     if result_file.exists() and not overwrite:
         raise ConfigError(f"{result_file} exists (use --overwrite or another --out)")

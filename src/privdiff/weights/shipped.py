@@ -1,0 +1,77 @@
+"""The weights-attack encoder shipped for the face base, so that a user can attack a file of their
+own (`privdiff attack weights --adapter FILE`) without first training an encoder for an hour.
+
+It is the encoder of one full run, packed with that run's config, results and versions:
+
+    privdiff attack weights --victims 72 --budget 20000 --out RUN
+    python -m privdiff.weights.shipped RUN
+
+It fits files fine-tuned from the shipped face base with the default recipe (`tiny-sd-identities`,
+LoRA r 4 on to_q/to_v); another layout is refused when the file is read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from privdiff.errors import ModelError
+from privdiff.models.load import CHECKSUM_FILE, verify_checksums, write_checksums
+from privdiff.training.checkpoint import atomic_write_text
+
+SHIPPED_ATTACK_DIR = Path(__file__).resolve().parent.parent / "assets" / "weights-attack-identities"
+_PACKED = ("config.yaml", "encoder/encoder.json", "encoder/encoder.safetensors")
+
+
+def shipped_encoder_dir(root: Path = SHIPPED_ATTACK_DIR) -> Path:
+    """The shipped encoder folder, after checking every file against its hashes.
+
+    Raises:
+        ModelError: a file is missing, unlisted or modified.
+    """
+    if not (root / CHECKSUM_FILE).is_file():
+        raise ModelError(f"{root}: no {CHECKSUM_FILE}; refusing an unverified encoder")
+    listed = {line.split(maxsplit=1)[1] for line in (root / CHECKSUM_FILE).read_text().splitlines() if line.strip()}
+    missing = [name for name in _PACKED if name not in listed]
+    if missing:
+        raise ModelError(f"{root}: {CHECKSUM_FILE} does not cover {', '.join(missing)}")
+    verify_checksums(root)
+    return root / "encoder"
+
+
+def pack_run(run: Path, dest: Path = SHIPPED_ATTACK_DIR) -> None:
+    """Copies a finished run's encoder and config into `dest` with RECIPE.yaml (its results) and hashes."""
+    result = json.loads((run / "attack.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in _PACKED:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / name, dest / name)
+    agg = result["aggregate"]
+    measured = {name: {"mean": round(agg[name]["identity_similarity"]["mean"], 4),
+                       "ci": [round(v, 4) for v in agg[name]["identity_similarity"]["ci"]]}
+                for name in ("attack", "true_prompt", "random_embedding", "base")}
+    recipe = {
+        "reproduce": ["privdiff attack weights --victims 72 --budget 20000 --out RUN",
+                      "python -m privdiff.weights.shipped RUN"],
+        "victims": agg["victims"],
+        "identity_similarity": measured,
+        "attack_minus_random": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+                                for k, v in agg["attack_minus_random"].items()},
+        "encoder": {k: result["encoder"][k] for k in ("pairs", "finetune_steps", "encoder_updates")
+                    if k in result["encoder"]},
+        "git_commit": result["run"]["git_commit"],
+        "torch": result["run"]["packages"].get("torch"),
+    }
+    atomic_write_text(dest / "RECIPE.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    write_checksums(dest, suffixes=(".safetensors", ".json", ".yaml"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m privdiff.weights.shipped RUN_FOLDER")
+    pack_run(Path(sys.argv[1]))
+    print(f"packed {sys.argv[1]} into {SHIPPED_ATTACK_DIR}")
