@@ -44,6 +44,7 @@ def test_the_run_writes_results_encoders_victims_and_figures(tiny_attack_run):
     assert "adaptive_attack" in points[("prune", 0.9)] and "adaptive_attack" not in points[("dp", 8.0)]
     assert "group privacy" in points[("dp", 8.0)]["group_privacy_note"]
     assert json.loads((out / "defences.json").read_text()) == result["defences"]
+    assert result["defences"]["victims"] == 2
     for name in ("attack_grid.png", "defence_curve.png", "config.yaml", "encoder/encoder.safetensors",
                  "encoder/encoder.json", "encoder/encoder_log.jsonl", "encoder-ablation/encoder.json",
                  "encoder-adaptive-prune-0.9/encoder.json"):
@@ -58,6 +59,7 @@ def test_the_report_card_shows_the_weights_attack(tiny_attack_run):
     page = render(report)
     assert "Shared LoRA weights" in page and "random embedding (lower bound)" in page
     assert "Defences: utility against leak" in page and page.count("<img") >= 2
+    assert "2 victims. Lower bound (random embedding)" in page
 
 
 def test_one_adapter_is_attacked_with_the_trained_encoder(tiny_attack_run, tmp_path, capsys):

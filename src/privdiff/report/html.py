@@ -340,7 +340,8 @@ def _weights_attacks_section(results: list[dict]) -> str:
             parts.append("<h4>Defences: utility against leak</h4><table><tr><th>defence</th><th>knob</th>"
                          "<th>utility (true-prompt identity similarity)</th><th>attack identity similarity</th>"
                          f"<th>adaptive attack</th></tr>{drows}</table>"
-                         f"<p class=muted>Lower bound (random embedding): {_interval(defences['lower_bound'])}. "
+                         f"<p class=muted>{defences.get('victims', 'All')} victims. Lower bound (random embedding): "
+                         f"{_interval(defences['lower_bound'])}. "
                          "DP-LoRA is example-level: the identity is shared by all its images, so it is protected "
                          "only through group privacy.</p>" + _img(plots.weights_defence_curve(defences), "defence curve"))
         grid = Path(r["path"]) / "attack_grid.png"

@@ -248,7 +248,7 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trained: Trai
             adaptive_rows, _ = run.evaluate(defended, (adaptive.encoder, adaptive.config), ("attack",))
             point["adaptive_attack"] = aggregate(adaptive_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]
         points.append(point)
-    return {"points": points, "lower_bound": lower,
+    return {"points": points, "lower_bound": lower, "victims": len(adapters),
             "utility": "true-prompt identity similarity of the defended model",
             "leak": "attack identity similarity (encoder trained on undefended shadows; adaptive where listed)"}
 
