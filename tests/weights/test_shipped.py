@@ -1,5 +1,5 @@
 """The encoder shipped for the face base: hash-checked, attacks a user's file without training one,
-and (slow) beats the random-embedding bound on held-out victims that no README figure used."""
+and (slow) draws held-out victims that no README figure used better than the base model does."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_the_shipped_encoder_beats_the_random_bound_on_fresh_victims(tmp_path):
+def test_the_shipped_encoder_draws_fresh_victims_above_the_base_and_on_average_above_random(tmp_path):
     """The attack from the file alone draws more of the victim than the base model does (paired 95 %
     interval above zero) and, on average, more than a random prompt-like embedding on the victim's
     own model. Twelve victims are too few for that second interval (measured: +0.042
