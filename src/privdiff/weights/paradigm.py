@@ -268,6 +268,11 @@ class EncoderTrainer:
             lengths.append(min(draw, budget - sum(lengths)))
         return lengths
 
+    @property
+    def trained(self) -> tuple[WeightEncoder, EncoderTrainingConfig]:
+        """(encoder, training config): what `load_encoder` returns for a saved one."""
+        return self.encoder, self.config
+
     def train(self, *, show_progress: bool = True,
               on_run: Callable[[int, "EncoderTrainer"], None] | None = None) -> dict:
         """Runs the whole budget; returns a summary (pairs, pairs/s, seconds)."""

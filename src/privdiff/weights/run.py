@@ -38,8 +38,8 @@ from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
 from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
                                        victim_unet)
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.lora_math import read_unet_lora
 from privdiff.weights.encoder import WeightEncoder
+from privdiff.weights.lora_math import read_unet_lora
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, embed_adapter, save_encoder
 
 RESULT_FILE = "attack.json"
@@ -152,7 +152,7 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     metadata = {str(v): metadata_trigger(path, trigger_word(v)) for v, path in adapters.items()}
 
     trainer, training_summary = run.train_encoder(config.training, "encoder")
-    rows, images = run.evaluate(adapters, (trainer.encoder, trainer.config), ("attack", "true_prompt", "random_embedding", "base"),
+    rows, images = run.evaluate(adapters, trainer.trained, ("attack", "true_prompt", "random_embedding", "base"),
                                 keep_images=config.eval.grid_victims)
     result: dict = {
         "kind": "weights-attack",
@@ -174,14 +174,14 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     if config.eval.ablation:
         ablation_cfg = dataclasses.replace(config.training, step_token=False, pairs="end-of-run")
         ablation, ablation_summary = run.train_encoder(ablation_cfg, "encoder-ablation")
-        ablation_rows, _ = run.evaluate(adapters, (ablation.encoder, ablation.config), ("attack",))
+        ablation_rows, _ = run.evaluate(adapters, ablation.trained, ("attack",))
         result["ablation"] = {"label": ablation_cfg.label, "encoder": ablation_summary,
                               "aggregate": aggregate(ablation_rows, ("attack",), seed=seed),
                               "paradigm_minus_ablation": _paired_difference(rows, ablation_rows, seed, "ablation"),
                               "victims": ablation_rows}
 
     if config.defences.apply:
-        result["defences"] = run_defences(run, adapters, (trainer.encoder, trainer.config), rows)
+        result["defences"] = run_defences(run, adapters, trainer.trained, rows)
         atomic_write_json(out / "defences.json", result["defences"])
         (out / "defence_curve.png").write_bytes(weights_defence_curve(result["defences"]))
 
@@ -245,7 +245,7 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trained: Trai
             adaptive_cfg = dataclasses.replace(config.training, defence=name,
                                                defence_knob=_knob(name, knob, config.recipe.rank))
             adaptive, _ = run.train_encoder(adaptive_cfg, f"encoder-adaptive-{name}-{knob:g}")
-            adaptive_rows, _ = run.evaluate(defended, (adaptive.encoder, adaptive.config), ("attack",))
+            adaptive_rows, _ = run.evaluate(defended, adaptive.trained, ("attack",))
             point["adaptive_attack"] = aggregate(adaptive_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]
         points.append(point)
     return {"points": points, "lower_bound": lower, "victims": len(adapters),
