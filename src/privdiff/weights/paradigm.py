@@ -92,6 +92,8 @@ class EncoderTrainingConfig:
                 + (f", adaptive to {self.defence} {self.defence_knob:g}" if self.defence else ""))
 
 
+TrainedEncoder = tuple[WeightEncoder, EncoderTrainingConfig]  # an encoder with the settings it was trained under
+
 @contextmanager
 def loaded_layers(unet: torch.nn.Module, layers: list[LoRALayer]) -> Iterator[None]:
     """Temporarily writes `layers` into the UNet's adapter (canonical order), then restores it."""
@@ -269,7 +271,7 @@ class EncoderTrainer:
         return lengths
 
     @property
-    def trained(self) -> tuple[WeightEncoder, EncoderTrainingConfig]:
+    def trained(self) -> TrainedEncoder:
         """(encoder, training config): what `load_encoder` returns for a saved one."""
         return self.encoder, self.config
 
@@ -343,7 +345,7 @@ def save_encoder(folder: Path, encoder: WeightEncoder, training: EncoderTraining
         {"encoder": encoder.config.to_dict(), "training": asdict(training)}, indent=2))
 
 
-def load_encoder(folder: Path, bench: FinetuneBench) -> tuple[WeightEncoder, EncoderTrainingConfig]:
+def load_encoder(folder: Path, bench: FinetuneBench) -> TrainedEncoder:
     """Reads an encoder saved by `save_encoder` (the frozen backbone comes from `bench`'s base model).
 
     Raises:

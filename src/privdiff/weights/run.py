@@ -38,12 +38,11 @@ from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
 from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
                                        victim_unet)
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.encoder import WeightEncoder
 from privdiff.weights.lora_math import read_unet_lora
-from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, embed_adapter, save_encoder
+from privdiff.weights.paradigm import (EncoderTrainer, EncoderTrainingConfig, TrainedEncoder, embed_adapter,
+                                       save_encoder)
 
 RESULT_FILE = "attack.json"
-TrainedEncoder = tuple[WeightEncoder, EncoderTrainingConfig]  # what `load_encoder` returns
 
 
 def metadata_trigger(path: Path, trigger: str) -> str | None:

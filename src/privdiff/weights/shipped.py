@@ -51,16 +51,18 @@ def pack_run(run: Path, dest: Path = SHIPPED_ATTACK_DIR) -> None:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run / name, dest / name)
     agg = result["aggregate"]
-    measured = {name: {"mean": round(agg[name]["identity_similarity"]["mean"], 4),
-                       "ci": [round(v, 4) for v in agg[name]["identity_similarity"]["ci"]]}
-                for name in ("attack", "true_prompt", "random_embedding", "base")}
+
+    def rounded(entry: dict) -> dict:
+        return {"mean": round(entry["mean"], 4), "ci": [round(v, 4) for v in entry["ci"]]}
+
     recipe = {
-        "reproduce": ["privdiff attack weights --victims 72 --budget 20000 --out RUN",
+        "reproduce": [f"privdiff attack weights --victims {agg['victims']} "
+                      f"--budget {result['encoder']['finetune_steps']} --out RUN",
                       "python -m privdiff.weights.shipped RUN"],
         "victims": agg["victims"],
-        "identity_similarity": measured,
-        "attack_minus_random": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
-                                for k, v in agg["attack_minus_random"].items()},
+        "identity_similarity": {name: rounded(agg[name]["identity_similarity"])
+                                for name in ("attack", "true_prompt", "random_embedding", "base")},
+        "attack_minus_random": rounded(agg["attack_minus_random"]),
         "encoder": {k: result["encoder"][k] for k in ("pairs", "finetune_steps", "encoder_updates")
                     if k in result["encoder"]},
         "git_commit": result["run"]["git_commit"],
