@@ -9,18 +9,12 @@ run (README) and the shipped encoder is checked on fresh victims in `test_shippe
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from privdiff.config import load_config
-from privdiff.metrics.intervals import mean_interval
 from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.run import run_weights_attack
-
-
-def _paired(rows: list[dict], a: str, b: str) -> tuple[float, float]:
-    diff = np.array([r[a]["identity_similarity"] - r[b]["identity_similarity"] for r in rows])
-    return mean_interval(diff, seed=0, key=f"{a}-{b}")
+from tests.weights.conftest import paired_interval
 
 
 @pytest.mark.slow
@@ -31,11 +25,11 @@ def test_the_shared_file_reveals_the_identity_on_held_out_victims(tmp_path):
     rows = result["victims"]
     # The victim's weights carry the identity: under its true prompt, and under a random
     # prompt-like embedding, its model draws the victim more than the base model does.
-    assert _paired(rows, "true_prompt", "base")[0] > 0
-    assert _paired(rows, "random_embedding", "base")[0] > 0
+    assert paired_interval(rows, "true_prompt", "base")[0] > 0
+    assert paired_interval(rows, "random_embedding", "base")[0] > 0
     # The attacker, from the file alone, gets the victim's model to draw more of the victim than the
     # base model does (the encoder starts at an average prompt; it does not yet beat the random bound).
-    assert _paired(rows, "attack", "base")[0] > 0
+    assert paired_interval(rows, "attack", "base")[0] > 0
     for name in ("attack", "true_prompt", "random_embedding", "base"):
         entry = result["aggregate"][name]["identity_similarity"]
         assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]

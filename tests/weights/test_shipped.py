@@ -14,7 +14,6 @@ from privdiff.cli import main
 from privdiff.config import load_config
 from privdiff.data.identities import attack_split
 from privdiff.errors import ModelError
-from privdiff.metrics.intervals import mean_interval
 from privdiff.models.load import load_pipeline
 from privdiff.weights.base import FACE_BASE_DIR
 from privdiff.weights.config import WeightsAttackConfig
@@ -22,6 +21,7 @@ from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.weights.paradigm import load_encoder
 from privdiff.weights.run import WeightsAttackRun
 from privdiff.weights.shipped import SHIPPED_ATTACK_DIR, shipped_encoder_dir
+from tests.weights.conftest import paired_interval
 
 # The README's run attacked the first 72 victims; these come after them.
 FRESH_VICTIMS = slice(72, 84)
@@ -71,10 +71,6 @@ def test_a_modified_or_unlisted_shipped_file_is_refused(tmp_path):
         shipped_encoder_dir(copy)
 
 
-def _paired(rows: list[dict], a: str, b: str) -> tuple[float, float]:
-    diff = np.array([r[a]["identity_similarity"] - r[b]["identity_similarity"] for r in rows])
-    return mean_interval(diff, seed=0, key=f"{a}-{b}")
-
 
 @pytest.mark.slow
 def test_the_shipped_encoder_draws_fresh_victims_above_the_base_and_on_average_above_random(tmp_path):
@@ -88,6 +84,6 @@ def test_the_shipped_encoder_draws_fresh_victims_above_the_base_and_on_average_a
     adapters = run.fine_tune_victims(tmp_path / "victims")
     trained = load_encoder(shipped_encoder_dir(), run.bench)
     rows, _ = run.evaluate(adapters, trained, ("attack", "random_embedding", "base"))
-    assert _paired(rows, "attack", "base")[0] > 0
+    assert paired_interval(rows, "attack", "base")[0] > 0
     attack, random = (np.mean([r[name]["identity_similarity"] for r in rows]) for name in ("attack", "random_embedding"))
     assert attack > random
