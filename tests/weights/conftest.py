@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from privdiff.metrics.intervals import mean_interval
-
 from privdiff.models.lora import LORA_WEIGHT_NAME
 from privdiff.weights.lora_math import LoRALayer, read_unet_lora
 

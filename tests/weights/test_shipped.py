@@ -72,7 +72,6 @@ def test_a_modified_or_unlisted_shipped_file_is_refused(tmp_path):
         shipped_encoder_dir(copy)
 
 
-
 @pytest.mark.slow
 def test_the_shipped_encoder_draws_fresh_victims_above_the_base_and_on_average_above_random(tmp_path):
     """The attack from the file alone draws more of the victim than the base model does (paired 95 %

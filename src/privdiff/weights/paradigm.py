@@ -94,6 +94,7 @@ class EncoderTrainingConfig:
 
 TrainedEncoder = tuple[WeightEncoder, EncoderTrainingConfig]  # an encoder with the settings it was trained under
 
+
 @contextmanager
 def loaded_layers(unet: torch.nn.Module, layers: list[LoRALayer]) -> Iterator[None]:
     """Temporarily writes `layers` into the UNet's adapter (canonical order), then restores it."""
