@@ -48,8 +48,9 @@ class DemoResult:
         lines = [f"demo finished in {self.wall_time_s:.0f} s"]
         for name, path in self.run_dirs.items():
             summary = json.loads((path / "summary.json").read_text())
-            lines.append(f"  {name:<10} {path}  (final loss {summary['final_loss']:.4f}, "
-                         f"{summary['steps']} steps)")
+            # a run shorter than its logging interval (demo --steps 5) has no loss on record
+            loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+            lines.append(f"  {name:<10} {path}  (final loss {loss}, {summary['steps']} steps)")
             smp = summary.get("smp")
             if smp:
                 lines.append(f"         {smp['method']}: lambda {smp['lambda']}, beta {smp['beta']}, proxy lr "

@@ -114,3 +114,14 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert early["matched_to"] == str(out / "smp-lora") and early["of_steps"] == 1000
     assert (out / "lora-early" / "audit" / "audit.json").is_file()
     assert "Matched utility" in page and "Training against the proxy attacker" in page
+
+
+def test_demo_summary_reads_a_run_with_no_loss_on_record(tmp_path: Path):
+    """`demo --steps 5` is shorter than the loss-logging interval: the summary says n/a, no traceback."""
+    from privdiff.demo import DemoResult
+
+    run = tmp_path / "lora"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"final_loss": None, "steps": 5, "metrics": {}}))
+    text = DemoResult(run_dirs={"lora": run}, report=tmp_path / "report.html", wall_time_s=1.0).describe()
+    assert f"lora       {run}  (final loss n/a, 5 steps)" in text
