@@ -23,7 +23,7 @@ def test_bench_finetune_quick_writes_json(tmp_path: Path):
     assert "steps/s" in stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bench_dp_quick_writes_json(tmp_path: Path):
     result, stdout = run_quick("bench_dp.py", tmp_path / "bench.json")
     ratios = result["timing"]["demo adapter (attention + convs, r 16)"]["ratio_to_lora"]
@@ -41,7 +41,7 @@ def test_bench_evaluate_quick_writes_json(tmp_path: Path):
     assert "generation throughput" in stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bench_audit_quick_writes_json(tmp_path: Path):
     result, stdout = run_quick("bench_audit.py", tmp_path / "bench.json")
     assert set(result["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline"}
@@ -49,7 +49,7 @@ def test_bench_audit_quick_writes_json(tmp_path: Path):
     assert "queries/example" in stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bench_smp_quick_writes_json(tmp_path: Path):
     result, stdout = run_quick("bench_smp.py", tmp_path / "bench.json")
     ratios = result["timing"]["ratio_to_lora"]
@@ -60,7 +60,7 @@ def test_bench_smp_quick_writes_json(tmp_path: Path):
     assert "CE_m max" in stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bench_split_quick_writes_json(tmp_path: Path):
     result, stdout = run_quick("bench_split.py", tmp_path / "bench.json")
     assert result["bytes"]["backward-free (default: s0)"]["gradient_down_per_example"] == 0

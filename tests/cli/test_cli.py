@@ -70,7 +70,7 @@ def test_config_file_via_cli(tmp_path: Path, capsys):
     assert "train.steps must be >= 1" in _one_line_error(capsys)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_demo_end_to_end(tmp_path: Path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet"]) == 0  # the full demo recipe: the signal check below

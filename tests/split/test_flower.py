@@ -18,7 +18,7 @@ from privdiff.split.run import load_triples, shard
 
 from tests.split.wire_checks import byte_leaks, numeric_leaks, secret_byte_strings
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep")]
+pytestmark = [pytest.mark.long, pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep")]
 
 # The recipe measured in-process to raise condition fidelity (README), with Flower's round trip
 # (seconds per message) amortised: 64 examples per request, 16 per step, each round used twice.

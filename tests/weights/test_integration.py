@@ -1,4 +1,5 @@
-"""The weights attack measured end to end on the shipped face base (weights-attack.md §11.8, slow).
+"""The weights attack measured end to end on the shipped face base (weights-attack.md §11.8; a
+`long` test: `make test-all` runs it, CI does not).
 
 Small scale (8 held-out victims, 400 shadow fine-tune steps). Asserted: what the full run (README)
 also shows, with paired 95 % intervals over victims. The spec's further claims (the attack above
@@ -17,7 +18,7 @@ from privdiff.weights.run import run_weights_attack
 from tests.weights.conftest import paired_interval
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_shared_file_reveals_the_identity_on_held_out_victims(tmp_path):
     config = load_config(None, [f"output_dir={tmp_path / 'run'}", "data.victims=8", "training.budget_steps=400",
                                 "eval.baseline_victims=0", "eval.grid_victims=4"], kind=WeightsAttackConfig)

@@ -1,5 +1,5 @@
 """The encoder shipped for the face base: hash-checked, attacks a user's file without training one,
-and (slow) draws held-out victims that no README figure used better than the base model does."""
+and (a `long` test) draws held-out victims, never in its training, better than the base model does."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_a_modified_or_unlisted_shipped_file_is_refused(tmp_path):
         shipped_encoder_dir(copy)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_shipped_encoder_draws_fresh_victims_above_the_base_and_on_average_above_random(tmp_path):
     """The attack from the file alone draws more of the victim than the base model does (paired 95 %
     interval above zero) and, on average, more than a random prompt-like embedding on the victim's
