@@ -111,7 +111,7 @@ def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str |
 
     from privdiff.errors import ConfigError, ModelError
     from privdiff.models.load import load_pipeline
-    from privdiff.models.lora import LORA_WEIGHT_NAME, load_lora_into_unet
+    from privdiff.models.lora import LORA_WEIGHT_NAME, load_lora_into_text_encoder, load_lora_into_unet
 
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler '{scheduler}' (choose ddim or ddpm)")
@@ -137,6 +137,7 @@ def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str |
         image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if lora is not None:
         load_lora_into_unet(pipe.unet, Path(lora))
+        load_lora_into_text_encoder(pipe.text_encoder, Path(lora))  # a no-op for UNet-only files
     cfg = SampleConfig(num_images=num_images, num_inference_steps=steps, scheduler=scheduler,
                        guidance_scale=guidance_scale, seed=seed)
     images = sample_images(pipe, [prompts[i % len(prompts)] for i in range(num_images)], cfg, image_size)

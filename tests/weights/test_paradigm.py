@@ -102,7 +102,7 @@ def test_end_of_run_pairs_use_full_runs_and_one_update_each(bench):
 
 
 def _saved_adapter(bench: FinetuneBench, tmp_path, steps: int = 3):
-    unet = bench.finetune(VICTIMS[0], steps)
+    unet = bench.finetune(VICTIMS[0], steps).unet
     path = tmp_path / "victim.safetensors"
     save_lora(path, unet, bench.recipe.lora_config())
     return unet, path

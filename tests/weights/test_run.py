@@ -18,6 +18,7 @@ from privdiff.report.html import render
 def tiny_attack_run(tiny_pipeline_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("weights") / "run"
     settings = [f"base_model={tiny_pipeline_dir}", "recipe.steps=4", "recipe.prior_images=2",
+                "recipe.text_encoder_rank=4",
                 "training.budget_steps=8", "eval.generation.inference_steps=2", "eval.generation.images=2",
                 "eval.grid_victims=2", "eval.baseline_victims=1", "eval.baseline_iterations=2"]
     code = main(["attack", "weights", "--out", str(out), "--victims", "2", "--quiet",
@@ -49,8 +50,12 @@ def test_the_run_writes_results_encoders_victims_and_figures(tiny_attack_run):
                  "encoder/encoder.json", "encoder/encoder_log.jsonl", "encoder-ablation/encoder.json",
                  "encoder-adaptive-prune-0.9/encoder.json"):
         assert (out / name).is_file(), name
-    assert len(list((out / "victims").glob("*.safetensors"))) == 2
-    assert len(list((out / "victims" / "dp-8").glob("*.safetensors"))) == 2
+    victims = sorted((out / "victims").glob("*.safetensors"))
+    dp_victims = sorted((out / "victims" / "dp-8").glob("*.safetensors"))
+    assert len(victims) == 2 and len(dp_victims) == 2
+    # The recipe's text-encoder adapter is in each victim's file; DP victims never get one.
+    assert any(k.startswith("text_encoder.") for k in load_file(str(victims[0])))
+    assert not any(k.startswith("text_encoder.") for k in load_file(str(dp_victims[0])))
 
 
 def test_the_report_card_shows_the_weights_attack(tiny_attack_run):
@@ -73,7 +78,8 @@ def test_one_adapter_is_attacked_with_the_trained_encoder(tiny_attack_run, tmp_p
     # An adapter of another layout is refused in one line, before anything is written.
     tensors = load_file(str(adapter))
     other = tmp_path / "other.safetensors"
-    save_file({k: v for i, (k, v) in enumerate(sorted(tensors.items())) if i >= 4}, str(other))
+    unet_keys = sorted(k for k in tensors if k.startswith("unet."))
+    save_file({k: v for k, v in tensors.items() if k not in unet_keys[:4]}, str(other))
     assert main(["attack", "weights", "--adapter", str(other), "--encoder", str(tiny_attack_run / "encoder"),
                  "--out", str(tmp_path / "two")]) == 2
     err = capsys.readouterr().err

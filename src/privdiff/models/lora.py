@@ -1,8 +1,8 @@
-"""LoRA adapters on the UNet (peft), exported in the diffusers LoRA format.
+"""LoRA adapters on the UNet (and optionally the text encoder, via peft), in the diffusers LoRA format.
 
-The file written is exactly what `pipe.load_lora_weights` reads: `unet.`-prefixed peft keys in
-diffusers naming, plus the adapter config (rank, alpha, targets) in the header so alpha survives
-the round trip. Nothing else goes in the header unless a method adds it explicitly (DP runs add
+The file written is exactly what `pipe.load_lora_weights` reads: `unet.`- (and `text_encoder.`-)
+prefixed peft keys in diffusers naming, plus each adapter's config (rank, alpha, targets) in the
+header so alpha survives the round trip. Nothing else goes in the header unless a method adds it explicitly (DP runs add
 `privdiff.dp.*`): no captions, paths, counts or seeds (specs/README.md, convention 5).
 """
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import PreTrainedModel
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -35,34 +36,44 @@ def peft_config(cfg: LoRAConfig) -> LoraConfig:
                       lora_dropout=cfg.dropout, init_lora_weights="gaussian")
 
 
-def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
-    """Freezes `unet`, attaches a LoRA adapter, returns the adapter parameters (in a fixed order).
+def add_lora(model: UNet2DConditionModel | PreTrainedModel, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
+    """Freezes `model` (a UNet or a text encoder), attaches a LoRA adapter, returns its parameters in a fixed order.
 
     The model must already be on its final device (peft creates the adapter weights there).
 
     Raises:
-        ModelError: none of the target modules exist in the UNet.
+        ModelError: none of the target modules exist in the model.
     """
-    unet.requires_grad_(False)
+    model.requires_grad_(False)
     try:
-        unet.add_adapter(peft_config(cfg))
+        model.add_adapter(peft_config(cfg))
     except ValueError as err:
-        raise ModelError(f"cannot add LoRA to the UNet: {str(err).splitlines()[0]}") from None
-    cast_training_params(unet, torch.float32)  # fp32 adapters on a low-precision base, same Parameter objects
-    params = [p for _, p in sorted(unet.named_parameters()) if p.requires_grad]
+        raise ModelError(f"cannot add LoRA to the {_kind(model)}: {str(err).splitlines()[0]}") from None
+    cast_training_params(model, torch.float32)  # fp32 adapters on a low-precision base, same Parameter objects
+    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     if not params:
         raise ModelError(f"no LoRA parameters created for target modules {cfg.target_modules}")
     return params
 
 
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter weights in diffusers naming (without the `unet.` prefix)."""
-    state = get_peft_model_state_dict(unet)
+def _kind(model: torch.nn.Module) -> str:
+    return "UNet" if isinstance(model, UNet2DConditionModel) else "text encoder"
+
+
+def lora_state_dict(model: UNet2DConditionModel | PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The adapter weights in diffusers naming (without the `unet.` / `text_encoder.` prefix)."""
+    state = get_peft_model_state_dict(model)
     return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
+def _adapter_metadata(cfg: LoRAConfig) -> dict:
+    return {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": sorted(cfg.target_modules),
+            "lora_dropout": 0.0, "init_lora_weights": "gaussian", "use_dora": False}
+
+
 def save_lora(path: Path, unet: UNet2DConditionModel, cfg: LoRAConfig,
-              extra_metadata: dict[str, str] | None = None) -> None:
+              extra_metadata: dict[str, str] | None = None, *,
+              text_encoder: PreTrainedModel | None = None, text_encoder_cfg: LoRAConfig | None = None) -> None:
     """Writes the adapter to `path` atomically, in the diffusers LoRA format.
 
     Args:
@@ -70,13 +81,20 @@ def save_lora(path: Path, unet: UNet2DConditionModel, cfg: LoRAConfig,
         unet: the UNet carrying the adapter.
         cfg: the adapter's configuration (its rank/alpha/targets go into the header).
         extra_metadata: further header fields (string values), e.g. `privdiff.dp.epsilon`.
+        text_encoder: a text encoder carrying its own adapter, written under `text_encoder.` (optional).
+        text_encoder_cfg: that adapter's configuration (required with `text_encoder`).
     """
-    adapter_meta = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": sorted(cfg.target_modules),
-                    "lora_dropout": 0.0, "init_lora_weights": "gaussian", "use_dora": False}
+    if (text_encoder is None) != (text_encoder_cfg is None):
+        raise ValueError("a text-encoder adapter needs both the text encoder and its LoRA config")
+    text_encoder_parts = {}
+    if text_encoder is not None:
+        text_encoder_parts = {"text_encoder_lora_layers": lora_state_dict(text_encoder),
+                              "text_encoder_lora_adapter_metadata": _adapter_metadata(text_encoder_cfg)}
     with tempfile.TemporaryDirectory() as tmp:
         # Let diffusers choose key names and header layout, so the file is what it expects to read.
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_meta)
+            tmp, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=_adapter_metadata(cfg),
+            **text_encoder_parts)
         tensors, metadata = read_lora(Path(tmp) / LORA_WEIGHT_NAME)
     metadata.update(extra_metadata or {})
     atomic_replace(path, lambda tmp_path: save_file(tensors, str(tmp_path), metadata=metadata))
@@ -100,30 +118,58 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def load_lora_into_unet(unet: UNet2DConditionModel, path: Path, cfg: LoRAConfig | None = None) -> None:
-    """Attaches an adapter saved by `save_lora` to a bare UNet (for resumed sampling and attacks).
+    """Attaches the UNet adapter of a file saved by `save_lora` to a bare UNet (for sampling and attacks).
 
     Raises:
         ModelError: the file's keys or shapes do not match this UNet.
     """
     tensors, metadata = read_lora(path)
     if cfg is None:
-        meta = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
-        ranks = [t.shape[0] for k, t in tensors.items() if "lora_A" in k or "lora.down" in k]
+        ranks = [t.shape[0] for k, t in tensors.items()
+                 if k.startswith("unet.") and ("lora_A" in k or "lora.down" in k)]
         if not ranks:
             raise ModelError(f"{path}: no LoRA tensors found")
-        cfg = LoRAConfig(rank=int(meta.get("unet.r", ranks[0])),
-                         alpha=float(meta.get("unet.lora_alpha", ranks[0])),
-                         target_modules=list(meta.get("unet.target_modules", ["to_q", "to_k", "to_v", "to_out.0"])))
-    add_lora(unet, cfg)
+        cfg = _header_config(metadata, "unet", ranks[0], ["to_q", "to_k", "to_v", "to_out.0"])
     state = convert_unet_state_dict_to_peft(
         {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")})
+    _attach(unet, cfg, state, path)
+
+
+def load_lora_into_text_encoder(text_encoder: PreTrainedModel, path: Path) -> bool:
+    """Attaches the file's text-encoder adapter (`text_encoder.` keys), if it has one; returns whether it did.
+
+    Raises:
+        ModelError: the file's text-encoder keys or shapes do not match this text encoder.
+    """
+    tensors, metadata = read_lora(path)
+    own = {k.removeprefix("text_encoder."): v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    if not own:
+        return False
+    ranks = [t.shape[0] for k, t in own.items() if "lora_A" in k or "down" in k]
+    if not ranks:
+        raise ModelError(f"{path}: text-encoder tensors but no LoRA down (A) matrix among them")
+    cfg = _header_config(metadata, "text_encoder", ranks[0], ["q_proj", "k_proj", "v_proj", "out_proj"])
+    _attach(text_encoder, cfg, convert_state_dict_to_peft(own), path)
+    return True
+
+
+def _header_config(metadata: dict[str, str], prefix: str, rank: int, targets: list[str]) -> LoRAConfig:
+    """The `prefix` adapter's config from the header; a missing alpha means alpha = rank (diffusers' convention)."""
+    meta = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    return LoRAConfig(rank=int(meta.get(f"{prefix}.r", rank)), alpha=float(meta.get(f"{prefix}.lora_alpha", rank)),
+                      target_modules=list(meta.get(f"{prefix}.target_modules", targets)))
+
+
+def _attach(model: torch.nn.Module, cfg: LoRAConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+    kind = _kind(model)
+    add_lora(model, cfg)
     try:
-        result = set_peft_model_state_dict(unet, state)
+        result = set_peft_model_state_dict(model, state)
     except RuntimeError as err:
-        raise ModelError(f"{path}: adapter does not match this UNet ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: adapter does not match this {kind} ({str(err).splitlines()[0]})") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise ModelError(f"{path}: adapter does not match this UNet (unexpected key {unexpected[0]})")
+        raise ModelError(f"{path}: adapter does not match this {kind} (unexpected key {unexpected[0]})")
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing:
-        raise ModelError(f"{path}: adapter does not match this UNet (missing key {missing[0]})")
+        raise ModelError(f"{path}: adapter does not match this {kind} (missing key {missing[0]})")

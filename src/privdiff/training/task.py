@@ -70,14 +70,20 @@ def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_siz
     return torch.cat(chunks)
 
 
+def tokenize(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> (N, L) token ids, padded to the tokenizer's max length."""
+    return pipe.tokenizer(prompts, padding="max_length", truncation=True,
+                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Prompts -> (N, L, D) last hidden states of the text encoder (padded to max length)."""
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 256,
+                   text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+    """Prompts -> (N, L, D) last hidden states of the text encoder (the pipeline's, or `text_encoder`)."""
+    text_encoder = pipe.text_encoder if text_encoder is None else text_encoder
     out = []
     for i in range(0, len(prompts), batch_size):
-        tokens = pipe.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
-                                max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-        out.append(pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0])
+        out.append(text_encoder(tokenize(pipe, prompts[i:i + batch_size]).to(text_encoder.device))[0])
     return torch.cat(out)
 
 

@@ -74,6 +74,8 @@ class WeightsAttackConfig:
             (r.steps >= 1 and r.learning_rate > 0, "recipe.steps must be >= 1 and recipe.learning_rate > 0"),
             (1 <= r.images_per_identity <= 40, "recipe.images_per_identity must be in [1, 40]"),
             (r.prior_images >= 0, "recipe.prior_images must be >= 0"),
+            (r.text_encoder_rank >= 0 and r.text_encoder_alpha > 0,
+             "recipe.text_encoder_rank must be >= 0 (0 = off) and recipe.text_encoder_alpha > 0"),
             ("{}" in r.prompt_template, "recipe.prompt_template must contain {} (the trigger word)"),
             (t.mode in INPUT_MODES, f"training.mode must be one of {', '.join(INPUT_MODES)}"),
             (t.pairs in ("every-step", "end-of-run"), "training.pairs must be every-step or end-of-run"),

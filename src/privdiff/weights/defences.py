@@ -25,7 +25,7 @@ import torch
 
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.inspect import ADAPTER_CONFIG_KEY, allowed, read_header
-from privdiff.weights.lora_math import LoRALayer, read_unet_lora, refactor, write_unet_lora
+from privdiff.weights.lora_math import LoRALayer, read_text_encoder_lora, read_unet_lora, refactor, write_unet_lora
 
 Knob = float | int | str
 
@@ -151,7 +151,8 @@ def defend_file(src: str | Path, dst: str | Path, defence: str, knob: Knob, seed
     The header of `dst` keeps only the allow-list of `privdiff inspect --scrub` (format, the LoRA
     config, `privdiff.*` fields such as DP parameters) plus `privdiff.defence` and
     `privdiff.defence.knob`. The seed is deliberately not recorded: it would let anyone regenerate
-    and subtract the weight noise. Only UNet LoRA is carried over (text-encoder LoRA is dropped).
+    and subtract the weight noise. A text-encoder adapter in diffusers or peft naming is defended
+    too and kept; kohya's text-encoder layers (`lora_te_`) are dropped.
 
     Args:
         src: the LoRA file to defend.
@@ -178,9 +179,12 @@ def defend_file(src: str | Path, dst: str | Path, defence: str, knob: Knob, seed
     else:
         generator.manual_seed(seed)
     defended = defend_layers(read_unet_lora(src), defence, knob, generator)
+    # A text-encoder adapter is shared weights too: defended the same way, then carried along.
+    text_encoder = read_text_encoder_lora(src)
+    defended_te = defend_layers(text_encoder, defence, knob, generator) if text_encoder else []
     header = {k: v for k, v in metadata.items() if allowed(k) and k not in ("format", ADAPTER_CONFIG_KEY)}
     header.update({"privdiff.defence": defence, "privdiff.defence.knob": str(knob)})
-    return write_unet_lora(dst, defended, header)
+    return write_unet_lora(dst, defended, header, text_encoder_layers=defended_te)
 
 
 __all__ = ["DEFENCES", "Defence", "add_weight_noise", "defend_file", "defend_layers", "prune_by_magnitude",

@@ -2,7 +2,8 @@
 
 For each victim the same victim model generates G images under four conditions:
 - `attack`: z = mu of Enc(adapter, r = S), as prompt embedding (the attacker sees only the file);
-- `true_prompt`: the victim's own prompt "a face of {trigger}" (upper bound);
+- `true_prompt`: the victim's own prompt "a face of {trigger}", through the victim's own text
+  encoder when its file adapts that too (upper bound);
 - `random_embedding`: a Gaussian embedding with the per-dimension mean and std of real prompt
   embeddings (lower bound);
 - `base`: the base model with the class prompt "a face" (second lower bound).
@@ -24,10 +25,9 @@ from PIL import Image
 from privdiff.data.identities import identity_images
 from privdiff.metrics.identity import embed_identities, identity_similarity, load_identity_embedder
 from privdiff.metrics.intervals import mean_interval
-from privdiff.models.lora import load_lora_into_unet
+from privdiff.models.lora import load_lora_into_text_encoder, load_lora_into_unet
 from privdiff.seeding import generator
-from privdiff.training.task import encode_prompts
-from privdiff.weights.finetune import FinetuneBench, GenerationConfig
+from privdiff.weights.finetune import FinetuneBench, FineTuned, GenerationConfig
 
 CONDITIONS = ("attack", "true_prompt", "random_embedding", "base")
 ContextFor = Callable[[Path], torch.Tensor]  # adapter file -> (1, L, D) attack embedding
@@ -57,11 +57,20 @@ class IdentityJudge:
         return {"identity_similarity": similarity, "retrieval": float(hits.mean())}
 
 
-def victim_unet(bench: FinetuneBench, adapter: Path) -> torch.nn.Module:
-    """The victim's model as the attacker rebuilds it: the public base UNet plus the shared file."""
+def victim_model(bench: FinetuneBench, adapter: Path) -> FineTuned:
+    """The victim's model as the attacker rebuilds it: the public base plus the shared file (UNet
+    adapter, and text-encoder adapter when the file has one)."""
     unet = copy.deepcopy(bench.pipe.unet)
     load_lora_into_unet(unet, adapter)
-    return unet.eval()
+    text_encoder = copy.deepcopy(bench.pipe.text_encoder)
+    if not load_lora_into_text_encoder(text_encoder, adapter):
+        text_encoder = None
+    return FineTuned(unet.eval(), None if text_encoder is None else text_encoder.eval())
+
+
+def negative_context(bench: FinetuneBench, victim: FineTuned) -> torch.Tensor:
+    """(1, L, D) guidance's empty negative prompt, as the victim's own pipeline encodes it."""
+    return bench.null_context if victim.text_encoder is None else bench.contexts(victim, [""])
 
 
 def evaluate_victims(bench: FinetuneBench, judge: IdentityJudge, adapters: dict[int, Path],
@@ -79,22 +88,23 @@ def evaluate_victims(bench: FinetuneBench, judge: IdentityJudge, adapters: dict[
     base_unet = bench.pipe.unet
     mean, std = prompt_stats
     for index, (identity, adapter) in enumerate(adapters.items()):
-        unet = victim_unet(bench, adapter)
+        victim = victim_model(bench, adapter)
+        null = negative_context(bench, victim)
         contexts = {}
         if "attack" in conditions and attack_context is not None:
-            contexts["attack"] = (unet, attack_context(adapter))
+            contexts["attack"] = (victim.unet, attack_context(adapter), null)
         if "true_prompt" in conditions:
-            contexts["true_prompt"] = (unet, encode_prompts(bench.pipe, [bench.recipe.prompt(identity)]))
+            contexts["true_prompt"] = (victim.unet, bench.contexts(victim, [bench.recipe.prompt(identity)]), null)
         if "random_embedding" in conditions:
             noise = torch.randn(mean.shape, generator=generator(seed, "random-embedding", identity))
-            contexts["random_embedding"] = (unet, (mean + std * noise)[None])
+            contexts["random_embedding"] = (victim.unet, (mean + std * noise)[None], null)
         if "base" in conditions:
-            contexts["base"] = (base_unet, bench.class_context)
+            contexts["base"] = (base_unet, bench.class_context, bench.null_context)
         row: dict = {"identity": identity, "adapter": adapter.name}
         kept = {}
-        for name, (model, context) in contexts.items():
+        for name, (model, context, negative) in contexts.items():
             # The same sampling noise for every condition of a victim: paired comparisons.
-            out = bench.generate(model, context, generation, generator(seed, "generate", identity))
+            out = bench.generate(model, context, generation, generator(seed, "generate", identity), negative)
             row[name] = judge.score(identity, out)
             kept[name] = out
         rows.append(row)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import PreTrainedModel
 
 from privdiff.config import DPConfig, LoRAConfig, RunConfig, TrainConfig
 from privdiff.data.examples import to_model_tensor
@@ -24,8 +25,8 @@ from privdiff.data.identities import identity_images, trigger_word
 from privdiff.models.lora import save_lora
 from privdiff.seeding import derive_seed, generator
 from privdiff.training.loop import train
-from privdiff.training.methods.dreambooth import DreamBoothLoRA, SeededDPLoRA
-from privdiff.training.task import DiffusionTask, EncodedSplit, encode_images, encode_prompts
+from privdiff.training.methods.dreambooth import DreamBoothLoRA, SeededDPLoRA, TrainablePrompts
+from privdiff.training.task import DiffusionTask, EncodedSplit, encode_images, encode_prompts, tokenize
 
 # (r, the UNet being fine-tuned, its task): called after every fine-tune step
 StepHook = Callable[[int, UNet2DConditionModel, DiffusionTask], None]
@@ -35,8 +36,9 @@ StepHook = Callable[[int, UNet2DConditionModel, DiffusionTask], None]
 class FinetuneRecipe:
     """The victims' and shadows' recipe (spec §4, privdiff column).
 
-    The text-encoder LoRA of the spec's table is left out [D]: the attack never reads it and
-    its decoder bypasses the text encoder; the UNet adapter alone learns the trigger.
+    `text_encoder_rank` > 0 adds the spec's text-encoder LoRA (r 4, α 4 on q_proj/v_proj), trained
+    jointly with the UNet's and written to the same file; the attack still reads the UNet adapter
+    only. DP-LoRA victims (the DP defence) never get one: it would be trained without noise.
     """
 
     rank: int = 4
@@ -52,12 +54,29 @@ class FinetuneRecipe:
     init_seed: int = 0
     prompt_template: str = "a face of {}"
     class_prompt: str = "a face"
+    text_encoder_rank: int = 0  # 0 = no text-encoder adapter
+    text_encoder_alpha: float = 4.0
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def prompt(self, identity: int) -> str:
         return self.prompt_template.format(trigger_word(identity))
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, target_modules=list(self.target_modules))
+
+    def text_encoder_lora(self) -> LoRAConfig | None:
+        if not self.text_encoder_rank:
+            return None
+        return LoRAConfig(rank=self.text_encoder_rank, alpha=self.text_encoder_alpha,
+                          target_modules=list(self.text_encoder_targets))
+
+
+@dataclass
+class FineTuned:
+    """One fine-tuned model: the UNet with its adapter, and its text encoder if that was adapted too."""
+
+    unet: UNet2DConditionModel
+    text_encoder: PreTrainedModel | None = None  # None: the base pipeline's (frozen) text encoder
 
 
 @dataclass(frozen=True)
@@ -141,34 +160,55 @@ class FinetuneBench:
         return RunConfig(lora=r.lora_config(), train=train_cfg, dp=dp)
 
     def finetune(self, identity: int, steps: int | None = None, *, on_step: StepHook | None = None,
-                 dp_epsilon: float | None = None, seed_key: object = None) -> UNet2DConditionModel:
-        """Fine-tunes a fresh copy of the base UNet on `identity`; returns it (adapter attached).
+                 dp_epsilon: float | None = None, seed_key: object = None) -> FineTuned:
+        """Fine-tunes a fresh copy of the base UNet (and text encoder, if the recipe adapts it) on `identity`.
 
         Args:
             identity: the identity seed (its trigger word and renders follow from it).
             steps: fine-tune steps (default: the recipe's S).
             on_step: called after every step with (r, unet, task): the step-embedding paradigm's hook.
-            dp_epsilon: train with DP-LoRA at this epsilon (delta 1e-5, no prior term: spec §8).
+            dp_epsilon: train with DP-LoRA at this epsilon (delta 1e-5, no prior term, no
+                text-encoder adapter: spec §8).
             seed_key: names the run's random stream (default: the identity).
+
+        Returns:
+            The fine-tuned model, adapters attached, in eval mode.
         """
         steps = steps or self.recipe.steps
         unet = copy.deepcopy(self.pipe.unet)
         config = self.run_config(steps, dp_epsilon=dp_epsilon, seed_key=identity if seed_key is None else seed_key)
+        prompts = None
         if dp_epsilon:
             method = SeededDPLoRA(config, init_seed=self.recipe.init_seed)
             task = self.identity_task(identity, unet, with_prior=False)
         else:
-            method = DreamBoothLoRA(config, init_seed=self.recipe.init_seed, prior_weight=self.recipe.prior_weight)
+            if (te_lora := self.recipe.text_encoder_lora()) is not None:
+                ids = tokenize(self.pipe, [self.recipe.prompt(identity), self.recipe.class_prompt])
+                prompts = TrainablePrompts(copy.deepcopy(self.pipe.text_encoder), te_lora, ids[:1], ids[1:])
+            method = DreamBoothLoRA(config, init_seed=self.recipe.init_seed, prior_weight=self.recipe.prior_weight,
+                                    prompts=prompts)
             task = self.identity_task(identity, unet)
         method.check_inputs(task.num_examples, unet)
         hook = None if on_step is None else (lambda r, _metrics: on_step(r, unet, task))
         train(task, method, Path(self._workdir.name), show_progress=False, on_step=hook)
         unet.eval()
-        return unet
+        if prompts is not None:
+            prompts.text_encoder.eval()
+        return FineTuned(unet, None if prompts is None else prompts.text_encoder)
 
-    def save_adapter(self, unet: UNet2DConditionModel, path: Path, extra: dict[str, str] | None = None) -> Path:
-        save_lora(path, unet, self.recipe.lora_config(), extra)
+    def save_adapter(self, model: FineTuned, path: Path, extra: dict[str, str] | None = None) -> Path:
+        """Writes the model's adapters (UNet, and text encoder if adapted) to one diffusers LoRA file."""
+        te_lora = None if model.text_encoder is None else self.recipe.text_encoder_lora()
+        if model.text_encoder is not None and te_lora is None:
+            raise ValueError("the model has a text-encoder adapter but the recipe has none (text_encoder_rank 0)")
+        save_lora(path, model.unet, self.recipe.lora_config(), extra,
+                  text_encoder=None if te_lora is None else model.text_encoder, text_encoder_cfg=te_lora)
         return path
+
+    @torch.no_grad()
+    def contexts(self, model: FineTuned, prompts: list[str]) -> torch.Tensor:
+        """(N, L, D) prompt embeddings through the model's own text encoder (the base one if not adapted)."""
+        return encode_prompts(self.pipe, prompts, text_encoder=model.text_encoder)
 
     def pipeline_with(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
         """The base pipeline with `unet` swapped in and a DDIM sampler (shares every other component)."""
@@ -180,12 +220,16 @@ class FinetuneBench:
 
     @torch.no_grad()
     def generate(self, unet: UNet2DConditionModel, context: torch.Tensor, generation: GenerationConfig,
-                 rng: torch.Generator) -> np.ndarray:
-        """(G, H, W, 3) uint8 images from `unet` conditioned on `context` (1, L, D)."""
+                 rng: torch.Generator, null_context: torch.Tensor | None = None) -> np.ndarray:
+        """(G, H, W, 3) uint8 images from `unet` conditioned on `context` (1, L, D).
+
+        `null_context` (1, L, D) is the guidance's negative embedding: the empty prompt through the
+        model's own text encoder (default: the base's).
+        """
         g = generation.images
+        null_context = self.null_context if null_context is None else null_context
         out = self.pipeline_with(unet)(
-            prompt_embeds=context.expand(g, -1, -1), negative_prompt_embeds=self.null_context.expand(g, -1, -1),
+            prompt_embeds=context.expand(g, -1, -1), negative_prompt_embeds=null_context.expand(g, -1, -1),
             num_inference_steps=generation.inference_steps, guidance_scale=generation.guidance_scale,
             generator=rng, output_type="np")
         return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
-

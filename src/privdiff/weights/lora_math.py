@@ -11,7 +11,8 @@ UNet module, in a fixed order (sorted by module name), whatever the file's forma
 - kohya sd-scripts: `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
 
 Key conversion is diffusers' own (`lora_state_dict` for kohya, `convert_unet_state_dict_to_peft` for
-the rest). Only UNet layers are read; text-encoder LoRA is ignored (specs/weights-attack.md §12.3).
+the rest). The encoder reads UNet layers only (specs/weights-attack.md §12.3);
+`read_text_encoder_lora` reads a text-encoder adapter so that defences can carry it along.
 `canonical_layers` is the `canonical` input mode of spec §5: each layer re-factored from its exact
 weight change ΔW = (α/r)·B·A, so it depends neither on the initialisation θ₀ nor on the A/B gauge.
 """
@@ -213,6 +214,44 @@ def read_unet_lora(path: str | Path) -> list[LoRALayer]:
             for layer in layers]
 
 
+_TEXT_ENCODER_SUFFIXES = ((".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+                          (".lora_A.weight", "down"), (".lora_B.weight", "up"))
+
+
+def read_text_encoder_lora(path: str | Path) -> list[LoRALayer]:
+    """The text-encoder LoRA layers (`text_encoder.` keys, diffusers or peft naming) of a file; [] if none.
+
+    Alpha comes from the header's `text_encoder.lora_alpha` (else alpha = rank). Kohya's `lora_te_`
+    keys are not read.
+
+    Raises:
+        ModelError: unreadable file, an A without its B (or the reverse), other tensor kinds.
+    """
+    path = Path(path)
+    tensors, metadata = read_lora(path)
+    try:
+        config = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: the LoRA adapter config is not JSON") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith("text_encoder."):
+            continue
+        name = key.removeprefix("text_encoder.")
+        role = next(((name[:-len(suffix)], r) for suffix, r in _TEXT_ENCODER_SUFFIXES if name.endswith(suffix)), None)
+        if role is None:
+            raise ModelError(f"{path}: unsupported text-encoder LoRA tensor '{key}'")
+        pairs.setdefault(role[0], {})[role[1]] = tensor.detach().float().contiguous()
+    layers = []
+    for name in sorted(pairs):
+        if len(pairs[name]) != 2:
+            raise ModelError(f"{path}: text-encoder LoRA layer {name} lacks its A or B matrix")
+        rank = pairs[name]["down"].shape[0]
+        alpha = float(config.get("text_encoder.lora_alpha", rank)) if isinstance(config, dict) else float(rank)
+        layers.append(LoRALayer(name, pairs[name]["down"], pairs[name]["up"], alpha))
+    return layers
+
+
 def _file_rank_alpha(layers: Sequence[LoRALayer]) -> tuple[int, float]:
     if not layers:
         raise ModelError("no LoRA layers to write")
@@ -223,7 +262,14 @@ def _file_rank_alpha(layers: Sequence[LoRALayer]) -> tuple[int, float]:
     return ranks.pop(), alphas.pop()
 
 
-def write_unet_lora(path: str | Path, layers: Sequence[LoRALayer], metadata: dict[str, str] | None = None) -> Path:
+def _written_config(layers: Sequence[LoRALayer], targets: list[str]) -> dict:
+    rank, alpha = _file_rank_alpha(layers)
+    return {"r": rank, "lora_alpha": alpha, "target_modules": targets,
+            "lora_dropout": 0.0, "init_lora_weights": "gaussian", "use_dora": False}
+
+
+def write_unet_lora(path: str | Path, layers: Sequence[LoRALayer], metadata: dict[str, str] | None = None, *,
+                    text_encoder_layers: Sequence[LoRALayer] = ()) -> Path:
     """Writes `layers` atomically in the diffusers LoRA format privdiff's `save_lora` writes.
 
     Same keys (`unet.<module>.lora.down.weight` / `.lora.up.weight`) and header (`format`, and the
@@ -235,21 +281,26 @@ def write_unet_lora(path: str | Path, layers: Sequence[LoRALayer], metadata: dic
         path: destination `.safetensors` file.
         layers: all with the same rank and alpha.
         metadata: further header fields (string values), e.g. `privdiff.defence`.
+        text_encoder_layers: a text-encoder adapter to write too (`text_encoder.` keys; one rank and alpha).
 
     Raises:
         ModelError: no layers, or layers with different ranks or alphas.
     """
-    rank, alpha = _file_rank_alpha(layers)
-    adapter_meta = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(layer.name for layer in layers),
-                    "lora_dropout": 0.0, "init_lora_weights": "gaussian", "use_dora": False}
-    unet_layers = {}
+    unet_layers, te_layers = {}, {}
     for layer in layers:
         unet_layers[f"{layer.name}.lora.down.weight"] = layer.down.detach().cpu().contiguous()
         unet_layers[f"{layer.name}.lora.up.weight"] = layer.up.detach().cpu().contiguous()
+    for layer in text_encoder_layers:
+        te_layers[f"{layer.name}.lora_linear_layer.down.weight"] = layer.down.detach().cpu().contiguous()
+        te_layers[f"{layer.name}.lora_linear_layer.up.weight"] = layer.up.detach().cpu().contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         # As in save_lora: diffusers chooses key prefixes and header layout, so it reads back what it expects.
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers,
-                                                  unet_lora_adapter_metadata=adapter_meta)
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_layers,
+            unet_lora_adapter_metadata=_written_config(layers, sorted(layer.name for layer in layers)),
+            text_encoder_lora_layers=te_layers or None,
+            text_encoder_lora_adapter_metadata=_written_config(
+                text_encoder_layers, sorted(layer.name for layer in text_encoder_layers)) if te_layers else None)
         tensors, header = read_lora(Path(tmp) / LORA_WEIGHT_NAME)
     header.update(metadata or {})
     path = Path(path)

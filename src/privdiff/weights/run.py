@@ -36,7 +36,7 @@ from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.defences import defend_file
 from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
 from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
-                                       victim_unet)
+                                       negative_context, victim_model)
 from privdiff.weights.finetune import FinetuneBench
 from privdiff.weights.lora_math import read_unet_lora
 from privdiff.weights.paradigm import (EncoderTrainer, EncoderTrainingConfig, TrainedEncoder, embed_adapter,
@@ -94,9 +94,9 @@ class WeightsAttackRun:
         with Progress(disable=not self.show_progress, transient=True) as progress:
             bar = progress.add_task(label, total=len(self.victims))
             for identity in self.victims:
-                unet = self.bench.finetune(identity, dp_epsilon=dp_epsilon)
+                model = self.bench.finetune(identity, dp_epsilon=dp_epsilon)
                 extra = ({"privdiff.dp.epsilon": f"{dp_epsilon:g}", "privdiff.dp.delta": "1e-05"} if dp_epsilon else None)
-                adapters[identity] = self.bench.save_adapter(unet, folder / f"{identity}.safetensors", extra)
+                adapters[identity] = self.bench.save_adapter(model, folder / f"{identity}.safetensors", extra)
                 progress.advance(bar)
         self.timings["victim_finetune_s_per_run" + (f"_dp{dp_epsilon:g}" if dp_epsilon else "")] = (
             (time.perf_counter() - began) / max(1, len(self.victims)))
@@ -203,8 +203,9 @@ def run_update_matching(run: WeightsAttackRun, adapters: dict[int, Path], rows: 
         bar = progress.add_task("update-matching baseline", total=len(chosen))
         for identity, adapter in chosen:
             found = update_matching(run.bench, read_unet_lora(adapter), matching, seed=identity)
-            images = run.bench.generate(victim_unet(run.bench, adapter), found.prompt, cfg.generation,
-                                        generator(cfg.seed, "generate", identity))
+            victim = victim_model(run.bench, adapter)
+            images = run.bench.generate(victim.unet, found.prompt, cfg.generation,
+                                        generator(cfg.seed, "generate", identity), negative_context(run.bench, victim))
             out_rows.append({"identity": identity, "dummy_images": run.judge.score(identity, found.images),
                              "dummy_prompt": run.judge.score(identity, images),
                              "final_mismatch": found.history[-1]})
@@ -296,8 +297,9 @@ def attack_adapter(encoder_dir: Path | None, adapter: Path, out: Path, *, privat
     encoder, training = load_encoder(encoder_dir, bench)
     step = config.recipe.steps if training.step_token else None
     z = embed_adapter(encoder, layers, training.mode, step, init_seed=config.recipe.init_seed)
-    images = bench.generate(victim_unet(bench, adapter), z, config.eval.generation,
-                            generator(config.eval.seed, "adapter-attack"))
+    victim = victim_model(bench, adapter)
+    images = bench.generate(victim.unet, z, config.eval.generation, generator(config.eval.seed, "adapter-attack"),
+                            negative_context(bench, victim))
     result: dict = {"adapter": str(adapter), "encoder": str(encoder_dir), "input_mode": training.mode,
                     "step": step, "header": header, "images": len(images)}
     if private is not None:
