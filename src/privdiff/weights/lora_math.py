@@ -134,7 +134,7 @@ def layers_from_state_dict(state_dict: Mapping[str, torch.Tensor],
     if not pairs:
         raise ModelError("no UNet LoRA tensors found")
     if skipped:
-        log.warning("ignored %d LoRA tensors outside the UNet (e.g. text encoder)", skipped)
+        log.debug("ignored %d LoRA tensors outside the UNet (e.g. text encoder)", skipped)
     layers = []
     for name in sorted(pairs):
         found = pairs[name]
