@@ -94,3 +94,15 @@ def test_corrupt_adapter_file(tmp_path: Path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(ModelError, match="not a readable safetensors file"):
         load_lora_into_unet(build_tiny_pipeline(TEST_MODEL).unet, tmp_path / "bad.safetensors")
+
+
+def test_adapter_with_a_non_json_header_config_is_refused_in_one_line(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    small = build_tiny_pipeline(TEST_MODEL)
+    add_lora(small.unet, LoRAConfig(rank=4, alpha=2.0))
+    save_lora(tmp_path / "a.safetensors", small.unet, LoRAConfig(rank=4, alpha=2.0))
+    save_file(load_file(str(tmp_path / "a.safetensors")), str(tmp_path / "b.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": "{not json"})
+    with pytest.raises(ModelError, match="adapter config is not a JSON object"):
+        load_lora_into_unet(build_tiny_pipeline(TEST_MODEL).unet, tmp_path / "b.safetensors")

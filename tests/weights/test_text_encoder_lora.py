@@ -9,11 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import save_file
 
 from privdiff.data.identities import attack_split
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.load import load_pipeline
 from privdiff.models.lora import load_lora_into_text_encoder, read_lora, save_lora
+from privdiff.sampling import sample_to_file
 from privdiff.training.task import encode_prompts
 from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.defences import defend_file
@@ -42,6 +45,13 @@ def victim_file(bench, fine_tuned, tmp_path_factory):
     return bench.save_adapter(fine_tuned[0], tmp_path_factory.mktemp("te") / "victim.safetensors")
 
 
+def _fresh_pipeline(bench: FinetuneBench) -> StableDiffusionPipeline:
+    """The base pipeline with its own UNet and text encoder, for `load_lora_weights` to load into."""
+    return StableDiffusionPipeline(**{**bench.pipe.components, "unet": copy.deepcopy(bench.pipe.unet),
+                                      "text_encoder": copy.deepcopy(bench.pipe.text_encoder)},
+                                   requires_safety_checker=False)
+
+
 def _prompt_states(pipe, text_encoder, prompt: str) -> torch.Tensor:
     return encode_prompts(pipe, [prompt], text_encoder=text_encoder)
 
@@ -62,9 +72,7 @@ def test_one_file_holds_both_adapters_and_diffusers_loads_it_whole(bench, fine_t
     model, _ = fine_tuned
     tensors, _ = read_lora(victim_file)
     assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
-    pipe = StableDiffusionPipeline(**{**bench.pipe.components, "unet": copy.deepcopy(bench.pipe.unet),
-                                      "text_encoder": copy.deepcopy(bench.pipe.text_encoder)},
-                                   requires_safety_checker=False)
+    pipe = _fresh_pipeline(bench)
     pipe.load_lora_weights(str(victim_file))
     prompt = bench.recipe.prompt(VICTIMS[0])
     want = _prompt_states(bench.pipe, model.text_encoder, prompt)
@@ -105,9 +113,7 @@ def test_defences_defend_the_text_encoder_adapter_and_keep_it(bench, victim_file
             assert (layer.down == 0).float().mean() >= 0.5 and (layer.up == 0).float().mean() >= 0.5
     if defence == "rank":
         assert all(torch.linalg.matrix_rank(layer.delta_weight()) <= 1 for layer in after)
-    pipe = StableDiffusionPipeline(**{**bench.pipe.components, "unet": copy.deepcopy(bench.pipe.unet),
-                                      "text_encoder": copy.deepcopy(bench.pipe.text_encoder)},
-                                   requires_safety_checker=False)
+    pipe = _fresh_pipeline(bench)
     pipe.load_lora_weights(str(out))  # the defended file still loads whole
     prompt = bench.recipe.prompt(VICTIMS[0])
     rebuilt = victim_model(bench, out)
@@ -128,8 +134,6 @@ def test_a_text_encoder_adapter_that_does_not_fit_is_refused(bench, victim_file,
     tensors, metadata = read_lora(victim_file)
     key = next(k for k in tensors if k.startswith("text_encoder.") and k.endswith("down.weight"))
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
-    from safetensors.torch import save_file
-
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=metadata)
     with pytest.raises(ModelError, match="does not match this text encoder"):
@@ -142,11 +146,6 @@ def test_a_negative_text_encoder_rank_is_refused():
 
 
 def test_privdiff_sample_applies_the_text_encoder_adapter(bench, victim_file, tiny_pipeline_dir, tmp_path):
-    from PIL import Image
-    from safetensors.torch import save_file
-
-    from privdiff.sampling import sample_to_file
-
     tensors, metadata = read_lora(victim_file)
     unet_only = tmp_path / "unet-only.safetensors"
     save_file({k: v for k, v in tensors.items() if k.startswith("unet.")}, str(unet_only), metadata=metadata)

@@ -2,8 +2,9 @@
 
 The file written is exactly what `pipe.load_lora_weights` reads: `unet.`- (and `text_encoder.`-)
 prefixed peft keys in diffusers naming, plus each adapter's config (rank, alpha, targets) in the
-header so alpha survives the round trip. Nothing else goes in the header unless a method adds it explicitly (DP runs add
-`privdiff.dp.*`): no captions, paths, counts or seeds (specs/README.md, convention 5).
+header so alpha survives the round trip. Nothing else goes in the header unless a method adds it
+explicitly (DP runs add `privdiff.dp.*`): no captions, paths, counts or seeds (specs/README.md,
+convention 5).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from transformers import PreTrainedModel
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                             convert_unet_state_dict_to_peft)
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
 from privdiff.config import LoRAConfig
 from privdiff.errors import ModelError
@@ -66,7 +68,8 @@ def lora_state_dict(model: UNet2DConditionModel | PreTrainedModel) -> dict[str, 
     return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
-def _adapter_metadata(cfg: LoRAConfig) -> dict:
+def adapter_metadata(cfg: LoRAConfig) -> dict:
+    """One adapter's config as `save_lora_weights` stores it in the header (per model prefix)."""
     return {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": sorted(cfg.target_modules),
             "lora_dropout": 0.0, "init_lora_weights": "gaussian", "use_dora": False}
 
@@ -89,11 +92,11 @@ def save_lora(path: Path, unet: UNet2DConditionModel, cfg: LoRAConfig,
     text_encoder_parts = {}
     if text_encoder is not None:
         text_encoder_parts = {"text_encoder_lora_layers": lora_state_dict(text_encoder),
-                              "text_encoder_lora_adapter_metadata": _adapter_metadata(text_encoder_cfg)}
+                              "text_encoder_lora_adapter_metadata": adapter_metadata(text_encoder_cfg)}
     with tempfile.TemporaryDirectory() as tmp:
         # Let diffusers choose key names and header layout, so the file is what it expects to read.
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=_adapter_metadata(cfg),
+            tmp, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=adapter_metadata(cfg),
             **text_encoder_parts)
         tensors, metadata = read_lora(Path(tmp) / LORA_WEIGHT_NAME)
     metadata.update(extra_metadata or {})
@@ -129,7 +132,7 @@ def load_lora_into_unet(unet: UNet2DConditionModel, path: Path, cfg: LoRAConfig 
                  if k.startswith("unet.") and ("lora_A" in k or "lora.down" in k)]
         if not ranks:
             raise ModelError(f"{path}: no LoRA tensors found")
-        cfg = _header_config(metadata, "unet", ranks[0], ["to_q", "to_k", "to_v", "to_out.0"])
+        cfg = header_config(path, metadata, "unet", ranks[0], ["to_q", "to_k", "to_v", "to_out.0"])
     state = convert_unet_state_dict_to_peft(
         {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")})
     _attach(unet, cfg, state, path)
@@ -148,16 +151,27 @@ def load_lora_into_text_encoder(text_encoder: PreTrainedModel, path: Path) -> bo
     ranks = [t.shape[0] for k, t in own.items() if "lora_A" in k or "down" in k]
     if not ranks:
         raise ModelError(f"{path}: text-encoder tensors but no LoRA down (A) matrix among them")
-    cfg = _header_config(metadata, "text_encoder", ranks[0], ["q_proj", "k_proj", "v_proj", "out_proj"])
+    cfg = header_config(path, metadata, "text_encoder", ranks[0], ["q_proj", "k_proj", "v_proj", "out_proj"])
     _attach(text_encoder, cfg, convert_state_dict_to_peft(own), path)
     return True
 
 
-def _header_config(metadata: dict[str, str], prefix: str, rank: int, targets: list[str]) -> LoRAConfig:
-    """The `prefix` adapter's config from the header; a missing alpha means alpha = rank (diffusers' convention)."""
-    meta = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+def header_config(path: Path, metadata: dict[str, str], prefix: str, rank: int,
+                  targets: list[str] | None = None) -> LoRAConfig:
+    """The `prefix` ("unet", "text_encoder") adapter's config from the header; what it lacks defaults to
+    `rank`, alpha = rank (diffusers' convention) and `targets`.
+
+    Raises:
+        ModelError: the header's adapter config is not a JSON object.
+    """
+    try:
+        meta = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: the LoRA adapter config is not a JSON object")
     return LoRAConfig(rank=int(meta.get(f"{prefix}.r", rank)), alpha=float(meta.get(f"{prefix}.lora_alpha", rank)),
-                      target_modules=list(meta.get(f"{prefix}.target_modules", targets)))
+                      target_modules=list(meta.get(f"{prefix}.target_modules", targets or [])))
 
 
 def _attach(model: torch.nn.Module, cfg: LoRAConfig, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -33,8 +33,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import save_file
 
+from privdiff.config import LoRAConfig
 from privdiff.errors import ConfigError, ModelError
-from privdiff.models.lora import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, read_lora
+from privdiff.models.lora import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, adapter_metadata, header_config, read_lora
 from privdiff.training.checkpoint import atomic_replace
 
 log = logging.getLogger("privdiff.weights")
@@ -229,10 +230,6 @@ def read_text_encoder_lora(path: str | Path) -> list[LoRALayer]:
     """
     path = Path(path)
     tensors, metadata = read_lora(path)
-    try:
-        config = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
-        raise ModelError(f"{path}: the LoRA adapter config is not JSON") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if not key.startswith("text_encoder."):
@@ -246,8 +243,7 @@ def read_text_encoder_lora(path: str | Path) -> list[LoRALayer]:
     for name in sorted(pairs):
         if len(pairs[name]) != 2:
             raise ModelError(f"{path}: text-encoder LoRA layer {name} lacks its A or B matrix")
-        rank = pairs[name]["down"].shape[0]
-        alpha = float(config.get("text_encoder.lora_alpha", rank)) if isinstance(config, dict) else float(rank)
+        alpha = header_config(path, metadata, "text_encoder", pairs[name]["down"].shape[0]).alpha
         layers.append(LoRALayer(name, pairs[name]["down"], pairs[name]["up"], alpha))
     return layers
 
@@ -262,10 +258,10 @@ def _file_rank_alpha(layers: Sequence[LoRALayer]) -> tuple[int, float]:
     return ranks.pop(), alphas.pop()
 
 
-def _written_config(layers: Sequence[LoRALayer], targets: list[str]) -> dict:
+def _written_config(layers: Sequence[LoRALayer]) -> dict:
+    """The header config of `layers`; `target_modules` lists full module names, so exactly these load."""
     rank, alpha = _file_rank_alpha(layers)
-    return {"r": rank, "lora_alpha": alpha, "target_modules": targets,
-            "lora_dropout": 0.0, "init_lora_weights": "gaussian", "use_dora": False}
+    return adapter_metadata(LoRAConfig(rank=rank, alpha=alpha, target_modules=[layer.name for layer in layers]))
 
 
 def write_unet_lora(path: str | Path, layers: Sequence[LoRALayer], metadata: dict[str, str] | None = None, *,
@@ -297,10 +293,8 @@ def write_unet_lora(path: str | Path, layers: Sequence[LoRALayer], metadata: dic
         # As in save_lora: diffusers chooses key prefixes and header layout, so it reads back what it expects.
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_layers,
-            unet_lora_adapter_metadata=_written_config(layers, sorted(layer.name for layer in layers)),
-            text_encoder_lora_layers=te_layers or None,
-            text_encoder_lora_adapter_metadata=_written_config(
-                text_encoder_layers, sorted(layer.name for layer in text_encoder_layers)) if te_layers else None)
+            unet_lora_adapter_metadata=_written_config(layers), text_encoder_lora_layers=te_layers or None,
+            text_encoder_lora_adapter_metadata=_written_config(text_encoder_layers) if te_layers else None)
         tensors, header = read_lora(Path(tmp) / LORA_WEIGHT_NAME)
     header.update(metadata or {})
     path = Path(path)
