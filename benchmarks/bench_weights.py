@@ -8,7 +8,7 @@ machine noise hits every variant alike:
 3. the ablation (one end-of-run pair per S-step run): pairs/s at the same fine-tune steps.
 Prints a table and writes JSON (default: benchmarks/results/bench_weights.json).
 
-    python benchmarks/bench_weights.py            # 3 rounds of S = 200 steps each
+    python benchmarks/bench_weights.py            # 3 rounds of the recipe's S steps each
     python benchmarks/bench_weights.py --quick    # smoke run: tiny S, one round
 """
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="S = 8, one round (smoke test)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="S (default: the recipe's 200)")
+    parser.add_argument("--steps", type=int, default=None, help="S (default: the recipe's, 400)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_weights.json")
     args = parser.parse_args()
     recipe = FinetuneRecipe()

@@ -1,5 +1,6 @@
-"""The encoder shipped for the face base: hash-checked, attacks a user's file without training one,
-and (a `long` test) draws held-out victims, never in its training, better than the base model does."""
+"""The encoder shipped for the face base: hash-checked, attacks a user's file without training one;
+its run's per-victim scores meet the spec's bar on all 180 held-out victims; and (a `long` test)
+re-fine-tuned victims, never in its training, reproduce those scores."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+import yaml
 
 from privdiff.cli import main
 from privdiff.config import load_config
@@ -17,15 +18,17 @@ from privdiff.errors import ModelError
 from privdiff.models.load import load_pipeline
 from privdiff.weights.base import FACE_BASE_DIR
 from privdiff.weights.config import WeightsAttackConfig
+from privdiff.weights.evaluate import aggregate
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.weights.paradigm import load_encoder
 from privdiff.weights.run import WeightsAttackRun
-from privdiff.weights.shipped import SHIPPED_ATTACK_DIR, shipped_encoder_dir
+from privdiff.weights.shipped import SHIPPED_ATTACK_DIR, shipped_encoder_dir, shipped_victim_rows
 from tests.weights.conftest import paired_interval
 
-# The encoder's own run attacked the first 72 victims; these come after them (the README's
-# 180-victim extension includes them).
+# Held-out victims re-fine-tuned by the long test (the shipped run attacked all 180).
 FRESH_VICTIMS = slice(72, 84)
+# A re-fine-tuned victim's scores against the shipped run's (fine-tunes ran there on one thread).
+REPRODUCE_ABS = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def test_a_face_file_is_attacked_with_the_shipped_encoder(face_file, tmp_path, c
     out = tmp_path / "attack"
     assert main(["attack", "weights", "--adapter", str(face_file), "--out", str(out)]) == 0
     result = json.loads((out / "adapter_attack.json").read_text())
-    assert result["encoder"] == str(SHIPPED_ATTACK_DIR / "encoder") and result["step"] == 200
+    assert result["encoder"] == str(SHIPPED_ATTACK_DIR / "encoder") and result["step"] == 400
     assert result["images"] == 4 and result["header"]["leaks"] is False
     assert (out / "adapter_attack.png").is_file()
     assert "attack images" in capsys.readouterr().out
@@ -72,18 +75,38 @@ def test_a_modified_or_unlisted_shipped_file_is_refused(tmp_path):
         shipped_encoder_dir(copy)
 
 
+def test_the_shipped_run_meets_the_specs_bar_on_all_held_out_victims():
+    """Spec §11 test 8 on the shipped run's per-victim scores: the attack's 95 % interval lies above
+    the random-embedding bound's, as does the true prompt's, and the step-token encoder beats the
+    ablation trained at the same budget (paired interval above zero)."""
+    config = load_config(SHIPPED_ATTACK_DIR / "config.yaml", kind=WeightsAttackConfig)
+    rows = shipped_victim_rows()
+    assert [r["identity"] for r in rows] == attack_split()[1]
+    scores = aggregate(rows, seed=config.eval.seed)
+    ci = {name: scores[name]["identity_similarity"]["ci"] for name in ("attack", "true_prompt", "random_embedding")}
+    assert ci["attack"][0] > ci["random_embedding"][1]
+    assert ci["true_prompt"][0] > ci["random_embedding"][1]
+    assert paired_interval(rows, "attack", "ablation")[0] > 0
+    recipe = yaml.safe_load((SHIPPED_ATTACK_DIR / "RECIPE.yaml").read_text())
+    assert recipe["identity_similarity"]["attack"]["mean"] == pytest.approx(
+        scores["attack"]["identity_similarity"]["mean"], abs=1e-4)
+    assert recipe["encoder"]["finetune_steps"] == config.training.budget_steps
+
+
 @pytest.mark.long
-def test_the_shipped_encoder_draws_fresh_victims_above_the_base_and_on_average_above_random(tmp_path):
-    """The attack from the file alone draws more of the victim than the base model does (paired 95 %
-    interval above zero) and, on average, more than a random prompt-like embedding on the victim's
-    own model. Twelve victims are too few for that second interval (measured: +0.042
-    [-0.005, +0.097]); on all 180 held-out victims the README gives +0.026 [+0.015, +0.039]."""
+def test_fresh_victims_reproduce_the_shipped_runs_scores(tmp_path):
+    """Twelve held-out victims fine-tuned anew from the recipe and attacked with the shipped encoder
+    give the shipped run's scores (the README's numbers are what the code computes), and the attack
+    draws more of each victim than the base model does (paired 95 % interval above zero)."""
     config = load_config(SHIPPED_ATTACK_DIR / "config.yaml", [f"output_dir={tmp_path}"], kind=WeightsAttackConfig)
     run = WeightsAttackRun(config, show_progress=False)
     run.victims = run.gallery[FRESH_VICTIMS]
     adapters = run.fine_tune_victims(tmp_path / "victims")
     trained = load_encoder(shipped_encoder_dir(), run.bench)
-    rows, _ = run.evaluate(adapters, trained, ("attack", "random_embedding", "base"))
+    rows, _ = run.evaluate(adapters, trained, ("attack", "true_prompt", "random_embedding", "base"))
+    shipped = {r["identity"]: r for r in shipped_victim_rows()}
+    for row in rows:
+        for name in ("attack", "true_prompt", "random_embedding", "base"):
+            assert row[name]["identity_similarity"] == pytest.approx(
+                shipped[row["identity"]][name]["identity_similarity"], abs=REPRODUCE_ABS), (row["identity"], name)
     assert paired_interval(rows, "attack", "base")[0] > 0
-    attack, random = (np.mean([r[name]["identity_similarity"] for r in rows]) for name in ("attack", "random_embedding"))
-    assert attack > random

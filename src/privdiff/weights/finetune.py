@@ -36,11 +36,12 @@ StepHook = Callable[[int, UNet2DConditionModel, DiffusionTask], None]
 class FinetuneRecipe:
     """The victims' and shadows' recipe (spec §4, privdiff column).
 
-    `text_encoder_rank` > 0 adds the spec's text-encoder LoRA (r 4, α 4 on q_proj/v_proj), trained
+    The text-encoder LoRA of the spec's column (r 4, α 4 on q_proj/v_proj) is on: it is trained
     jointly with the UNet's and written to the same file; the attack still reads the UNet adapter
     only. DP-LoRA victims (the DP defence) never get one: it would be trained without noise.
-    Off by default [D], against the spec's column: on 180 held-out victims it lowered the random
-    bound and the attack alike (paired attack − random +0.028 with it, +0.026 without; README).
+    S = 400 [D] (spec: 200): with the text-encoder LoRA, the victim's UNet no longer draws its
+    identity under any prompt-like embedding, and twice the steps widen the true-prompt −
+    random-embedding headroom the attack has to work in (+0.041 → +0.100 on 12 validation ids).
     """
 
     rank: int = 4
@@ -49,14 +50,14 @@ class FinetuneRecipe:
     learning_rate: float = 1e-2  # tuned on shadow-validation identities (spec: start at 1e-3)
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    steps: int = 200
+    steps: int = 400  # spec [D]: 200 (see above)
     images_per_identity: int = 5
     prior_images: int = 20
     prior_weight: float = 1.0
     init_seed: int = 0
     prompt_template: str = "a face of {}"
     class_prompt: str = "a face"
-    text_encoder_rank: int = 0  # 0 = no text-encoder adapter
+    text_encoder_rank: int = 4  # 0 = no text-encoder adapter
     text_encoder_alpha: float = 4.0
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 

@@ -56,8 +56,9 @@ class EncoderTrainingConfig:
         step_token: feed r to the encoder (False: the no-step-token ablations).
         pairs: `every-step` (the paradigm) or `end-of-run` (one pair per full S-step run).
         budget_steps: total shadow fine-tune steps: the compute unit compared across ablations.
-            20,000 (about 200 shadow identities): at 5,000 the encoder only reached the
-            random-embedding bound on the face base; at 20,000 it passes it (README).
+            40,000 (about 200 shadow identities at S = 400): at 5,000 the encoder only reached
+            the random-embedding bound on the face base; at S = 400, 20,000 closed a third of the
+            true − random gap and 40,000 half of it (README).
         learning_rate, weight_decay: AdamW of the encoder (spec §6: 5e-3, 5e-4).
         kl_weight, align_weight: beta_KL and lambda_align (0 and 0: the later reference code).
         encoder_images: instance images per pair in an update (spec: one).
@@ -73,7 +74,7 @@ class EncoderTrainingConfig:
     mode: str = "delta"  # an InputMode
     step_token: bool = True
     pairs: str = "every-step"  # or "end-of-run"
-    budget_steps: int = 20_000
+    budget_steps: int = 40_000
     learning_rate: float = 5e-3
     weight_decay: float = 5e-4
     kl_weight: float = 0.0

@@ -1,9 +1,11 @@
 """The weights-attack encoder shipped for the face base, so that a user can attack a file of their
 own (`privdiff attack weights --adapter FILE`) without first training an encoder for an hour.
 
-It is the encoder of one full run, packed with that run's config, results and versions:
+It is the encoder of one full run on all 180 held-out victims, packed with that run's config,
+results (RECIPE.yaml), per-victim scores (victims.json, what the README's headline table is computed
+from) and versions:
 
-    privdiff attack weights --victims 72 --budget 20000 --out RUN
+    privdiff attack weights --victims 180 --out RUN
     python -m privdiff.weights.shipped RUN
 
 It fits files fine-tuned from the shipped face base with the default recipe (`tiny-sd-identities`,
@@ -25,6 +27,8 @@ from privdiff.training.checkpoint import atomic_write_text
 
 SHIPPED_ATTACK_DIR = Path(__file__).resolve().parent.parent / "assets" / "weights-attack-identities"
 _PACKED = ("config.yaml", "encoder/encoder.json", "encoder/encoder.safetensors")
+VICTIM_ROWS = "victims.json"
+_SCORED = ("attack", "true_prompt", "random_embedding", "base")
 
 
 def shipped_encoder_dir(root: Path = SHIPPED_ATTACK_DIR) -> Path:
@@ -36,15 +40,34 @@ def shipped_encoder_dir(root: Path = SHIPPED_ATTACK_DIR) -> Path:
     if not (root / CHECKSUM_FILE).is_file():
         raise ModelError(f"{root}: no {CHECKSUM_FILE}; refusing an unverified encoder")
     listed = {line.split(maxsplit=1)[1] for line in (root / CHECKSUM_FILE).read_text().splitlines() if line.strip()}
-    missing = [name for name in _PACKED if name not in listed]
+    missing = [name for name in (*_PACKED, VICTIM_ROWS) if name not in listed]
     if missing:
         raise ModelError(f"{root}: {CHECKSUM_FILE} does not cover {', '.join(missing)}")
     verify_checksums(root)
     return root / "encoder"
 
 
+def shipped_victim_rows(root: Path = SHIPPED_ATTACK_DIR) -> list[dict]:
+    """The shipped run's per-victim scores (hash-checked): identity, each condition's scores and
+    the ablation encoder's attack scores."""
+    shipped_encoder_dir(root)
+    return json.loads((root / VICTIM_ROWS).read_text())
+
+
+def _victim_rows(result: dict) -> list[dict]:
+    ablation = {r["identity"]: r["attack"] for r in result.get("ablation", {}).get("victims", [])}
+    rows = []
+    for row in result["victims"]:
+        kept = {"identity": row["identity"], **{name: row[name] for name in _SCORED if name in row}}
+        if row["identity"] in ablation:
+            kept["ablation"] = ablation[row["identity"]]
+        rows.append(kept)
+    return rows
+
+
 def pack_run(run: Path, dest: Path = SHIPPED_ATTACK_DIR) -> None:
-    """Copies a finished run's encoder and config into `dest` with RECIPE.yaml (its results) and hashes."""
+    """Copies a finished run's encoder and config into `dest` with RECIPE.yaml (its results),
+    victims.json (its per-victim scores) and hashes."""
     result = json.loads((run / "attack.json").read_text())
     dest.mkdir(parents=True, exist_ok=True)
     for name in _PACKED:
@@ -69,6 +92,7 @@ def pack_run(run: Path, dest: Path = SHIPPED_ATTACK_DIR) -> None:
         "torch": result["run"]["packages"].get("torch"),
     }
     atomic_write_text(dest / "RECIPE.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    atomic_write_text(dest / VICTIM_ROWS, json.dumps(_victim_rows(result), indent=1))
     write_checksums(dest, suffixes=(".safetensors", ".json", ".yaml"))
 
 
