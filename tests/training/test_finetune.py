@@ -35,6 +35,7 @@ def test_run_folder_contract(finished_run: Path):
     assert summary["method"] == "lora" and summary["steps"] == 6
     assert summary["metrics"] == {} and summary["privacy"] == {}
     assert {"torch", "diffusers", "peft", "opacus"} <= set(summary["packages"])
+    assert summary["torch_threads"] == torch.get_num_threads()
     config = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert config["train"]["steps"] == 6 and config["lora"]["rank"] == 8
 

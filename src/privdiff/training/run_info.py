@@ -7,6 +7,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 import privdiff
 
 TRACKED_PACKAGES = ("torch", "diffusers", "peft", "opacus", "transformers", "safetensors", "numpy")
@@ -36,5 +38,6 @@ def git_commit() -> str | None:
 
 
 def run_record() -> dict:
+    # CPU fine-tunes are bit-reproducible only at the same thread count (summation order).
     return {"privdiff_version": privdiff.__version__, "git_commit": git_commit(),
-            "packages": package_versions()}
+            "packages": package_versions(), "torch_threads": torch.get_num_threads()}
