@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from privdiff.config import RunConfig, load_config  # noqa: E402
@@ -97,6 +98,16 @@ def write_image_folder(root: Path, n: int = 6, size: int = 20, mode: str = "RGB"
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: faster for small compute-bound tensors (split attacks), and
+    the thread count a run's numbers are bit-reproducible at (CPU summation order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

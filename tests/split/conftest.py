@@ -17,17 +17,6 @@ def split_config(pipeline_dir: Path, *overrides: str) -> SplitConfig:
     return load_split_config(None, base + list(overrides))
 
 
-@pytest.fixture
-def one_thread():
-    """Attack tests are compute-bound on small tensors: one torch thread is faster than two there."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def public_models(tiny_pipeline_dir: Path) -> PublicModels:
     return load_public_models(str(tiny_pipeline_dir))

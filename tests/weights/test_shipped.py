@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from privdiff.cli import main
@@ -19,7 +18,7 @@ from privdiff.errors import ModelError
 from privdiff.models.load import load_pipeline
 from privdiff.weights.base import FACE_BASE_DIR
 from privdiff.weights.config import WeightsAttackConfig
-from privdiff.weights.evaluate import aggregate
+from privdiff.weights.evaluate import CONDITIONS, aggregate
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.weights.paradigm import load_encoder
 from privdiff.weights.run import WeightsAttackRun
@@ -95,14 +94,6 @@ def test_the_shipped_run_meets_the_specs_bar_on_all_held_out_victims():
     assert recipe["encoder"]["finetune_steps"] == config.training.budget_steps
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.long
 def test_fresh_victims_reproduce_the_shipped_runs_scores(tmp_path, one_thread):
     """Twelve held-out victims fine-tuned anew from the recipe and attacked with the shipped encoder
@@ -113,10 +104,10 @@ def test_fresh_victims_reproduce_the_shipped_runs_scores(tmp_path, one_thread):
     run.victims = run.gallery[FRESH_VICTIMS]
     adapters = run.fine_tune_victims(tmp_path / "victims")
     trained = load_encoder(shipped_encoder_dir(), run.bench)
-    rows, _ = run.evaluate(adapters, trained, ("attack", "true_prompt", "random_embedding", "base"))
+    rows, _ = run.evaluate(adapters, trained, CONDITIONS)
     shipped = {r["identity"]: r for r in shipped_victim_rows()}
     for row in rows:
-        for name in ("attack", "true_prompt", "random_embedding", "base"):
+        for name in CONDITIONS:
             assert row[name]["identity_similarity"] == pytest.approx(
                 shipped[row["identity"]][name]["identity_similarity"], abs=REPRODUCE_ABS), (row["identity"], name)
     assert paired_interval(rows, "attack", "base")[0] > 0

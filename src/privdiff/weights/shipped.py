@@ -24,11 +24,11 @@ import yaml
 from privdiff.errors import ModelError
 from privdiff.models.load import CHECKSUM_FILE, verify_checksums, write_checksums
 from privdiff.training.checkpoint import atomic_write_text
+from privdiff.weights.evaluate import CONDITIONS
 
 SHIPPED_ATTACK_DIR = Path(__file__).resolve().parent.parent / "assets" / "weights-attack-identities"
 _PACKED = ("config.yaml", "encoder/encoder.json", "encoder/encoder.safetensors")
 VICTIM_ROWS = "victims.json"
-_SCORED = ("attack", "true_prompt", "random_embedding", "base")
 
 
 def shipped_encoder_dir(root: Path = SHIPPED_ATTACK_DIR) -> Path:
@@ -58,7 +58,7 @@ def _victim_rows(result: dict) -> list[dict]:
     ablation = {r["identity"]: r["attack"] for r in result.get("ablation", {}).get("victims", [])}
     rows = []
     for row in result["victims"]:
-        kept = {"identity": row["identity"], **{name: row[name] for name in _SCORED if name in row}}
+        kept = {"identity": row["identity"], **{name: row[name] for name in CONDITIONS if name in row}}
         if row["identity"] in ablation:
             kept["ablation"] = ablation[row["identity"]]
         rows.append(kept)
