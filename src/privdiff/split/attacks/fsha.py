@@ -109,6 +109,25 @@ class Critic(nn.Module):
         return self.net(feature).squeeze(1)
 
 
+def specificity(reconstruction: torch.Tensor, truth: torch.Tensor) -> dict:
+    """How much of each reconstruction belongs to its own example rather than to the batch: its MSE
+    against the other examples' conditions less the MSE against its own (`specific_gain`, 0 for a
+    reconstruction that carries nothing of its example), and the share whose own condition is the
+    nearest (`retrieval`; a duplicate of the own condition counts as it).
+
+    Pixel MSE and SSIM also move with the reconstruction's overall brightness and sharpness, which the
+    GAN swings from round to round (measured: MSE at round 100 from 0.021 to 0.042 over seeds, while
+    retrieval was at its ceiling in each); these two read only what is specific to the example.
+    """
+    r = reconstruction.flatten(1).double()
+    t = torch.as_tensor(truth).flatten(1).double()
+    distance = torch.cdist(r, t).pow(2) / r.shape[1]  # (N, N): MSE of reconstruction i against truth j
+    own = distance.diagonal()
+    others = (distance.sum(1) - own) / (len(own) - 1)
+    return {"specific_gain": float((others - own).mean()),
+            "retrieval": float((own <= distance.min(1).values * (1 + 1e-9)).double().mean())}
+
+
 def _conditions(dataset: ImageDataset) -> torch.Tensor:
     return (to_model_tensor(np.stack([ex.conditioning for ex in dataset.examples])) + 1) / 2
 
@@ -134,8 +153,8 @@ class FSHAAttack(SplitAttack):
     name = "fsha"
     designs = ("vanilla",)
 
-    def __init__(self, *, rounds: int = 200, critic: str = "joint", batch_size: int = 32, pilot_lr: float = 3e-3,
-                 critic_lr: float = 3e-4, gp_weight: float = 10.0, critic_steps: int = 5, pretrain_steps: int = 300,
+    def __init__(self, *, rounds: int = 200, critic: str = "joint", batch_size: int = 32, pilot_lr: float = 1e-3,
+                 critic_lr: float = 3e-4, gp_weight: float = 10.0, critic_steps: int = 5, pretrain_steps: int = 600,
                  critic_pretrain_steps: int = 200,
                  feature_scale: float = 0.5, decoder_noise: float = 0.3, residual: bool = True,
                  remove_drift: bool = True, normalise: bool = True, spread_weight: float = 1.0) -> None:
@@ -381,9 +400,11 @@ class FSHAAttack(SplitAttack):
             if "references" not in result:
                 result["references"] = {k: v["condition"]["all"]
                                         for k, v in references(truth, self.data.models, self.data.public).items()}
-            condition = score(None, self.reconstruct(observation).conditions, truth)["condition"]["all"]
+            reconstruction = self.reconstruct(observation).conditions
+            condition = score(None, reconstruction, truth)["condition"]["all"]
             history.append({"round": done, "seconds_per_round": seconds, **{m: condition[m]["value"]
-                                                                            for m in ("ssim", "psnr", "mse")}})
+                                                                            for m in ("ssim", "psnr", "mse")},
+                            **specificity(reconstruction, truth.conditions)})
 
         spent = 0.0
         if holdout is not None:
@@ -430,4 +451,4 @@ class FSHAAttack(SplitAttack):
                                "seconds_per_round": engaged.get("seconds_per_round")})
 
 
-__all__ = ["Critic", "FSHAAttack", "PilotDecoder", "PilotEncoder"]
+__all__ = ["Critic", "FSHAAttack", "PilotDecoder", "PilotEncoder", "specificity"]
