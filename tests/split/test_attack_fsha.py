@@ -119,12 +119,12 @@ def test_image_latent_is_the_clients_z0(tiny_pipeline_dir, public_models):
 def test_fsha_reconstruction_rises_over_rounds(tiny_pipeline_dir, public_models):
     """Spec §13 item 13, on design A at the default client learning rate (~70 s on one core).
 
-    What is asserted is what held on each of 8 seeds (attack seed × data seed, measured): the GAN
+    What is asserted is what held on each of 14 seeds (attack seed × data seed, measured): the GAN
     swings pixel MSE from round to round (at round 100 it ranged 0.014–0.048 against a no-information
     baseline of 0.027, so an MSE margin passed on one CPU and failed on another), while what is
     specific to each victim example rose in every run: retrieval among the 32 held-out conditions
-    0.03 (chance) at round 0 → 0.34–1.0 at round 100, specific gain 0 → 0.017–0.049, SSIM +0.11 or
-    more on round 0 and 0.45–0.78 against the baseline's 0.04.
+    0.03 (chance) at round 0 → 0.19–1.0 at round 100, specific gain 0 → 0.009–0.049, SSIM +0.11 or
+    more on round 0 and 0.37–0.78 against the baseline's 0.04.
     """
     config = split_config(tiny_pipeline_dir, *VICTIM, "data.test_examples=32")
     attack = FSHAAttack(batch_size=16, critic_pretrain_steps=100)
@@ -137,9 +137,9 @@ def test_fsha_reconstruction_rises_over_rounds(tiny_pipeline_dir, public_models)
     assert not server.validator.refusals
     # round 0: the hint block's zero conv gives every example the same feature, so nothing specific
     assert abs(first["specific_gain"]) < 1e-3 and first["retrieval"] <= 2 / 32, first
-    # round 100: stated margins, each about half of the worst of the 8 measured seeds
-    assert last["retrieval"] >= 0.25 and last["specific_gain"] > 0.008, last
-    assert last["ssim"] > first["ssim"] + 0.05 and last["ssim"] > baseline_ssim + 0.3, (first, last, baseline_ssim)
+    # round 100: stated margins, each below the worst of the 14 measured seeds (retrieval: 4× chance)
+    assert last["retrieval"] >= 4 / 32 and last["specific_gain"] > 0.004, last
+    assert last["ssim"] > first["ssim"] + 0.05 and last["ssim"] > baseline_ssim + 0.25, (first, last, baseline_ssim)
 
 
 def test_specificity_reads_only_what_belongs_to_each_example():

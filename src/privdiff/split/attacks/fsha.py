@@ -116,8 +116,9 @@ def specificity(reconstruction: torch.Tensor, truth: torch.Tensor) -> dict:
     nearest (`retrieval`; a duplicate of the own condition counts as it).
 
     Pixel MSE and SSIM also move with the reconstruction's overall brightness and sharpness, which the
-    GAN swings from round to round (measured: MSE at round 100 from 0.021 to 0.042 over seeds, while
-    retrieval was at its ceiling in each); these two read only what is specific to the example.
+    GAN swings from round to round (measured on the test pipeline: MSE at round 100 from 0.014 to 0.048
+    over 14 seeds, while retrieval rose from chance in each); these two read only what is specific to
+    the example.
     """
     r = reconstruction.flatten(1).double()
     t = torch.as_tensor(truth).flatten(1).double()
