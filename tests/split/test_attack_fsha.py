@@ -11,7 +11,8 @@ import torch
 from privdiff.errors import ConfigError
 from privdiff.split.attacks import attack_class
 from privdiff.split.attacks.base import AttackData, Observer, public_triples
-from privdiff.split.attacks.fsha import FSHAAttack, specificity
+from privdiff.split.attacks.fsha import FSHAAttack
+from privdiff.split.attacks.scoring import specificity
 from privdiff.split.client import ProtocolError
 from privdiff.split.messages import FORWARD_REQUEST, GRADIENT_PUSH, Message, encode, parse
 from privdiff.split.run import build_simulation, load_triples

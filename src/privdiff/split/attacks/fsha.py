@@ -109,26 +109,6 @@ class Critic(nn.Module):
         return self.net(feature).squeeze(1)
 
 
-def specificity(reconstruction: torch.Tensor, truth: torch.Tensor) -> dict:
-    """How much of each reconstruction belongs to its own example rather than to the batch: its MSE
-    against the other examples' conditions less the MSE against its own (`specific_gain`, 0 for a
-    reconstruction that carries nothing of its example), and the share whose own condition is the
-    nearest (`retrieval`; a duplicate of the own condition counts as it).
-
-    Pixel MSE and SSIM also move with the reconstruction's overall brightness and sharpness, which the
-    GAN swings from round to round (measured on the test pipeline: MSE at round 100 from 0.014 to 0.048
-    over 14 seeds, while retrieval rose from chance in each); these two read only what is specific to
-    the example.
-    """
-    r = reconstruction.flatten(1).double()
-    t = torch.as_tensor(truth).flatten(1).double()
-    distance = torch.cdist(r, t).pow(2) / r.shape[1]  # (N, N): MSE of reconstruction i against truth j
-    own = distance.diagonal()
-    others = (distance.sum(1) - own) / (len(own) - 1)
-    return {"specific_gain": float((others - own).mean()),
-            "retrieval": float((own <= distance.min(1).values * (1 + 1e-9)).double().mean())}
-
-
 def _conditions(dataset: ImageDataset) -> torch.Tensor:
     return (to_model_tensor(np.stack([ex.conditioning for ex in dataset.examples])) + 1) / 2
 
@@ -390,7 +370,7 @@ class FSHAAttack(SplitAttack):
         The held-out batch is drawn by a fresh client on `holdout` that carries the victim's current
         weights (the experimenter's view, not the server's); its truth comes from the same draws.
         """
-        from privdiff.split.attacks.scoring import references, score
+        from privdiff.split.attacks.scoring import references, score, specificity
 
         victim = victim or sorted(transport.clients)[0]
         history: list[dict] = []
@@ -452,4 +432,4 @@ class FSHAAttack(SplitAttack):
                                "seconds_per_round": engaged.get("seconds_per_round")})
 
 
-__all__ = ["Critic", "FSHAAttack", "PilotDecoder", "PilotEncoder", "specificity"]
+__all__ = ["Critic", "FSHAAttack", "PilotDecoder", "PilotEncoder"]

@@ -30,6 +30,26 @@ def per_example(reconstructed: torch.Tensor, truth: torch.Tensor) -> dict[str, n
     return {"ssim": ssim, "psnr": psnr, "mse": mse}
 
 
+def specificity(reconstruction: torch.Tensor, truth: torch.Tensor) -> dict:
+    """How much of each reconstruction belongs to its own example rather than to the batch: its MSE
+    against the other examples' conditions less the MSE against its own (`specific_gain`, 0 for a
+    reconstruction that carries nothing of its example), and the share whose own condition is the
+    nearest (`retrieval`; a duplicate of the own condition counts as it).
+
+    Pixel MSE and SSIM also move with the reconstruction's overall brightness and sharpness, which
+    FSHA's GAN swings from round to round (measured on the test pipeline: MSE at round 100 from 0.014
+    to 0.048 over 14 seeds, while retrieval rose from chance in each); these two read only what is
+    specific to the example.
+    """
+    r = reconstruction.flatten(1).double()
+    t = torch.as_tensor(truth).flatten(1).double()
+    distance = torch.cdist(r, t).pow(2) / r.shape[1]  # (N, N): MSE of reconstruction i against truth j
+    own = distance.diagonal()
+    others = (distance.sum(1) - own) / (len(own) - 1)
+    return {"specific_gain": float((others - own).mean()),
+            "retrieval": float((own <= distance.min(1).values * (1 + 1e-9)).double().mean())}
+
+
 def summarise(values: dict[str, np.ndarray], t: np.ndarray | None = None, *, seed: int = 0) -> dict:
     """Mean with a 95 % bootstrap interval per metric, overall and per t bucket (when t is given)."""
     def block(mask: np.ndarray) -> dict:
@@ -80,4 +100,4 @@ def references(truth, models, public, *, seed: int = 0) -> dict:
     }
 
 
-__all__ = ["METRICS", "T_BUCKETS", "per_example", "references", "score", "summarise"]
+__all__ = ["METRICS", "T_BUCKETS", "per_example", "references", "score", "specificity", "summarise"]
