@@ -7,6 +7,8 @@ on load, and saved fully resolved next to every run's outputs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -15,20 +17,29 @@ import yaml
 
 from privdiff.errors import ConfigError
 
+# Field metadata of filesystem paths: made absolute on load, so that a config handed to another
+# process (torchrun ranks, Flower apps, LiRA shadows) or saved in a run folder means the same files
+# from any working directory. DATASET_PATH: a built-in dataset name stays a name.
+PATH = {"path": "path"}
+DATASET_PATH = {"path": "dataset"}
+# Images larger than this are refused before decoding (a 380 KB PNG can declare 20000 x 20000 pixels).
+MAX_IMAGE_PIXELS = 40_000_000
+
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a built-in dataset name, or a folder in the imagefolder layout
+    name: str = field(default="digits", metadata=DATASET_PATH)  # a built-in dataset name, or an imagefolder
     image_size: int = 32
     num_examples: int | None = 256  # seeded subset of the dataset; null = all of it
     seed: int = 0  # picks the subset
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image folder's images above this are refused, unread
 
 
 @dataclass
 class MembershipConfig:
     """Manifest proportions (smp-lora.md §2); defaults reproduce the 433/400, 200/233, 200/200 split."""
 
-    manifest: str | None = None  # an existing membership.json to reuse (results stay paired)
+    manifest: str | None = field(default=None, metadata=PATH)  # an existing membership.json to reuse (paired results)
     seed: int = 0
     member_fraction: float = 0.52
     member_aux_fraction: float = 0.462
@@ -37,7 +48,7 @@ class MembershipConfig:
 
 @dataclass
 class ModelConfig:
-    pretrained: str | None = None  # local Stable Diffusion folder; null = the shipped tiny base
+    pretrained: str | None = field(default=None, metadata=PATH)  # local Stable Diffusion folder; null = the shipped tiny base
 
 
 @dataclass
@@ -107,7 +118,7 @@ class SampleConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/finetune"
+    output_dir: str = field(default="runs/finetune", metadata=PATH)
     data: DataConfig = field(default_factory=DataConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -124,6 +135,7 @@ class RunConfig:
              "data.image_size must be a multiple of 8 and >= 8"),
             (self.data.num_examples is None or self.data.num_examples >= 4,
              "data.num_examples must be >= 4 (or null for all)"),
+            (self.data.max_image_pixels >= 1, "data.max_image_pixels must be >= 1"),
             (0 < self.membership.member_fraction < 1, "membership.member_fraction must be in (0, 1)"),
             (0 < self.membership.member_aux_fraction < 1, "membership.member_aux_fraction must be in (0, 1)"),
             (0 < self.membership.nonmember_aux_fraction < 1,
@@ -207,7 +219,20 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[key] = _build(hint, value, path)
         else:
             kwargs[key] = _coerce(value, hint, path)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("path") and isinstance(kwargs.get(f.name), str):
+            kwargs[f.name] = absolute_path(kwargs[f.name], dataset=f.metadata["path"] == "dataset")
     return cls(**kwargs)
+
+
+def absolute_path(value: str, dataset: bool = False) -> str:
+    """`value` as an absolute path (user folder expanded); a built-in dataset's name is kept."""
+    if dataset:
+        from privdiff.data.builtin import BUILTIN_DATASETS  # data imports config: resolved at call time
+
+        if value in BUILTIN_DATASETS:
+            return value
+    return os.path.abspath(os.path.expanduser(value)) if value else value
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

@@ -68,14 +68,55 @@ def test_adapters_replaced_after_the_optimizer_is_caught(make_task, engine):
         run_step(method, task, 0, indices=torch.arange(8))
 
 
-def test_weights_that_never_move_stop_the_run(make_task):
-    """The second line of defence (§11.2): two optimizer steps that leave every LoRA tensor as it was."""
+def test_a_step_that_does_not_move_the_adapter_stops_the_run_at_once(make_task):
+    """§11.2, checked after every step: an optimizer that leaves the model's LoRA tensors as they were."""
     task = make_task(16)
     method = prepared_method(task, dp_config(noise_multiplier=1.0, expected_batch_size=8))
     method.optimizer.original_optimizer.step = lambda *a, **k: None  # updates silently lost
-    run_step(method, task, 0, indices=torch.arange(8))
     with pytest.raises(ModelError, match="did not change"):
-        run_step(method, task, 1, indices=torch.arange(8))
+        run_step(method, task, 0, indices=torch.arange(8))
+
+
+def test_parameters_swapped_inside_the_step_are_caught(make_task):
+    """The optimizer updates its tensors while the UNet uses fresh copies (what a PEFT version that
+    re-creates adapter parameters would do): the model's adapter did not move, so the step fails."""
+    task = make_task(16)
+    method = prepared_method(task, dp_config(noise_multiplier=1.0, expected_batch_size=8))
+    inner = method.optimizer.original_optimizer
+    real_step = inner.step
+
+    def swap_then_step(*args, **kwargs):
+        for name in method.names:
+            owner, attr = name.rsplit(".", 1)
+            module = task.unet.get_submodule(owner)
+            setattr(module, attr, torch.nn.Parameter(getattr(module, attr).detach().clone()))
+        return real_step(*args, **kwargs)
+    inner.step = swap_then_step
+    with pytest.raises(ModelError, match="did not change"):
+        run_step(method, task, 0, indices=torch.arange(8))
+
+
+def test_dropped_per_example_gradients_are_an_error(make_task):
+    """An engine (or library version) that leaves no grad_sample must not become a noise-only step."""
+    task = make_task(16)
+    method = prepared_method(task, dp_config(noise_multiplier=1.0, expected_batch_size=8))
+
+    def compute(draws):
+        for p in method.params:
+            p.grad_sample = None
+        return torch.zeros(draws.num_examples)
+    method.engine.compute = compute
+    with pytest.raises(ModelError, match="no per-example gradient"):
+        run_step(method, task, 0, indices=torch.arange(8))
+
+
+def test_no_noise_and_an_empty_batch_is_the_one_legitimate_standstill(make_task):
+    task = make_task(16)
+    method = prepared_method(task, dp_config(noise_multiplier=0.0, expected_batch_size=1))
+    empty = next(step for step in range(100)
+                 if len(method.batch_indices(step, task.num_examples, generator(0, "step", step))) == 0)
+    run_step(method, task, empty)  # a Poisson draw with no example: nothing moves, and that is right
+    assert method.empty_batches == 1
 
 
 def test_empty_batch_is_a_noise_only_step_without_forward(make_task):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from privdiff import __version__
 from privdiff.errors import PrivdiffError
@@ -31,13 +34,22 @@ def _register() -> None:
     from privdiff.cli import attack, audit, demo, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
 
 
+DEBUG_ENV = "PRIVDIFF_DEBUG"  # set to 1 for the full traceback of an internal error
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: runs the CLI; PrivdiffError -> 'error: ...' on stderr and exit 2."""
+    """Console entry point: runs the CLI and turns every failure into one line on stderr.
+
+    Returns:
+        0 on success; 2 for a `PrivdiffError` (bad input, explained); 1 for anything else
+        ("internal error: ...", with the traceback when PRIVDIFF_DEBUG=1); 130 on Ctrl-C;
+        click's own code for usage errors.
+    """
     _register()
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
     except PrivdiffError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        _print_error("error", _one_line(err))
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted (a run can be continued with --resume)")
@@ -52,8 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, click.ClickException):
             err.show()
             return err.exit_code
-        raise
+        return _internal_error(err)
     return code if isinstance(code, int) else 0
+
+
+def _one_line(err: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _print_error(label: str, text: str) -> None:
+    err_console.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def _internal_error(err: BaseException) -> int:
+    """One line for a failure privdiff did not foresee; the traceback only on request."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    hint = "" if debug else f" (set {DEBUG_ENV}=1 for the traceback)"
+    _print_error("internal error", f"{type(err).__name__}: {_one_line(err, 300)}{hint}")
+    return 1
 
 
 def run() -> None:

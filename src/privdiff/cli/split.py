@@ -26,7 +26,8 @@ def _config(config_file: Path | None, flags: dict, extra: list[str] | None):
 def _print_summary(summary: dict, folder: Path) -> None:
     wire = summary.get("wire", {})
     console.print(f"split run ({summary['design']}, {summary.get('transport', '?')}): {summary['steps']} steps, "
-                  f"{summary['rounds']} rounds, loss {summary['loss_first']} -> {summary['loss_last']}, "
+                  f"{summary['rounds']} rounds, loss {summary['loss_first']} -> {summary['loss_last']} "
+                  f"(means of the first and last {summary['loss_window']} rounds), "
                   f"refused {sum(summary['refusals'].values())} messages {summary['refusals'] or ''}")
     if wire:
         console.print(f"wire: {wire['up_bytes_per_example']:.0f} B/example up, "

@@ -89,6 +89,8 @@ def _print_privacy(run_dir: Path) -> None:
                       f"({privacy['accountant'].upper()}; PLD {privacy['epsilon_pld']}) with sigma "
                       f"{privacy['noise_multiplier']}, q {privacy['sample_rate']:.4g}, {privacy['steps']} steps, "
                       f"C {privacy['max_grad_norm']}, K {privacy['noise_multiplicity']}")
+        if privacy.get("accountant_note"):
+            console.print(f"accountant: {privacy['accountant_note']}")
 
 
 @app.command()

@@ -24,7 +24,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     if not path.exists():
         raise DataError(f"unknown dataset '{cfg.name}': not a built-in ({', '.join(BUILTIN_DATASETS)}) "
                         f"and no such folder")
-    dataset = load_image_folder(path, cfg.image_size)
+    dataset = load_image_folder(path, cfg.image_size, cfg.max_image_pixels)
     if cfg.num_examples is not None and cfg.num_examples < len(dataset):
         keep = pick_subset(len(dataset), cfg.num_examples, cfg.seed)
         dataset = dataset.subset([dataset[i].id for i in keep])

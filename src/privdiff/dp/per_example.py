@@ -91,6 +91,20 @@ class PerExampleEngine(ABC):
             raise ModelError("the model's LoRA parameters were replaced after the DP optimizer was built "
                              "(move the model to its device before adding adapters)")
 
+    def check_grad_samples(self, num_examples: int) -> None:
+        """Every trainable tensor got its (n, *shape) per-example gradient.
+
+        Raises:
+            ModelError: one is missing or misshapen (a PEFT or Opacus change that bypasses the
+                engine would otherwise leave DP-SGD adding noise to nothing, silently).
+        """
+        for name, p in self.params.items():
+            sample = getattr(p, "grad_sample", None)
+            if not isinstance(sample, torch.Tensor) or tuple(sample.shape) != (num_examples, *p.shape):
+                got = "none" if not isinstance(sample, torch.Tensor) else tuple(sample.shape)
+                raise ModelError(f"no per-example gradient for LoRA tensor {name} (expected "
+                                 f"{(num_examples, *p.shape)}, got {got}): the per-example engine was bypassed")
+
     def set_empty(self) -> None:
         """The empty Poisson batch: no forward, zero per-example rows (a noise-only step follows)."""
         for p in self.params.values():

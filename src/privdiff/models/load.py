@@ -58,6 +58,23 @@ def _quiet_hf_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def fix_tokenizer_length(tokenizer, text_encoder) -> None:
+    """A tokenizer saved without `model_max_length` reads back as 1e30 (transformers' sentinel),
+    which overflows when padding; fall back to the text encoder's position embeddings.
+
+    Raises:
+        ModelError: neither the tokenizer nor the text encoder states a usable length.
+    """
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    length = tokenizer.model_max_length
+    if isinstance(length, int) and 0 < length <= (positions or 1 << 20):
+        return
+    if not (isinstance(positions, int) and positions > 0):
+        raise ModelError(f"the tokenizer states no usable model_max_length ({length!r}) and the text encoder "
+                         f"no max_position_embeddings: set model_max_length in tokenizer_config.json")
+    tokenizer.model_max_length = positions
+
+
 def load_pipeline(path: str | Path | None = None, device: str = "cpu") -> StableDiffusionPipeline:
     """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder onto `device`.
 
@@ -86,6 +103,7 @@ def load_pipeline(path: str | Path | None = None, device: str = "cpu") -> Stable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load pipeline from {folder}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
+    fix_tokenizer_length(pipe.tokenizer, pipe.text_encoder)
     if device != "cpu":
         pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

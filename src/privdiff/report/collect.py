@@ -47,10 +47,7 @@ def collect_run(path: str | Path) -> dict:
         "dataset": run.summary.get("dataset", {}),
         "membership": run.summary.get("membership", {}),
         "pretrained": run.summary.get("pretrained"),
-        "settings": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-                     "learning_rate": cfg.train.learning_rate, "lora_rank": cfg.lora.rank,
-                     "lora_alpha": cfg.lora.alpha, "seed": cfg.train.seed,
-                     "caption_dropout": cfg.train.caption_dropout},
+        "settings": run.summary.get("settings") or {},  # what ran, as the run recorded it
         "privacy": run.summary.get("privacy") or {},
         "wall_time_s": run.summary.get("wall_time_s"),
         "git_commit": run.summary.get("git_commit"),

@@ -48,7 +48,20 @@ def _privacy_cell(privacy: dict) -> str:
             f'{fmt(privacy.get("epsilon_pld"))}); σ = {fmt(privacy.get("noise_multiplier"))}, '
             f'C = {fmt(privacy.get("max_grad_norm"))}, K = {privacy.get("noise_multiplicity")}, '
             f'q = {fmt(privacy.get("sample_rate"))}, {privacy.get("steps")} steps; per example, '
-            f'add/remove. Training curves are not covered.</span>')
+            f'add/remove. Training curves are not covered.'
+            + (f' Accountant: {_e(privacy["accountant_note"])}.' if privacy.get("accountant_note") else "")
+            + '</span>')
+
+
+def _training_cell(settings: dict) -> str:
+    """Steps, batches, learning rate and seed as the run's summary.json recorded them."""
+    if not settings:
+        return '<span class="muted">not recorded (run predates summary settings)</span>'
+    if settings.get("sampling") == "poisson":
+        batches = f"Poisson batches of expected size {settings['expected_batch_size']} (q = {fmt(settings['sample_rate'])})"
+    else:
+        batches = f"batch {settings['batch_size']}"
+    return f"{settings['steps']} steps, {batches}, lr {fmt(settings['learning_rate'])}, seed {settings['seed']}"
 
 
 def _runs_table(runs: list[dict]) -> str:
@@ -61,8 +74,8 @@ def _runs_table(runs: list[dict]) -> str:
         rows.append(
             f"<tr><td><b>{_e(r['name'])}</b></td><td>{_e(r['method'])}</td>"
             f"<td>{_e(d.get('name', '?'))} ({members} members of {d.get('num_examples', '?')})</td>"
-            f"<td>{s['steps']} steps, batch {s['batch_size']}, lr {fmt(s['learning_rate'])}, seed {s['seed']}</td>"
-            f"<td>rank {s['lora_rank']}, α {fmt(s['lora_alpha'])}</td><td>{_privacy_cell(r['privacy'])}</td>"
+            f"<td>{_training_cell(s)}</td>"
+            f"<td>rank {s.get('lora_rank', '?')}, α {fmt(s.get('lora_alpha'))}</td><td>{_privacy_cell(r['privacy'])}</td>"
             f"<td class=num>{fmt(r['wall_time_s'])} s</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 

@@ -6,20 +6,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from privdiff.config import ModelConfig, raise_first_failure
+from privdiff.config import DATASET_PATH, MAX_IMAGE_PIXELS, PATH, ModelConfig, raise_first_failure
 
 DESIGNS = ("backward-free", "vanilla")
 
 
 @dataclass
 class SplitDataConfig:
-    name: str = "fill"            # a built-in dataset with conditioning images, or an imagefolder
+    name: str = field(default="fill", metadata=DATASET_PATH)  # a built-in dataset with conditions, or an imagefolder
     image_size: int = 32
     num_examples: int = 2000      # training triples, sharded over the clients
     seed: int = 0
     shard: str = "iid"            # iid (by index) | colour (non-IID: by circle colour, fill only)
     test_examples: int = 256      # held-out triples for condition fidelity (a different seed)
     test_seed: int = 1
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image folder's images above this are refused, unread
 
 
 @dataclass
@@ -69,7 +70,7 @@ class SplitEvalConfig:
 
 @dataclass
 class SplitConfig:
-    output_dir: str = "runs/split"
+    output_dir: str = field(default="runs/split", metadata=PATH)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SplitDataConfig = field(default_factory=SplitDataConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -111,6 +112,7 @@ class SplitConfig:
             (d.shard in ("iid", "colour"), "data.shard must be iid or colour"),
             (d.num_examples >= t.clients, "data.num_examples must be >= train.clients"),
             (d.test_examples >= 1, "data.test_examples must be >= 1"),
+            (d.max_image_pixels >= 1, "data.max_image_pixels must be >= 1"),
             (d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8"),
             (self.eval.num_samples >= 1 and self.eval.num_inference_steps >= 1, "eval sizes must be >= 1"),
             (self.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1"),

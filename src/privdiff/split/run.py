@@ -36,7 +36,7 @@ def load_triples(config: SplitConfig, test: bool = False) -> ImageDataset:
     else:
         from privdiff.data import load_image_folder
 
-        dataset = load_image_folder(d.name, d.image_size)
+        dataset = load_image_folder(d.name, d.image_size, d.max_image_pixels)
     if any(ex.conditioning is None for ex in dataset.examples):
         raise DataError(f"dataset '{d.name}' has no conditioning images (split ControlNet needs triples)")
     return dataset
@@ -171,15 +171,19 @@ def serve(config: SplitConfig, server: SplitServer, transport: Transport, folder
     seconds = time.perf_counter() - began
     examples = sum(r["examples"] for r in server.log)
     losses = [r["loss"] for r in server.log if "loss" in r]
+    window = max(1, min(LOSS_WINDOW, len(losses) // 2))  # first and last windows never overlap
     summary = {
         "design": config.protocol.design, "protocol": dataclasses.asdict(config.protocol),
         "steps": server.step, "rounds": server.round, "resumed": resumed, "train_seconds": round(seconds, 2),
         "examples_received": examples, "refusals": dict(server.validator.refusals),
-        "loss_first": _mean(losses[:20]), "loss_last": _mean(losses[-20:]),
+        "loss_first": _mean(losses[:window]), "loss_last": _mean(losses[-window:]), "loss_window": window,
         "controlnet": str(folder / "controlnet"),
     }
     atomic_write_json(folder / "summary.json", summary)
     return summary
+
+
+LOSS_WINDOW = 20  # rounds averaged for the first and the last loss of the summary
 
 
 def _mean(values: list[float]) -> float | None:

@@ -37,6 +37,7 @@ from privdiff.seeding import seed_everything
 from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
 from privdiff.training.loop import StepCallback, TrainResult, train
 from privdiff.training.methods import get_method
+from privdiff.training.methods.base import TrainingMethod
 from privdiff.training.run_info import run_record
 from privdiff.training.task import build_task
 
@@ -156,8 +157,8 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     prompts = config.sample.prompts or default_prompts(inputs.members.captions(), config.sample.num_images)
     save_grid(sample_images(pipe, prompts, config.sample, config.data.image_size), run_dir / "samples.png")
     atomic_write_json(run_dir / "summary.json",
-                      {**build_summary(config, inputs, result, method.privacy_spent(),
-                                       time.perf_counter() - began, task.unet, prompts), **method.run_summary()})
+                      {**build_summary(config, inputs, result, method, time.perf_counter() - began, task.unet,
+                                       prompts), **method.run_summary()})
     return run_dir
 
 
@@ -165,13 +166,17 @@ def snapshot_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "snapshots" / f"step-{step:06d}" / LORA_WEIGHT_NAME
 
 
-def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, privacy: dict | None,
+def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, method: TrainingMethod,
                   wall_time_s: float, unet: torch.nn.Module, prompts: list[str]) -> dict:
+    """summary.json: what ran (not what the config's plain-training fields say), where and with what."""
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     return {
         "method": config.train.method,
         "steps": result.steps,
         "seed": config.train.seed,
+        "settings": {"steps": result.steps, **method.batching(), "learning_rate": config.train.learning_rate,
+                     "lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha, "seed": config.train.seed,
+                     "caption_dropout": config.train.caption_dropout},
         "dataset": {"name": inputs.dataset.name, "hash": inputs.dataset.content_hash,
                     "num_examples": len(inputs.dataset), "num_train_members": len(inputs.members),
                     "image_size": config.data.image_size},
@@ -184,5 +189,5 @@ def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, pri
         **run_record(),
         "wall_time_s": round(wall_time_s, 3),
         "metrics": {},
-        "privacy": privacy or {},
+        "privacy": method.privacy_spent() or {},
     }

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from privdiff.config import raise_first_failure
+from privdiff.config import PATH, raise_first_failure
 from privdiff.errors import ConfigError
 from privdiff.weights.finetune import FinetuneRecipe, GenerationConfig
 from privdiff.weights.inputs import INPUT_MODES
@@ -58,8 +58,8 @@ class DefenceConfig:
 
 @dataclass
 class WeightsAttackConfig:
-    output_dir: str = "runs/weights-attack"
-    base_model: str | None = None     # diffusers folder; null = the shipped tiny-sd-identities
+    output_dir: str = field(default="runs/weights-attack", metadata=PATH)
+    base_model: str | None = field(default=None, metadata=PATH)  # diffusers folder; null = the shipped tiny-sd-identities
     seed: int = 0
     recipe: FinetuneRecipe = field(default_factory=FinetuneRecipe)
     training: EncoderTrainingConfig = field(default_factory=EncoderTrainingConfig)

@@ -172,7 +172,8 @@ class LoopbackDeployment:
 
     def __enter__(self) -> "LoopbackDeployment":
         self._owns_root = self.root is None
-        self.root = Path(tempfile.mkdtemp(prefix="privdiff-flower-")) if self.root is None else Path(self.root)
+        # absolute: FLWR_HOME and the processes' working directory are both this folder
+        self.root = Path(tempfile.mkdtemp(prefix="privdiff-flower-")) if self.root is None else Path(self.root).resolve()
         self.home = self.root / "flwr-home"
         self.logs = self.root / "logs"
         self.home.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,10 @@ class TrainingMethod(ABC):
         """Method-specific fields of summary.json."""
         return {}
 
+    def batching(self) -> dict[str, Any]:
+        """How the run drew its batches, as summary.json records it (the report reads it there)."""
+        return {"sampling": "shuffled epochs", "batch_size": self.config.train.batch_size}  # <= N (check_inputs)
+
     def save_artifacts(self, run_dir: Path) -> None:
         """Writes method-specific files into the run folder (main process only)."""
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from privdiff.config import RunConfig
 from privdiff.distributed import current_world
-from privdiff.dp.accounting import calibrate_noise, opacus_epsilon, pld_epsilon
+from privdiff.dp.accounting import calibrate_noise, compute_epsilon, opacus_epsilon, pld_epsilon
 from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
 from privdiff.dp.sampling import local_share, poisson_rows, secure_generator
 from privdiff.errors import ConfigError, ModelError
@@ -43,6 +43,7 @@ class PrivacyPlan:
     noise_multiplier: float
     target_epsilon: float | None
     planned_epsilon: float
+    planned_accountant: str  # whose ε `planned_epsilon` is (PLD when PRV would exceed the memory cap)
 
 
 def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
@@ -69,12 +70,14 @@ def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
     if dp.target_epsilon is not None:
         calibration = calibrate_noise(dp.target_epsilon, rate, steps, delta, accountant=dp.accountant,
                                       eps_error=dp.eps_error)
-        sigma, planned = calibration.noise_multiplier, calibration.epsilon
+        sigma, planned, accountant = calibration.noise_multiplier, calibration.epsilon, calibration.accountant
     else:
         sigma = dp.noise_multiplier
-        planned = opacus_epsilon([(sigma, rate, steps)], delta, dp.accountant, dp.eps_error)
+        planned_eps = compute_epsilon([(sigma, rate, steps)], delta, dp.accountant, dp.eps_error)
+        planned, accountant = planned_eps.value, planned_eps.accountant
     return PrivacyPlan(dataset_size=n, expected_batch_size=batch, sample_rate=rate, steps=steps, delta=delta,
-                       noise_multiplier=sigma, target_epsilon=dp.target_epsilon, planned_epsilon=planned)
+                       noise_multiplier=sigma, target_epsilon=dp.target_epsilon, planned_epsilon=planned,
+                       planned_accountant=accountant)
 
 
 def refuse_gradient_checkpointing(unet: torch.nn.Module) -> None:
@@ -101,6 +104,10 @@ class DPLoRA(LoRA):
     def total_steps(self) -> int:
         return self.plan.steps if self.plan else self.config.train.steps
 
+    def batching(self) -> dict[str, Any]:
+        return {"sampling": "poisson", "expected_batch_size": self.plan.expected_batch_size,
+                "sample_rate": self.plan.sample_rate, "empty_batches": self.empty_batches}
+
     def prepare(self, task: DiffusionTask) -> None:
         from opacus.accountants import create_accountant
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
@@ -126,7 +133,6 @@ class DPLoRA(LoRA):
         self.accountant = create_accountant(dp.accountant)
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         self.unet = task.unet
-        self.initial = [p.detach().clone() for p in self.params]
         self.empty_batches = 0
         self.step_index = 0
         self.global_batch_size = 0
@@ -164,6 +170,7 @@ class DPLoRA(LoRA):
                 derive_seed(self.config.train.seed, "dp-noise", self.step_index))
         count = len(batch.indices)
         losses, norms = [], []
+        before = self._adapter_checksum()
         if count == 0:
             self.engine.set_empty()  # no forward: diffusers UNets fail on a 0-sized batch
             self.optimizer.step()  # noise-only update, one accountant step
@@ -171,7 +178,9 @@ class DPLoRA(LoRA):
             starts = list(range(0, count, dp.physical_batch_size))
             for j, start in enumerate(starts):
                 chunk = slice(start, start + dp.physical_batch_size)
-                losses.append(self.engine.compute(self.draws(task, batch, chunk)))
+                draws = self.draws(task, batch, chunk)
+                losses.append(self.engine.compute(draws))
+                self.engine.check_grad_samples(draws.num_examples)
                 norms.append(per_example_norms(self.params))
                 if j < len(starts) - 1:
                     self.optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
@@ -180,8 +189,7 @@ class DPLoRA(LoRA):
                     self.optimizer.zero_grad()  # keeps the accumulated clipped sum
         self.optimizer.zero_grad()
         self.empty_batches += int(self.global_batch_size == 0)
-        if self.step_index == 1:
-            self._check_weights_moved()
+        self._check_adapter_moved(before)
         return self._step_metrics(losses, norms)
 
     def _step_metrics(self, losses: list[torch.Tensor], norms: list[torch.Tensor]) -> dict[str, float]:
@@ -203,16 +211,25 @@ class DPLoRA(LoRA):
             metrics["epsilon_rdp"] = eps if math.isfinite(eps) else math.nan
         return metrics
 
-    def _check_weights_moved(self) -> None:
-        """After two optimizer steps some LoRA tensor of the model must differ from its start
-        (dp-lora.md §11.2): catches adapters replaced after the optimizer captured them."""
-        if self.plan.noise_multiplier == 0 and self.empty_batches == 2:
-            return  # two empty, noiseless steps legitimately change nothing
+    def _adapter_checksum(self) -> torch.Tensor:
+        """(2,) sum and sum of squares of the LoRA tensors the UNet holds now, looked up by name, so a
+        tensor swapped behind the optimizer's back counts as unchanged."""
         current = dict(self.unet.named_parameters())
-        if all(torch.equal(current[name].detach(), start) for name, start in zip(self.names, self.initial)):
-            raise ModelError("the model's LoRA weights did not change in two DP steps: the adapter was "
-                             "replaced after the optimizer was built (move the model to its device before "
-                             "adding adapters)")
+        values = [current[name].detach().double() for name in self.names if name in current]
+        if len(values) != len(self.names):
+            raise ModelError("the model lost LoRA parameters during DP training (the adapter was removed or renamed)")
+        return torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in values]).sum(dim=0).cpu()
+
+    def _check_adapter_moved(self, before: torch.Tensor) -> None:
+        """Every DP step must move the adapter the model uses (dp-lora.md §11): a PEFT or Opacus
+        version that swaps parameters, or drops per-example gradients, fails here, not silently.
+        The one legitimate standstill: no noise and an empty batch."""
+        if self.plan.noise_multiplier == 0 and self.global_batch_size == 0:
+            return
+        if torch.equal(self._adapter_checksum(), before):
+            raise ModelError(f"DP step {self.step_index + 1} did not change the LoRA weights the model uses: "
+                             f"the optimizer updates other tensors (e.g. the adapter was replaced after the "
+                             f"optimizer was built, or the model was moved to its device after adding adapters)")
 
     def finish(self, task: DiffusionTask) -> None:
         """Detaches the per-example hooks; across processes, checks the replicas are identical."""
@@ -229,15 +246,18 @@ class DPLoRA(LoRA):
         if self._privacy is not None and self._privacy["steps"] == self.accountant_steps():
             return self._privacy
         dp, plan, history = self.config.dp, self.plan, self.accountant.history
+        reported = compute_epsilon(history, plan.delta, dp.accountant, dp.eps_error)
         self._privacy = {
-            "epsilon": _finite(opacus_epsilon(history, plan.delta, dp.accountant, dp.eps_error)),
+            "epsilon": _finite(reported.value),
             "delta": plan.delta,
             "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate,
             "steps": self.accountant_steps(),
             "noise_multiplicity": dp.noise_multiplicity,
             "max_grad_norm": dp.max_grad_norm,
-            "accountant": dp.accountant,
+            "accountant": reported.accountant,  # the one whose ε is reported (PLD when PRV was over the cap)
+            "accountant_requested": dp.accountant,
+            "accountant_note": reported.note,
             "clipping": "flat",
             "unit": "example",
             "neighbouring": "add-remove",
