@@ -31,7 +31,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from privdiff.cli import attack, audit, demo, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
+    from privdiff.cli import attack, audit, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
 
 
 DEBUG_ENV = "PRIVDIFF_DEBUG"  # set to 1 for the full traceback of an internal error

@@ -10,13 +10,14 @@ included, where PRV's discretised domain grows into tens of GiB):
   milliseconds); above `PRV_MAX_POINTS` the PLD accountant answers instead, and the result says so.
 - PLD's value grid is 1e-4 (the spec's) until ε is large, then 1e-6·ε_RDP, so its loss grid stays
   near a million points; the pessimistic discretisation keeps it an upper bound at any interval.
-Measured peaks (2 cores, docs/benchmarks): PRV ≤ 1.6 GiB and ~7 s at the cap; PLD ≤ 0.7 GiB and
-≤ 4 s on the grid q ≤ 0.25, σ ≥ 0.3, ≤ 10^4 steps, where a fixed 1e-4 grid needed 3.7 GiB.
+Measured (2 cores): PRV ~6 s at the cap; PLD ≤ 0.7 GiB and ≤ 2 s on the grid q ≤ 0.25, σ ≥ 0.3,
+≤ 10^4 steps, where a fixed 1e-4 grid needed 3.7 GiB and 17 s (tests/dp/test_accounting.py).
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ ACCOUNTANTS = ("prv", "rdp")
 History = list[tuple[float, float, int]]
 
 MEMORY_CAP_BYTES = 2 << 30  # what one ε may cost; the limits below keep every accountant under it
-# Opacus PRV's peak resident memory per point of its discretised domain (measured: 1.59 GiB with
-# imports at 7.8 M points), and the largest domain it is given.
-PRV_BYTES_PER_POINT = 200
-PRV_MAX_POINTS = 8_000_000
+# Opacus PRV's peak memory per point of its discretised domain, and the largest domain it is given
+# (measured: a process peak of 2.08 GiB at 7.8 M points, imports included; 6 M keeps it under 2 GiB).
+PRV_BYTES_PER_POINT = 230
+PRV_MAX_POINTS = 6_000_000
 PLD_DISCRETIZATION = 1e-4  # the spec's value grid (dp-lora.md §8), used while ε_RDP <= 100
 PLD_RELATIVE_DISCRETIZATION = 1e-6  # above that: interval = 1e-6·ε_RDP (relative change measured < 1e-5)
+PLD_MAX_EPSILON = 1e6  # above it (σ -> 0) only RDP's bound is computed: there is no privacy to measure
 SIGMA_RANGE = (0.05, 1e4)  # where calibration searches; below 0.05 there is no privacy worth the name
 
 
@@ -97,7 +99,7 @@ def opacus_epsilon(history: History, delta: float, accountant: str = "prv", eps_
         points = prv_domain_points(history, delta, eps_error)
         if points > PRV_MAX_POINTS:
             raise AccountingLimit(f"PRV would discretise {points:.3g} points "
-                                  f"(~{points * PRV_BYTES_PER_POINT / 2**30:.1f} GiB)")
+                                  f"(~{points * PRV_BYTES_PER_POINT / 2**30:.3g} GiB)")
         acc = PRVAccountant()
         acc.history = history
         with warnings.catch_warnings():  # its domain bound comes from RDP, which notes its orders
@@ -115,10 +117,17 @@ def opacus_epsilon(history: History, delta: float, accountant: str = "prv", eps_
     raise ConfigError(f"unknown accountant '{accountant}' (choose from: {', '.join(ACCOUNTANTS)})")
 
 
-def pld_discretization(history: History, delta: float) -> float:
-    """The PLD value interval for this history: the spec's 1e-4, coarser only where ε is large."""
+def pld_discretization(history: History, delta: float, finest: float = PLD_DISCRETIZATION) -> float:
+    """The PLD value interval for this history: `finest` (the spec's 1e-4), coarser where ε is large.
+
+    Raises:
+        AccountingLimit: ε_RDP above `PLD_MAX_EPSILON` (the interval would pass 1, and the loss
+            grid of a σ that small would not fit the cap).
+    """
     rdp = opacus_epsilon(history, delta, "rdp")
-    return max(PLD_DISCRETIZATION, PLD_RELATIVE_DISCRETIZATION * min(rdp, 1e12))
+    if rdp > PLD_MAX_EPSILON:
+        raise AccountingLimit(f"PLD needs a value grid coarser than 1 here (RDP's ε is {rdp:.3g})")
+    return max(finest, PLD_RELATIVE_DISCRETIZATION * rdp)
 
 
 def pld_epsilon(history: History, delta: float, discretization: float | None = None) -> float:
@@ -141,14 +150,41 @@ def pld_epsilon(history: History, delta: float, discretization: float | None = N
     return float(acc.get_epsilon(delta))
 
 
+def _epsilon_by(name: str, history: History, delta: float, eps_error: float) -> float:
+    """ε by one accountant: "prv", "rdp" (Opacus) or "pld" (dp-accounting, bounded value grid)."""
+    return pld_epsilon(history, delta) if name == "pld" else opacus_epsilon(history, delta, name, eps_error)
+
+
+def _fallbacks(accountant: str) -> tuple[str, ...]:
+    """The requested accountant, then PLD, then RDP (RDP never exceeds the cap)."""
+    return tuple(dict.fromkeys((accountant, "pld", "rdp")))
+
+
+def _reported(values: dict[str, float | None], notes: dict[str, str], accountant: str) -> Epsilon:
+    """The first accountant of the fallback chain that answered, saying why the ones before it did not."""
+    used = next(name for name in _fallbacks(accountant) if values.get(name) is not None)
+    if used == accountant:
+        return Epsilon(values[used], used, accountant)
+    why = "; ".join(notes[name] for name in _fallbacks(accountant)[:_fallbacks(accountant).index(used)])
+    return Epsilon(values[used], used, accountant, f"{why}: {used.upper()} reported instead")
+
+
+def _limit_note(limit: AccountingLimit) -> str:
+    return f"{limit}, over the {MEMORY_CAP_BYTES / 2**30:.0f} GiB cap"
+
+
 def compute_epsilon(history: History, delta: float, accountant: str = "prv", eps_error: float = 1e-3) -> Epsilon:
-    """ε by the requested accountant, or by PLD when PRV would exceed the memory cap (said in `note`)."""
-    try:
-        return Epsilon(opacus_epsilon(history, delta, accountant, eps_error), accountant, accountant)
-    except AccountingLimit as limit:
-        note = (f"{limit}, over the {MEMORY_CAP_BYTES / 2**30:.0f} GiB cap: PLD "
-                f"(dp-accounting, pessimistic) reported instead")
-        return Epsilon(pld_epsilon(history, delta), "pld", accountant, note)
+    """ε by the requested accountant or, where it would exceed the memory cap, by PLD (then RDP's
+    bound where even PLD would: ε above 1e6); `note` says which and why."""
+    values: dict[str, float | None] = {}
+    notes: dict[str, str] = {}
+    for name in _fallbacks(accountant):
+        try:
+            values[name] = _epsilon_by(name, history, delta, eps_error)
+            break
+        except AccountingLimit as limit:
+            values[name], notes[name] = None, _limit_note(limit)
+    return _reported(values, notes, accountant)
 
 
 def round_up(value: float, digits: int = 4) -> float:
@@ -183,7 +219,12 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta
         raise ConfigError(f"target epsilon must be a finite number > 0 (got {target_epsilon})")
 
     def pld(sigma: float) -> float:
-        return pld_epsilon([(sigma, sample_rate, steps)], delta)
+        """The search's ε: PLD on a 1e-3 grid (a few times faster), RDP's bound where ε passes 1e6."""
+        history = [(sigma, sample_rate, steps)]
+        try:
+            return pld_epsilon(history, delta, pld_discretization(history, delta, finest=1e-3))
+        except AccountingLimit:
+            return opacus_epsilon(history, delta, "rdp")
 
     low, high = SIGMA_RANGE
     at_high, at_low = pld(high), pld(low)
@@ -205,8 +246,9 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta
         aim -= (value.value - target_epsilon * 0.997) * (1.2 if value.value > target_epsilon else 1.0)
         if aim <= pld(high):
             break
-    raise ConfigError(f"cannot calibrate noise to epsilon {target_epsilon} (q={sample_rate}, {steps} steps, "
-                      f"delta={delta}, accountant {accountant})")
+    raise ConfigError(f"cannot calibrate noise to epsilon {target_epsilon:g} (q={sample_rate:.4g}, {steps} steps, "
+                      f"delta={delta:g}, accountant {accountant}): the accountants disagree too much at this "
+                      f"epsilon; set the noise multiplier instead")
 
 
 def _solve(epsilon_of: Callable[[float], float], target: float, low: float, high: float) -> float:
@@ -221,3 +263,28 @@ def _solve(epsilon_of: Callable[[float], float], target: float, low: float, high
     while epsilon_of(sigma) > target and sigma < high:
         sigma *= 1 + 1e-5
     return sigma
+
+
+def compare_accountants(history: History, delta: float, accountant: str = "prv",
+                        eps_error: float = 1e-3) -> dict:
+    """ε of one history by PRV, PLD and RDP side by side, each timed, and which one is reported.
+
+    Returns:
+        {"reported": {epsilon, accountant, requested, note}, "accountants": {name: {epsilon,
+        seconds, note | discretization | eps_error}}}; an accountant over the cap has `epsilon: None`.
+    """
+    rows: dict[str, dict] = {}
+    for name in ("prv", "pld", "rdp"):
+        began = time.perf_counter()
+        row: dict = {"eps_error": eps_error} if name == "prv" else {}
+        try:
+            if name == "pld":
+                row["discretization"] = pld_discretization(history, delta)
+            row["epsilon"] = _epsilon_by(name, history, delta, eps_error)
+        except AccountingLimit as limit:
+            row["epsilon"], row["note"] = None, _limit_note(limit)
+        rows[name] = {**row, "seconds": round(time.perf_counter() - began, 3)}
+    reported = _reported({k: r["epsilon"] for k, r in rows.items()}, {k: r.get("note", "") for k, r in rows.items()},
+                         accountant)
+    return {"reported": {"epsilon": reported.value, "accountant": reported.accountant,
+                         "requested": reported.requested, "note": reported.note}, "accountants": rows}
