@@ -7,7 +7,20 @@ from privdiff.errors import ConfigError
 
 
 def test_defaults_validate():
-    assert load_config(None).to_dict() == RunConfig().to_dict()
+    assert load_config(None).to_dict() == {**RunConfig().to_dict(), "output_dir": str(Path("runs/finetune").absolute())}
+
+
+def test_paths_are_made_absolute_and_dataset_names_kept(tmp_path: Path, monkeypatch):
+    """Configs travel to other processes (torchrun ranks, Flower apps, shadows) with other working
+    directories: every path in them is absolute; built-in dataset names stay names."""
+    (tmp_path / "my_images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["output_dir=runs/x", "data.name=my_images", "model.pretrained=~/sd15",
+                             "membership.manifest=m.json"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x") and cfg.data.name == str(tmp_path / "my_images")
+    assert cfg.model.pretrained == str(Path.home() / "sd15") and cfg.membership.manifest == str(tmp_path / "m.json")
+    assert load_config(None, ["data.name=digits"]).data.name == "digits"
+    assert load_config(None, ["data.name=no-such-folder"]).data.name == "no-such-folder"  # its error quotes it
 
 
 def test_yaml_and_overrides_apply_in_order(tmp_path: Path):

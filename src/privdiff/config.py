@@ -147,6 +147,7 @@ class RunConfig:
             (self.train.steps >= 1, "train.steps must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.learning_rate > 0, "train.learning_rate must be > 0"),
+            (self.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
             (self.train.max_grad_norm is None or self.train.max_grad_norm > 0,
              "train.max_grad_norm must be > 0 (or null)"),
             (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
@@ -226,11 +227,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def absolute_path(value: str, dataset: bool = False) -> str:
-    """`value` as an absolute path (user folder expanded); a built-in dataset's name is kept."""
+    """`value` as an absolute path (user folder expanded); a dataset name is kept when it is a
+    built-in's or names nothing on disk (its error then quotes it as typed)."""
     if dataset:
         from privdiff.data.builtin import BUILTIN_DATASETS  # data imports config: resolved at call time
 
-        if value in BUILTIN_DATASETS:
+        if value in BUILTIN_DATASETS or not os.path.exists(os.path.expanduser(value)):
             return value
     return os.path.abspath(os.path.expanduser(value)) if value else value
 
@@ -248,15 +250,22 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
     elif hint is float or text.startswith("float"):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .nan / .inf: every float setting is a finite number
+                raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}")
+            return number
     elif hint is int or text.startswith("int"):
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(1 << 63) <= value < 1 << 63:
+                raise ConfigError(f"config key '{path}' is out of range ({value})")
             return value
     elif hint is str or text.startswith("str"):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -276,6 +285,19 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, values, "").validate()
 
 
+class _StrictSafeLoader(yaml.SafeLoader):
+    """The safe loader (no python/* tags), refusing a key given twice instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: Any = None, kind: type = RunConfig) -> Any:
     """Loads a YAML config (safe loader) onto `base` (defaults of `kind`), applies `key=value` overrides.
@@ -289,11 +311,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     values = (base or kind()).to_dict()
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictSafeLoader)
         except OSError as err:
             raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config {path} is not UTF-8 text (byte {err.start})") from None
+        except yaml.YAMLError as err:  # python/* tags included: the safe loader has no constructor for them
             raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except RecursionError:
+            raise ConfigError(f"config {path} is nested too deeply to be a privdiff config") from None
         _merge(values, loaded or {}, "")
     for item in overrides or []:
         key, sep, raw = item.partition("=")

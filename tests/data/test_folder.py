@@ -45,10 +45,10 @@ def _cmyk(root: Path) -> str:
     return "img_03.jpg"
 
 
-def _sixteen_bit(root: Path) -> str:
-    Image.fromarray(np.zeros((8, 8), np.uint16)).save(root / "deep.png")
-    _append(root, {"file_name": "deep.png"})
-    return "deep.png"
+def _float_image(root: Path) -> str:  # 16-bit greyscale is read (tests/adversarial); float is refused
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(root / "deep.tif")
+    _append(root, {"file_name": "deep.tif"})
+    return "deep.tif"
 
 
 def _unlisted(root: Path) -> str:
@@ -95,7 +95,7 @@ def _append(root: Path, row: dict) -> None:
 
 
 BAD_INPUTS = {"truncated": (_truncate, "corrupt or truncated"), "corrupt": (_corrupt, "not a readable image"),
-              "cmyk": (_cmyk, "unsupported image mode CMYK"), "16-bit": (_sixteen_bit, "unsupported image mode I"),
+              "cmyk": (_cmyk, "unsupported image mode CMYK"), "float": (_float_image, "unsupported image mode F"),
               "unlisted": (_unlisted, "has no entry in metadata.jsonl"),
               "missing-image": (_missing_image, "image file not found"),
               "no-metadata": (_no_metadata, "no metadata.jsonl"), "empty": (_empty, "dataset is empty"),

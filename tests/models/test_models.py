@@ -92,7 +92,7 @@ def test_mismatched_adapter_is_refused(tmp_path: Path):
 
 def test_corrupt_adapter_file(tmp_path: Path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(ModelError, match="not a readable safetensors file"):
+    with pytest.raises(ModelError, match="header is not valid JSON"):
         load_lora_into_unet(build_tiny_pipeline(TEST_MODEL).unet, tmp_path / "bad.safetensors")
 
 

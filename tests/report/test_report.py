@@ -79,3 +79,22 @@ def test_report_renders_in_headless_chromium(report_path: Path, tmp_path: Path):
     # The inline PNGs decoded: the plots and sample grids put saturated colour on the page.
     rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     assert ((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean() > 0.005
+
+
+def test_run_table_shows_what_a_dp_run_did_not_the_plain_training_fields(tiny_pipeline_dir: Path, tmp_path: Path):
+    """Issue 26, finding 6: DP-LoRA's row read train.steps and train.batch_size from the config (6 steps,
+    batch 4 here) for a run of ceil(epochs / q) Poisson steps of expected size B."""
+    from privdiff.training.run import run_training
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, tiny_pipeline_dir, **{"train.method": "dp-lora", "dp.target_epsilon": "null",
+                                                           "dp.noise_multiplier": 1.0, "dp.expected_batch_size": 6,
+                                                           "dp.epochs": 1.0, "dp.noise_multiplicity": 1})
+    run = run_training(cfg, show_progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    settings = summary["settings"]
+    assert settings["sampling"] == "poisson" and settings["expected_batch_size"] == 6
+    assert settings["steps"] == summary["privacy"]["steps"] != cfg.train.steps
+    page = write_report([run], tmp_path / "report.html").read_text()
+    assert f"{settings['steps']} steps, Poisson batches of expected size 6" in page
+    assert not re.search(rf"\b{cfg.train.steps} steps", page) and "batch 4" not in page

@@ -29,6 +29,9 @@ def test_simulate_then_resume(tiny_pipeline_dir, tmp_path, capsys):
     assert "condition fidelity (edge SSIM, 4 test conditions)" in printed and "B/example up" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["wire"]["down_bytes_per_example"] < 100  # requests only
+    # issue 26, finding 5: a run shorter than the 20-round window printed one number twice
+    assert summary["loss_window"] == 1 and summary["loss_first"] != summary["loss_last"]
+    assert f"loss {summary['loss_first']} -> {summary['loss_last']} (means of the first and last 1 rounds)" in printed
     assert (out / "controlnet" / "config.json").is_file() and (out / "config.yaml").is_file()
     # the same command again refuses to overwrite; --resume continues (nothing left: 2 of 2 steps)
     assert main(["split", "simulate", "--steps", "2", *_tiny(tiny_pipeline_dir, out)]) == 2

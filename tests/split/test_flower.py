@@ -27,11 +27,14 @@ FLOWER_RECIPE = ["data.num_examples=1000", "train.request_size=64", "train.batch
                  "data.test_examples=512", "eval.num_samples=512"]
 
 
-def test_two_clients_train_a_controlnet_over_flower(tmp_path):
+def test_two_clients_train_a_controlnet_over_flower(tmp_path, monkeypatch):
     from privdiff.models.load import load_pipeline
     from privdiff.split.flower.loopback import simulate_on_flower
 
-    config = load_split_config(None, FLOWER_RECIPE + [f"output_dir={tmp_path / 'run'}"])
+    # a relative run folder, from a working directory of its own: the default `runs/split` is relative,
+    # and Flower's processes run elsewhere (issue 26, finding 7: FLWR_HOME was resolved one level too deep)
+    monkeypatch.chdir(tmp_path)
+    config = load_split_config(None, FLOWER_RECIPE + ["output_dir=run"])
     intruder_key = tmp_path / "intruder.json"
     intruder_key.write_text(json.dumps({"client_id": "client-9", "key": secrets.token_hex(32), "secret_seed": 1}))
     summary = simulate_on_flower(config, show_progress=False, record_wire=True, record_messages=True,

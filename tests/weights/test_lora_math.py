@@ -182,7 +182,7 @@ def test_mismatched_or_missing_matrices_are_one_line_errors(tmp_path):
 def test_an_unreadable_file_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    _one_line_model_error(bad, "not a readable safetensors file")
+    _one_line_model_error(bad, "header is not valid JSON")
     _one_line_model_error(tmp_path / "missing.safetensors", "not found")
 
 

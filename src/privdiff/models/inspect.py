@@ -9,6 +9,7 @@ cut down to an allow-list.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import asdict, dataclass
@@ -35,8 +36,30 @@ class Finding:
     excerpt: str
 
 
+# safetensors dtypes and their sizes in bytes (the format's own list).
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+               "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key '{duplicate[:60]}'")
+    return dict(pairs)
+
+
 def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:
-    """(tensor table, __metadata__, header length) of a safetensors file, without reading tensors."""
+    """(tensor table, __metadata__, header length) of a safetensors file, without reading tensors.
+
+    The header is checked as strictly as the format defines it, so that no loader downstream ever
+    sees a hostile one: a length within the file and the cap, UTF-8 JSON without duplicate keys, one
+    entry per tensor with a known dtype, a non-negative integer shape and offsets whose span is that
+    shape's size, the spans tiling the data section exactly (no gap, no overlap, nothing past the end).
+
+    Raises:
+        ModelError: the first problem found, in one line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
@@ -51,19 +74,49 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:
         if 8 + length > size:
             raise ModelError(f"{path}: header length {length} runs past the end of the file")
         try:
-            header = json.loads(fh.read(length).decode("utf-8"))
+            header = json.loads(fh.read(length).decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelError(f"{path}: the safetensors header is not valid JSON") from None
+        except RecursionError:
+            raise ModelError(f"{path}: the safetensors header is nested too deeply") from None
+        except ValueError as err:
+            raise ModelError(f"{path}: the safetensors header has a {err}") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ModelError(f"{path}: __metadata__ must map strings to strings")
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= size - 8 - length):
-            raise ModelError(f"{path}: tensor '{name[:60]}' has invalid data offsets")
+    _check_tensor_table(path, header, size - 8 - length)
     return header, metadata, length
+
+
+def _check_tensor_table(path: Path, header: dict, data_bytes: int) -> None:
+    spans = []
+    for name, entry in header.items():
+        label = f"{path}: tensor '{name[:60]}'"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ModelError(f"{label} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_BYTES:
+            raise ModelError(f"{label} has unknown dtype {str(dtype)[:20]!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+            raise ModelError(f"{label} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise ModelError(f"{label} has invalid data offsets (outside the {data_bytes}-byte data section)")
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise ModelError(f"{label}: its offsets span {offsets[1] - offsets[0]} bytes, its shape {shape} of "
+                             f"{dtype} needs {math.prod(shape) * DTYPE_BYTES[dtype]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap at byte {end}"
+            raise ModelError(f"{path}: tensor '{name[:60]}' {what} (corrupt or crafted file)")
+        end = stop
+    if end != data_bytes:
+        raise ModelError(f"{path}: the data section has {data_bytes} bytes, the tensors cover {end} (truncated "
+                         f"or padded file)")
 
 
 def allowed(key: str, drop_config: bool = False) -> bool:

@@ -10,6 +10,7 @@ convention 5).
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from transformers import PreTrainedModel
 
 from privdiff.config import LoRAConfig
 from privdiff.errors import ModelError
+from privdiff.models.inspect import read_header
 from privdiff.training.checkpoint import atomic_replace
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -111,6 +113,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """
     if not Path(path).is_file():
         raise ModelError(f"LoRA file not found: {path}")
+    read_header(path)  # strict header checks first: safetensors itself never sees a hostile header
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
@@ -170,8 +173,16 @@ def header_config(path: Path, metadata: dict[str, str], prefix: str, rank: int,
         meta = None
     if not isinstance(meta, dict):
         raise ModelError(f"{path}: the LoRA adapter config is not a JSON object")
-    return LoRAConfig(rank=int(meta.get(f"{prefix}.r", rank)), alpha=float(meta.get(f"{prefix}.lora_alpha", rank)),
-                      target_modules=list(meta.get(f"{prefix}.target_modules", targets or [])))
+    rank_, alpha = meta.get(f"{prefix}.r", rank), meta.get(f"{prefix}.lora_alpha", rank)
+    modules = meta.get(f"{prefix}.target_modules", targets or [])
+    valid = (isinstance(rank_, (int, float)) and not isinstance(rank_, bool) and float(rank_).is_integer()
+             and 1 <= rank_ <= 1 << 16 and isinstance(alpha, (int, float))
+             and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0
+             and isinstance(modules, list) and all(isinstance(m, str) for m in modules))
+    if not valid:
+        raise ModelError(f"{path}: the LoRA adapter config has an invalid rank, alpha or target list "
+                         f"(r={str(rank_)[:20]}, alpha={str(alpha)[:20]})")
+    return LoRAConfig(rank=int(rank_), alpha=float(alpha), target_modules=list(modules))
 
 
 def _attach(model: torch.nn.Module, cfg: LoRAConfig, state: dict[str, torch.Tensor], path: Path) -> None:

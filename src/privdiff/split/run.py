@@ -197,11 +197,19 @@ def simulate(config: SplitConfig, *, resume: bool = False, overwrite: bool = Fal
     Writes the run folder (config, record, log, checkpoint, controlnet/, summary.json with the wire
     bytes per sample in both directions and, if `evaluate`, the trained/untrained/ceiling fidelity).
     """
+    from privdiff.training.run_lock import writing_run_folder
+
+    folder = Path(config.output_dir)
+    with writing_run_folder(folder):  # taken by prepare_folder, held until the summary is written
+        return _simulate(config, folder, resume, overwrite, evaluate, show_progress)
+
+
+def _simulate(config: SplitConfig, folder: Path, resume: bool, overwrite: bool, evaluate: bool,
+              show_progress: bool) -> dict:
     from privdiff.split.evaluate import evaluate_condition_fidelity
     from privdiff.split.models import load_public_models
     from privdiff.training.checkpoint import atomic_write_json
 
-    folder = Path(config.output_dir)
     prepare_folder(folder, config, resume, overwrite)
     models = load_public_models(config.model.pretrained)
     server, transport = build_simulation(config, models)

@@ -39,6 +39,7 @@ from privdiff.training.loop import StepCallback, TrainResult, train
 from privdiff.training.methods import get_method
 from privdiff.training.methods.base import TrainingMethod
 from privdiff.training.run_info import run_record
+from privdiff.training.run_lock import LOCK_NAME, lock_run_folder, writing_run_folder
 from privdiff.training.task import build_task
 
 RUN_FILES = ("config.yaml", "membership.json", "checkpoint.pt", "history.json", LORA_WEIGHT_NAME,
@@ -76,13 +77,15 @@ def prepare_inputs(config: RunConfig) -> RunInputs:
 
 def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
                     known_files: tuple[str, ...] = FINETUNE_OUTPUTS, checkpoint: str = "checkpoint.pt") -> bool:
-    """Creates or checks a run folder; returns whether training resumes from a checkpoint.
+    """Creates or checks a run folder and takes its writer lock; returns whether training resumes
+    from a checkpoint. The caller releases the lock (`run_lock.writing_run_folder`).
 
     `known_files`: what privdiff writes there; --overwrite refuses a folder holding anything else.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output path {run_dir} exists and is not a folder")
-    existing = list(run_dir.iterdir()) if run_dir.exists() else []
+    lock_run_folder(run_dir)  # refuses a folder that another process is writing
+    existing = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
     if existing and resume:
         saved = run_dir / "config.yaml"
         if not saved.exists():
@@ -98,8 +101,8 @@ def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
         if unknown:
             raise ConfigError(f"refusing to overwrite {run_dir}: it holds files privdiff did not write "
                               f"(e.g. {unknown[0]})")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        for path in existing:  # the folder itself stays: it carries the lock
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return False
 
 
@@ -134,12 +137,21 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     pipe = load_pipeline(config.model.pretrained, device=device_for(world))
     method.check_inputs(len(inputs.members), pipe.unet)
     run_dir = Path(config.output_dir)
-    resuming = False
-    if world.is_main:
+    if not world.is_main:
+        return _train_into(run_dir, config, method, inputs, pipe, resuming=False, show_progress=show_progress,
+                           on_step=on_step, began=began)
+    with writing_run_folder(run_dir):
         resuming = prepare_run_dir(run_dir, config, resume, overwrite)
         save_config(config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
+        return _train_into(run_dir, config, method, inputs, pipe, resuming=resuming, show_progress=show_progress,
+                           on_step=on_step, began=began)
 
+
+def _train_into(run_dir: Path, config: RunConfig, method: TrainingMethod, inputs: RunInputs, pipe, *,
+                resuming: bool, show_progress: bool, on_step: StepCallback | None, began: float) -> Path | None:
+    """Trains and, on the main process, writes the run's outputs (its folder is prepared and locked)."""
+    world = current_world()
     seed_everything(config.train.seed)
     task = build_task(pipe, inputs.members, inputs.splits(method.extra_roles))
 

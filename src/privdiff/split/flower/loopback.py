@@ -11,6 +11,7 @@ from privdiff.split.flower.deploy import LoopbackDeployment
 from privdiff.split.flower.settings import write_keys
 from privdiff.split.run import prepare_folder, simulated_secret_seed
 from privdiff.training.checkpoint import atomic_write_json
+from privdiff.training.run_lock import writing_run_folder
 
 
 def run_config_for(config: SplitConfig, folder: Path, keys_file: Path, record_dir: Path | None = None,
@@ -34,6 +35,13 @@ def simulate_on_flower(config: SplitConfig, *, overwrite: bool = False, evaluate
             (flower/messages/).
     """
     folder = Path(config.output_dir)
+    with writing_run_folder(folder):
+        return _simulate_on_flower(config, folder, overwrite, evaluate, timeout, extra_nodes, record_wire,
+                                   record_messages)
+
+
+def _simulate_on_flower(config: SplitConfig, folder: Path, overwrite: bool, evaluate: bool, timeout: float,
+                        extra_nodes: list[dict] | None, record_wire: bool, record_messages: bool) -> dict:
     prepare_folder(folder, config, resume=False, overwrite=overwrite)
     server_keys, client_keys = write_keys(folder / "keys", config.train.clients,
                                           [simulated_secret_seed(config, i) for i in range(config.train.clients)])
@@ -76,9 +84,10 @@ def evaluate_saved(config: SplitConfig, folder: Path) -> dict:
 def serve_on_flower(config: SplitConfig, keys_file: Path, *, port: int, overwrite: bool, timeout: float) -> dict:
     """A SuperLink on 0.0.0.0:port for remote SuperNodes (`privdiff split client`), then the run."""
     folder = Path(config.output_dir)
-    prepare_folder(folder, config, resume=False, overwrite=overwrite)
-    with LoopbackDeployment(root=folder / "flower", port=port, host="0.0.0.0") as deployment:
-        status = deployment.run(run_config_for(config, folder, keys_file), timeout)
+    with writing_run_folder(folder):
+        prepare_folder(folder, config, resume=False, overwrite=overwrite)
+        with LoopbackDeployment(root=folder / "flower", port=port, host="0.0.0.0") as deployment:
+            status = deployment.run(run_config_for(config, folder, keys_file), timeout)
     summary = json.loads((folder / "summary.json").read_text())
     summary["flower_run"] = {k: status.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
     atomic_write_json(folder / "summary.json", summary)
