@@ -125,3 +125,28 @@ def test_demo_summary_reads_a_run_with_no_loss_on_record(tmp_path: Path):
     (run / "summary.json").write_text(json.dumps({"final_loss": None, "steps": 5, "metrics": {}}))
     text = DemoResult(run_dirs={"lora": run}, report=tmp_path / "report.html", wall_time_s=1.0).describe()
     assert f"lora       {run}  (final loss n/a, 5 steps)" in text
+
+
+def test_an_unforeseen_exception_is_one_line_and_exit_1(monkeypatch, capsys):
+    """Anything that is not a PrivdiffError: 'internal error: ...', exit 1, and a hint for the traceback."""
+    def broken(path):
+        raise KeyError("no such field\nspread over lines")
+    monkeypatch.setattr("privdiff.models.inspect.inspect_file", broken)
+    monkeypatch.delenv("PRIVDIFF_DEBUG", raising=False)
+    assert main(["inspect", "whatever.safetensors"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("internal error: KeyError:")
+    assert "set PRIVDIFF_DEBUG=1 for the traceback" in err
+    monkeypatch.setenv("PRIVDIFF_DEBUG", "1")
+    assert main(["inspect", "whatever.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("internal error:")
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path: Path, capsys):
+    """Rich markup in a message (a path like runs/[x]) must not be eaten or crash the error line."""
+    out = tmp_path / "[bold]run"
+    assert main(["finetune", "--out", str(out), "--steps", "0"]) == 2
+    assert "train.steps must be >= 1" in _one_line_error(capsys)
+    assert main(["inspect", str(tmp_path / "[red]missing.safetensors")]) == 2
+    assert "[red]missing.safetensors: no such file" in _one_line_error(capsys)
