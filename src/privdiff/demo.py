@@ -64,7 +64,7 @@ class DemoResult:
             privacy = summary.get("privacy") or {}
             if privacy.get("epsilon") is not None:
                 lines.append(f"         guarantee: ({privacy['epsilon']:.3f}, {privacy['delta']:.3g})-DP per example "
-                             f"(PRV; PLD {privacy['epsilon_pld']:.3f}), sigma {privacy['noise_multiplier']}, "
+                             f"({privacy['accountant'].upper()}; PLD {privacy['epsilon_pld']:.3f}), sigma {privacy['noise_multiplier']}, "
                              f"q {privacy['sample_rate']:.3g}, {privacy['steps']} steps, K {privacy['noise_multiplicity']}")
             for key in HEADLINE_METRICS:
                 if key in summary["metrics"]:

@@ -9,7 +9,6 @@ import json
 import secrets
 import shutil
 
-import numpy as np
 import pytest
 
 from privdiff.split.config import load_split_config
