@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/privdiff demo
 
-# CI runs `make test` (about 13 min on 2 cores); `make test-all` adds the long end-to-end tests (about 50 min).
+# CI runs `make test` (about 7 min on 2 cores with the venv installed); `make test-all` adds the long end-to-end tests (about 50 min).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not long"
 
