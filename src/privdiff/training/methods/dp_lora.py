@@ -228,8 +228,9 @@ class DPLoRA(LoRA):
             return
         if torch.equal(self._adapter_checksum(), before):
             raise ModelError(f"DP step {self.step_index + 1} did not change the LoRA weights the model uses: "
-                             f"the optimizer updates other tensors (e.g. the adapter was replaced after the "
-                             f"optimizer was built, or the model was moved to its device after adding adapters)")
+                             f"the optimizer updates other tensors (the adapter was replaced after the optimizer "
+                             f"was built, e.g. the model moved to its device after adding adapters), or the "
+                             f"learning rate is too small to change float32 weights")
 
     def finish(self, task: DiffusionTask) -> None:
         """Detaches the per-example hooks; across processes, checks the replicas are identical."""
