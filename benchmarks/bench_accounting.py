@@ -21,7 +21,7 @@ from pathlib import Path
 from common import print_table, write_json
 
 from privdiff.dp.accounting import MEMORY_CAP_BYTES, PRV_MAX_POINTS, compare_accountants, pld_epsilon
-from privdiff.training.run_info import run_record
+from privdiff.runs.record import run_record
 
 DELTA = 1e-5
 GRID = list(itertools.product((0.001, 0.01, 0.05, 0.25), (0.3, 0.6, 1.0, 2.0, 5.0), (10, 1000, 10000)))

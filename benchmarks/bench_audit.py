@@ -26,7 +26,7 @@ from privdiff.audit.run import AuditConfig, run_audit
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG
 from privdiff.training.run import run_training
-from privdiff.training.run_info import run_record
+from privdiff.runs.record import run_record
 
 
 def main() -> None:

@@ -23,14 +23,14 @@ from common import print_table, write_json
 
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG, DP_OVERRIDES
-from privdiff.metrics.evaluate import EvalConfig, evaluate_run, record_key
+from privdiff.evaluation import EvalConfig, evaluate_run, record_key
 from privdiff.models.load import load_pipeline
 from privdiff.seeding import generator
 from privdiff.training.loop import make_batch
 from privdiff.training.methods import get_method
 from privdiff.training.run import prepare_inputs, run_training
-from privdiff.training.run_info import run_record
-from privdiff.training.task import build_task
+from privdiff.runs.record import run_record
+from privdiff.diffusion.task import build_task
 
 UTILITY_KEYS = ("kid/members", "fid/members", "accuracy/digit", "heldout_loss/member_test")
 

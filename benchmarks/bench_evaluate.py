@@ -22,9 +22,9 @@ from common import print_table, write_json
 
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG
-from privdiff.metrics.evaluate import EvalConfig, evaluate_run
+from privdiff.evaluation import EvalConfig, evaluate_run
 from privdiff.training.run import run_training
-from privdiff.training.run_info import run_record
+from privdiff.runs.record import run_record
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ from privdiff.seeding import generator
 from privdiff.training.loop import make_batch
 from privdiff.training.methods import get_method
 from privdiff.training.run import prepare_inputs
-from privdiff.training.run_info import run_record
-from privdiff.training.task import build_task
+from privdiff.runs.record import run_record
+from privdiff.diffusion.task import build_task
 
 
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:

@@ -26,14 +26,14 @@ from common import print_table, write_json
 from privdiff.audit.run import AuditConfig, load_audit, run_audit
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG, SMP_OVERRIDES
-from privdiff.metrics.evaluate import EvalConfig, evaluate_run
+from privdiff.evaluation import EvalConfig, evaluate_run
 from privdiff.models.load import load_pipeline
 from privdiff.seeding import generator
 from privdiff.training.loop import make_batch
 from privdiff.training.methods import get_method
 from privdiff.training.run import prepare_inputs, run_training
-from privdiff.training.run_info import run_record
-from privdiff.training.task import build_task
+from privdiff.runs.record import run_record
+from privdiff.diffusion.task import build_task
 
 METHOD_OVERRIDES = {"lora": [], "smp-lora": SMP_OVERRIDES,
                     "mp-lora": [*SMP_OVERRIDES, "train.method=mp-lora"]}

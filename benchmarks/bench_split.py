@@ -28,7 +28,7 @@ from privdiff.split.messages import encode, parse
 from privdiff.split.models import load_public_models
 from privdiff.split.run import build_simulation, train_rounds
 from privdiff.split.server import reply_rules
-from privdiff.training.run_info import run_record
+from privdiff.runs.record import run_record
 
 VARIANTS = {  # name -> config overrides
     "vanilla": ["protocol.design=vanilla"],

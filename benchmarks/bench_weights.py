@@ -23,9 +23,8 @@ import torch
 from common import print_table, write_json
 
 from privdiff.data.identities import attack_split
-from privdiff.models.load import load_pipeline
-from privdiff.training.run_info import run_record
-from privdiff.weights.base import FACE_BASE_DIR
+from privdiff.models.load import FACE_BASE_DIR, load_pipeline
+from privdiff.runs.record import run_record
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig
 

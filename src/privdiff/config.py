@@ -22,6 +22,8 @@ from privdiff.errors import ConfigError
 # from any working directory. DATASET_PATH: a built-in dataset name stays a name.
 PATH = {"path": "path"}
 DATASET_PATH = {"path": "dataset"}
+# The built-in datasets a config may name (their loaders: `privdiff.data.builtin`, which checks the two agree).
+BUILTIN_DATASET_NAMES = ("digits", "faces", "glyphs", "fill", "identities")
 # Images larger than this are refused before decoding (a 380 KB PNG can declare 20000 x 20000 pixels).
 MAX_IMAGE_PIXELS = 40_000_000
 
@@ -229,11 +231,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 def absolute_path(value: str, dataset: bool = False) -> str:
     """`value` as an absolute path (user folder expanded); a dataset name is kept when it is a
     built-in's or names nothing on disk (its error then quotes it as typed)."""
-    if dataset:
-        from privdiff.data.builtin import BUILTIN_DATASETS  # data imports config: resolved at call time
-
-        if value in BUILTIN_DATASETS or not os.path.exists(os.path.expanduser(value)):
-            return value
+    if dataset and (value in BUILTIN_DATASET_NAMES or not os.path.exists(os.path.expanduser(value))):
+        return value
     return os.path.abspath(os.path.expanduser(value)) if value else value
 
 
@@ -353,7 +352,6 @@ def _merge(into: dict[str, Any], new: Any, where: str) -> None:
             into[key] = value
 
 
-def save_config(config: Any, path: Path) -> None:
-    from privdiff.training.checkpoint import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_yaml(config: Any) -> str:
+    """The resolved config as YAML (what a run folder's config.yaml holds)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

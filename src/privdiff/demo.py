@@ -9,7 +9,7 @@ from pathlib import Path
 
 from privdiff.audit.run import AuditConfig, load_audit, run_audit
 from privdiff.config import RunConfig, load_config
-from privdiff.metrics.evaluate import EvalConfig, evaluate_run
+from privdiff.evaluation import EvalConfig, evaluate_run
 from privdiff.report import write_report
 from privdiff.training.early_stop import early_stop_like
 from privdiff.training.run import run_training

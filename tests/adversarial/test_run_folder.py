@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from privdiff.cli import main
-from privdiff.training.run_lock import LOCK_NAME, lock_run_folder, release_run_folder
+from privdiff.runs.lock import LOCK_NAME, lock_run_folder, release_run_folder
 from tests.adversarial.conftest import refused
 
 
@@ -54,7 +54,7 @@ def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp
     folder = tmp_path / "run"
     lock_run_folder(folder)
     lock_run_folder(folder)  # a second take by the holder is a no-op
-    probe = ("import sys\nfrom privdiff.training.run_lock import lock_run_folder\n"
+    probe = ("import sys\nfrom privdiff.runs.lock import lock_run_folder\n"
              "from privdiff.errors import ConfigError\n"
              f"try:\n    lock_run_folder({str(folder)!r})\nexcept ConfigError as e:\n    print(e); sys.exit(3)\n")
     held = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

@@ -5,7 +5,7 @@ import pytest
 from privdiff.config import MembershipConfig
 from privdiff.data import ROLES, build_manifest, load_manifest, role_counts
 from privdiff.errors import DataError
-from privdiff.training.checkpoint import atomic_write_json
+from privdiff.runs.files import atomic_write_json
 
 
 @pytest.mark.parametrize("n, expected", [

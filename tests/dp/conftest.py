@@ -14,7 +14,7 @@ from privdiff.models.load import load_pipeline
 from privdiff.seeding import generator
 from privdiff.training.loop import make_batch
 from privdiff.training.methods import get_method
-from privdiff.training.task import DiffusionTask, build_task
+from privdiff.diffusion.task import DiffusionTask, build_task
 
 LINEAR_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONV_TARGETS = ["conv1", "conv2"]

@@ -70,7 +70,7 @@ def _noise_worker(rank: int, world: int, port: int, pipeline: str, out: str) -> 
     from privdiff.config import DataConfig
     from privdiff.data import load_dataset
     from privdiff.models.load import load_pipeline
-    from privdiff.training.task import build_task
+    from privdiff.diffusion.task import build_task
     from tests.dp.conftest import capture_updates, dp_config, prepared_method, run_step, zero_gradients
 
     task = build_task(load_pipeline(pipeline), load_dataset(DataConfig(name="digits", num_examples=16)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from privdiff.distributed import World
-from privdiff.dp.sampling import poisson_rows
+from privdiff.dp.poisson import poisson_rows
 from privdiff.errors import ModelError
 from privdiff.seeding import generator
 from privdiff.training.methods.dp_lora import plan_privacy

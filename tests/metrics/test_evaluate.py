@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from privdiff.errors import ConfigError
-from privdiff.metrics.evaluate import EvalConfig, evaluate_run, generation_prompts, record_key
+from privdiff.evaluation import EvalConfig, evaluate_run, generation_prompts, record_key
 from privdiff.metrics.heldout import fixed_noise, heldout_losses, heldout_timesteps
-from privdiff.run_folder import open_run
+from privdiff.runs.folder import open_run
+from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 from tests.conftest import FAST_EVAL
 
 
@@ -37,11 +38,11 @@ def test_fixed_noise_depends_on_example_and_draw_only():
 
 
 def test_heldout_losses_are_paired_across_models_and_batchings(finished_tiny_run: Path):
-    from privdiff.training.task import encode_images, encode_prompts
+    from privdiff.diffusion.task import encode_images, encode_prompts
 
     run = open_run(finished_tiny_run)
-    pipe = run.pipeline()
-    subset = run.dataset().subset(run.manifest.ids("nonmember_test"))
+    pipe = run_pipeline(run)
+    subset = run_dataset(run).subset(run_manifest(run).ids("nonmember_test"))
     latents, contexts = encode_images(pipe, subset.images_tensor()), encode_prompts(pipe, subset.captions())
     ids = [e.id for e in subset.examples]
     seen = []

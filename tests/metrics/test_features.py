@@ -116,7 +116,7 @@ def test_caption_labels_of_each_dataset():
 def test_extractor_training_is_deterministic(tmp_path: Path):
     from dataclasses import replace
 
-    from privdiff.metrics.extractor_training import RECIPES, train_extractor
+    from privdiff.recipes.extractors import RECIPES, train_extractor
     from privdiff.models.load import sha256_file
 
     small = replace(RECIPES["fill"], num_train=128, num_val=32, epochs=1, batch_size=32)

@@ -13,10 +13,20 @@ import yaml
 from privdiff.data.identities import attack_split, identity_images
 from privdiff.errors import ModelError
 from privdiff.metrics.features import WEIGHTS_NAME
-from privdiff.metrics.identity import (IDENTITY_EMBEDDER_DIR, embed_identities, identity_similarity,
-                                       load_identity_embedder, retrieval_top1, victim_retrieval)
-from privdiff.models.load import CHECKSUM_FILE, load_pipeline, verify_checksums
-from privdiff.weights.base import FACE_BASE_DIR
+from privdiff.metrics.identity import (
+    IDENTITY_EMBEDDER_DIR,
+    embed_identities,
+    identity_similarity,
+    load_identity_embedder,
+    retrieval_top1,
+    victim_retrieval,
+)
+from privdiff.models.load import (
+    CHECKSUM_FILE,
+    FACE_BASE_DIR,
+    load_pipeline,
+    verify_checksums,
+)
 
 
 @pytest.fixture(scope="module")

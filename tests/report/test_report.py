@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from privdiff.errors import ConfigError
-from privdiff.metrics.evaluate import EvalConfig, evaluate_run, record_key
+from privdiff.evaluation import EvalConfig, evaluate_run, record_key
 from privdiff.report import write_report
 from tests.conftest import FAST_EVAL
 

@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from privdiff.split.attacks import attack_class
-from privdiff.split.attacks.analytic import AnalyticAttack, condition_number, dense_least_squares, least_squares_through_conv
+from privdiff.split.attacks.analytic import (
+    AnalyticAttack,
+    condition_number,
+    dense_least_squares,
+    least_squares_through_conv,
+)
 from privdiff.split.attacks.base import AttackData, Observer, public_triples
 from privdiff.split.attacks.scoring import per_example
-from privdiff.split.run import load_triples
+from privdiff.split.setup import load_triples
 from tests.split.conftest import split_config
 
 

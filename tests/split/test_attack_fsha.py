@@ -14,9 +14,15 @@ from privdiff.split.attacks.base import AttackData, Observer, public_triples
 from privdiff.split.attacks.fsha import FSHAAttack
 from privdiff.split.attacks.scoring import specificity
 from privdiff.split.client import ProtocolError
-from privdiff.split.messages import FORWARD_REQUEST, GRADIENT_PUSH, Message, encode, parse
-from privdiff.split.run import build_simulation, load_triples
-
+from privdiff.split.messages import (
+    FORWARD_REQUEST,
+    GRADIENT_PUSH,
+    Message,
+    encode,
+    parse,
+)
+from privdiff.split.run import build_simulation
+from privdiff.split.setup import load_triples
 from tests.split.conftest import split_config
 
 # The rising test's victim: one client at the default client learning rate (1e-4).
@@ -156,7 +162,7 @@ def test_specificity_reads_only_what_belongs_to_each_example():
 
 
 def test_evaluate_attack_engages_the_victim_first(tiny_pipeline_dir, public_models):
-    from privdiff.split.attacks.evaluate import evaluate_attack
+    from privdiff.split.attacks.run import evaluate_attack
 
     config = split_config(tiny_pipeline_dir, "protocol.design=vanilla")
     attack = FSHAAttack(rounds=3, pretrain_steps=2, critic_pretrain_steps=2)

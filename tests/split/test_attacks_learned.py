@@ -13,13 +13,18 @@ import torch
 
 from privdiff.errors import ConfigError, PrivdiffError
 from privdiff.split.attacks import attack_class
-from privdiff.split.attacks.base import AttackData, Observation, Observer, public_triples
+from privdiff.split.attacks.base import (
+    AttackData,
+    Observation,
+    Observer,
+    public_triples,
+)
 from privdiff.split.attacks.inverse import InverseNetworkAttack
 from privdiff.split.attacks.scoring import references, score
 from privdiff.split.attacks.unsplit import UnSplitAttack
 from privdiff.split.config import load_split_config
 from privdiff.split.models import load_public_models
-from privdiff.split.run import load_triples
+from privdiff.split.setup import load_triples
 from tests.split.conftest import split_config
 
 UNPROTECTED = ["protocol.t_start=0", "protocol.activation=identity", "protocol.precision=fp32"]

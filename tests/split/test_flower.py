@@ -13,8 +13,7 @@ import pytest
 
 from privdiff.split.config import load_split_config
 from privdiff.split.messages import parse
-from privdiff.split.run import load_triples, shard
-
+from privdiff.split.setup import load_triples, shard
 from tests.split.wire_checks import byte_leaks, numeric_leaks, secret_byte_strings
 
 pytestmark = pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep")

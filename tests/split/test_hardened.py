@@ -9,12 +9,23 @@ import torch
 from diffusers import DDPMScheduler
 
 from privdiff.errors import ConfigError
-from privdiff.split.accounting import (ReleaseLedger, compose, gdp_delta, gdp_epsilon, mu_condition, mu_image, reference_formula_epsilon,
-                                       release_mu, sigma_eff, snr_terms)
+from privdiff.split.accounting import (
+    ReleaseLedger,
+    compose,
+    gdp_delta,
+    gdp_epsilon,
+    mu_condition,
+    mu_image,
+    reference_formula_epsilon,
+    release_mu,
+    sigma_eff,
+    snr_terms,
+)
 from privdiff.split.attacks.analytic import AnalyticAttack
 from privdiff.split.attacks.base import AttackData, Observer, public_triples
 from privdiff.split.client import clip_per_example
-from privdiff.split.run import build_simulation, load_triples
+from privdiff.split.run import build_simulation
+from privdiff.split.setup import load_triples
 from tests.split.conftest import split_config
 
 SD_SCHEDULE = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as safetensors_load
 
-from privdiff.split.messages import FORWARD_REPLY, MalformedMessage, Message, encode, parse
+from privdiff.split.messages import (
+    FORWARD_REPLY,
+    MalformedMessage,
+    Message,
+    encode,
+    parse,
+)
 
 
 def _message() -> Message:
@@ -66,7 +72,12 @@ def test_flower_records_round_trip_and_refuse_lies():
     """Flower arrays: declared dtype/shape are checked before decoding, and the decoded array must match."""
     from flwr.app import Array, ArrayRecord
 
-    from privdiff.split.flower.records import TENSOR_RECORD, from_records, to_message, to_records
+    from privdiff.split.flower.records import (
+        TENSOR_RECORD,
+        from_records,
+        to_message,
+        to_records,
+    )
     from privdiff.split.validation import Refused
 
     message = _message()

@@ -10,9 +10,12 @@ from diffusers import StableDiffusionControlNetPipeline
 
 from privdiff.errors import ModelError
 from privdiff.split.activation import protect
-from privdiff.split.models import BackwardFreeControlNet, controlnet_residuals, load_split_controlnet
+from privdiff.split.models import (
+    BackwardFreeControlNet,
+    controlnet_residuals,
+    load_split_controlnet,
+)
 from privdiff.split.run import build_simulation, train_rounds
-
 from tests.split.conftest import split_config
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
-from privdiff.split.models import controlnet_residuals, unet_from_stem
 from privdiff.split.messages import encode, parse
 from privdiff.split.run import build_simulation, train_rounds
 from privdiff.split.server import Batch
-
 from tests.split.conftest import split_config
 
 

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from privdiff.split.messages import FORWARD_REPLY, Message, encode
+from privdiff.split.messages import Message, encode
 from privdiff.split.run import build_simulation, train_rounds
 from privdiff.split.transport import receive_bytes
-
 from tests.split.conftest import split_config
 
 

@@ -7,7 +7,6 @@ import pytest
 
 from privdiff.split.messages import Message, encode, parse
 from privdiff.split.run import build_simulation, train_rounds
-
 from tests.split.conftest import split_config
 from tests.split.wire_checks import byte_leaks, numeric_leaks, secret_byte_strings
 

@@ -13,7 +13,6 @@ import numpy as np
 
 from privdiff.data.examples import ImageDataset
 
-
 CORE = ("image/hwc/uint8", "image/chw/pm1/<f4", "image/chw/pm1/<f2", "condition/hwc/uint8",
         "condition/chw/01/<f4", "condition/chw/01/<f2", "condition/chw/pm1/<f4")
 

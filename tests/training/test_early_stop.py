@@ -9,7 +9,8 @@ import pytest
 
 from privdiff.cli import main
 from privdiff.errors import ConfigError
-from privdiff.run_folder import open_run
+from privdiff.runs.folder import open_run
+from privdiff.training.run import run_manifest, run_pipeline
 from privdiff.training.early_stop import early_stop_like
 from privdiff.training.run import run_training
 from tests.conftest import tiny_run_config
@@ -38,8 +39,8 @@ def test_the_closest_snapshot_is_chosen_and_written_as_a_run(runs):
     run = open_run(out)
     assert run.summary["steps"] == match["step"] == run.config.train.steps
     assert all(row["step"] <= match["step"] for row in run.history)
-    assert run.manifest.roles == open_run(runs["plain"]).manifest.roles
-    run.pipeline()  # the copied adapter loads
+    assert run_manifest(run).roles == run_manifest(open_run(runs["plain"])).roles
+    run_pipeline(run)  # the copied adapter loads
 
 
 def test_matching_a_run_to_itself_picks_its_final_adapter(runs):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from privdiff.models.load import load_pipeline
-from privdiff.training.pretrain import PretrainConfig, pretrain
+from privdiff.recipes.glyph_base import PretrainConfig, pretrain
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from privdiff.training.loop import make_batch
 from privdiff.training.methods import get_method
 from privdiff.training.methods.smp_lora import SMP_CONSTANT
 from privdiff.training.run import run_training
-from privdiff.training.task import DiffusionTask, build_task
+from privdiff.diffusion.task import DiffusionTask, build_task
 from tests.conftest import tiny_run_config
 
 ROLES = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
@@ -265,7 +265,7 @@ def test_missing_aux_nonmembers_is_refused(tiny_pipeline_dir: Path, tmp_path: Pa
     dataset = load_dataset(DataConfig(name="digits", num_examples=32))
     ids = [e.id for e in dataset.examples]
     from privdiff.data.manifest import Manifest
-    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.runs.files import atomic_write_json
 
     roles = {i: ("member_aux" if k < 20 else "nonmember_test") for k, i in enumerate(ids)}
     manifest = Manifest(roles=roles, seed=0, dataset=dataset.name, dataset_hash=dataset.content_hash,
@@ -308,7 +308,7 @@ def test_audit_retrains_the_proxy_from_scratch(smp_run: Path, monkeypatch):
 def test_lira_shadows_of_an_smp_run_are_trained_with_smp(smp_run: Path, tmp_path: Path):
     """Spec §8.1: shadow models are trained with the same method (adaptive attacker)."""
     from privdiff.audit.shadows import train_shadows
-    from privdiff.run_folder import open_run
+    from privdiff.runs.folder import open_run
 
     shadows = train_shadows(open_run(smp_run), 2, 0, tmp_path / "shadows", show_progress=False)
     assert len(shadows.models) == 2

@@ -10,7 +10,7 @@ import pytest
 
 from privdiff.metrics.intervals import mean_interval
 from privdiff.models.lora import LORA_WEIGHT_NAME
-from privdiff.weights.lora_math import LoRALayer, read_unet_lora
+from privdiff.models.lora_math import LoRALayer, read_unet_lora
 
 
 @pytest.fixture(scope="module")

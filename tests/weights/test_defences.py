@@ -13,9 +13,9 @@ from privdiff.cli import main
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.inspect import read_header
 from privdiff.models.lora import load_lora_into_unet, read_lora
-from privdiff.weights.defences import (DEFENCES, add_weight_noise, defend_file, defend_layers, prune_by_magnitude,
+from privdiff.defences import (DEFENCES, add_weight_noise, defend_file, defend_layers, prune_by_magnitude,
                                        truncate_rank)
-from privdiff.weights.lora_math import LoRALayer, read_unet_lora
+from privdiff.models.lora_math import LoRALayer, read_unet_lora
 
 ALL_SETTINGS = [(name, knob) for name, defence in DEFENCES.items() for knob in defence.knobs]
 

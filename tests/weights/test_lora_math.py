@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.lora import read_lora
-from privdiff.weights.lora_math import (LoRALayer, canonical_layers, layers_from_state_dict, read_unet_lora,
+from privdiff.models.lora_math import (LoRALayer, canonical_layers, layers_from_state_dict, read_unet_lora,
                                         refactor, write_kohya, write_unet_lora)
 
 

@@ -14,8 +14,9 @@ from privdiff.models.lora import add_lora, save_lora
 from privdiff.weights.encoder import encoder_loss
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.diffusion import draw_noise_and_timesteps
-from privdiff.weights.inputs import batch_inputs, encoder_inputs, initial_layers, live_layers, lora_modules, reset_lora
-from privdiff.weights.lora_math import LoRALayer, read_unet_lora, write_kohya
+from privdiff.models.lora_math import initial_layers, live_layers, lora_modules, reset_lora
+from privdiff.weights.inputs import batch_inputs, encoder_inputs
+from privdiff.models.lora_math import LoRALayer, read_unet_lora, write_kohya
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig, build_encoder, embed_adapter
 
 SHADOWS, VICTIMS = attack_split()

@@ -15,14 +15,17 @@ from privdiff.cli import main
 from privdiff.config import load_config
 from privdiff.data.identities import attack_split
 from privdiff.errors import ModelError
-from privdiff.models.load import load_pipeline
-from privdiff.weights.base import FACE_BASE_DIR
+from privdiff.models.load import FACE_BASE_DIR, load_pipeline
 from privdiff.weights.config import WeightsAttackConfig
-from privdiff.weights.evaluate import CONDITIONS, aggregate
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.weights.paradigm import load_encoder
 from privdiff.weights.run import WeightsAttackRun
-from privdiff.weights.shipped import SHIPPED_ATTACK_DIR, shipped_encoder_dir, shipped_victim_rows
+from privdiff.weights.scoring import CONDITIONS, aggregate
+from privdiff.weights.shipped import (
+    SHIPPED_ATTACK_DIR,
+    shipped_encoder_dir,
+    shipped_victim_rows,
+)
 from tests.weights.conftest import paired_interval
 
 # Held-out victims re-fine-tuned by the long test (the shipped run attacked all 180).

@@ -16,13 +16,13 @@ from privdiff.data.identities import attack_split
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.load import load_pipeline
 from privdiff.models.lora import load_lora_into_text_encoder, read_lora, save_lora
-from privdiff.sampling import sample_to_file
-from privdiff.training.task import encode_prompts
+from privdiff.models.generation import sample_to_file
+from privdiff.diffusion.task import encode_prompts
 from privdiff.weights.config import WeightsAttackConfig
-from privdiff.weights.defences import defend_file
-from privdiff.weights.evaluate import victim_model
+from privdiff.defences import defend_file
+from privdiff.weights.scoring import victim_model
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
-from privdiff.weights.lora_math import read_text_encoder_lora, read_unet_lora
+from privdiff.models.lora_math import read_text_encoder_lora, read_unet_lora
 
 SHADOWS, VICTIMS = attack_split()
 RECIPE = FinetuneRecipe(steps=3, prior_images=2, text_encoder_rank=4, text_encoder_alpha=4.0)

@@ -17,11 +17,15 @@ import numpy as np
 from privdiff.audit.attacks import ATTACKS
 from privdiff.audit.bounds import one_run_eps
 from privdiff.audit.model import Candidates, Denoiser
+from privdiff.audit.run import encode_candidates
 from privdiff.data import load_dataset
 from privdiff.data.manifest import Manifest
+from privdiff.diffusion.task import encode_images, encode_prompts
 from privdiff.errors import ConfigError
-from privdiff.run_folder import RunFolder, open_run, train_like
+from privdiff.runs.files import atomic_write_json
+from privdiff.runs.folder import RunFolder, open_run
 from privdiff.seeding import numpy_rng
+from privdiff.training.run import run_manifest, run_pipeline, train_like
 
 
 def draw_canaries(spare_ids: list[str], m: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -56,22 +60,18 @@ def guesses(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[int, int]
 def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = "loss", seed: int = 0,
                  p: float = 0.05, show_progress: bool = True) -> dict:
     """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound."""
-    from privdiff.audit.run import encode_candidates
-    from privdiff.training.checkpoint import atomic_write_json
-    from privdiff.training.task import encode_images, encode_prompts
-
     if attack not in ATTACKS:
         raise ConfigError(f"canary audit: unknown attack '{attack}' (choose from {', '.join(ATTACKS)})")
     run: RunFolder = open_run(run_dir)
     full = load_dataset(dataclasses.replace(run.config.data, num_examples=None))
-    base = run.manifest
+    base = run_manifest(run)
     spare = [e.id for e in full.examples if e.id not in base.roles]
     canaries, included = draw_canaries(spare, num_canaries, seed)
     out_dir = run.path / "audit"
     out_dir.mkdir(exist_ok=True)
     canary_run = train_like(run, out_dir / "canary-run", canary_manifest(base, canaries, included, full.content_hash),
                             ["data.num_examples=null"], show_progress)
-    pipe = canary_run.pipeline()
+    pipe = run_pipeline(canary_run)
     model = Denoiser(pipe.unet, pipe.scheduler)
     chosen = ATTACKS[attack](seed)
     aux = encode_candidates(run, pipe, ("member_aux", "nonmember_aux"))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
+from privdiff.diffusion.task import EncodedSplit
 from privdiff.seeding import fixed_noise
-from privdiff.training.task import EncodedSplit
 
 
 @dataclass

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import io
+import numpy as np
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from privdiff.audit.roc import FPR_LEVELS, roc_curve  # noqa: E402
+from privdiff.audit.roc import FPR_LEVELS, roc_curve
+from privdiff.figures import plt, png_bytes
 
 
 def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], n_members: int, n_nonmembers: int,
@@ -41,7 +36,4 @@ def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], n_members:
     inset.set_xticks([0, 1])
     inset.set_yticks([0, 1])
     inset.tick_params(labelsize=6)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, bbox_inches="tight")

@@ -10,13 +10,31 @@ from pathlib import Path
 
 import numpy as np
 
-from privdiff.audit.attacks import ATTACKS, DEFAULT_ATTACKS, SHADOW_ATTACKS, Attack, ShadowSet
+from privdiff.audit.attacks import (
+    ATTACKS,
+    DEFAULT_ATTACKS,
+    SHADOW_ATTACKS,
+    Attack,
+    ShadowSet,
+)
 from privdiff.audit.bounds import clopper_pearson_eps
 from privdiff.audit.model import Candidates, Denoiser
-from privdiff.audit.roc import (attack_metrics, null_auc_sd, roc_curve, stratified_bootstrap,
-                                tpr_interval_at_threshold)
+from privdiff.audit.plots import roc_plot
+from privdiff.audit.roc import (
+    attack_metrics,
+    null_auc_sd,
+    roc_curve,
+    stratified_bootstrap,
+    tpr_interval_at_threshold,
+)
+from privdiff.audit.shadows import train_shadows
+from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
-from privdiff.run_folder import RunFolder, open_run
+from privdiff.models.load import load_pipeline
+from privdiff.runs.files import atomic_replace, atomic_write_json
+from privdiff.runs.folder import RunFolder, open_run
+from privdiff.runs.record import run_record
+from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 
 CAVEATS = [
     "Members and non-members are drawn from one distribution by the manifest; a user-supplied split "
@@ -56,9 +74,7 @@ class AuditConfig:
 
 
 def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str, Candidates]:
-    from privdiff.training.task import encode_split
-
-    dataset, manifest = run.dataset(), run.manifest
+    dataset, manifest = run_dataset(run), run_manifest(run)
     out = {}
     for role in roles:
         subset = dataset.subset(manifest.ids(role))
@@ -117,26 +133,18 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     """Audits a finished run; writes RUN_DIR/audit/{audit.json, scores.npz, roc_loglog.png}."""
     from rich.progress import Progress
 
-    from privdiff.audit.plots import roc_plot
-    from privdiff.training.checkpoint import atomic_replace, atomic_write_json
-    from privdiff.training.run_info import run_record
-
     began = time.perf_counter()
     cfg = (cfg or AuditConfig()).validate()
     run = open_run(run_dir)
     if cfg.control:
-        from privdiff.models.load import load_pipeline
-
         pipe = load_pipeline(run.config.model.pretrained)
     else:
-        pipe = run.pipeline()
+        pipe = run_pipeline(run)
     model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
     data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"))
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(a in SHADOW_ATTACKS for a in cfg.attacks) and shadows is None:
-        from privdiff.audit.shadows import train_shadows
-
         shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress)
     results = {}
     with Progress(disable=not show_progress, transient=True) as progress:
@@ -157,7 +165,7 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     n1, n0 = len(data["member_test"]), len(data["nonmember_test"])
     audit = {
         "run": str(run.path), "target": "base model, no adapter (control)" if cfg.control else "fine-tuned adapter",
-        "manifest_hash": run.manifest.dataset_hash, "audit_seed": cfg.audit_seed,
+        "manifest_hash": run_manifest(run).dataset_hash, "audit_seed": cfg.audit_seed,
         "config": dataclasses.asdict(cfg), "n_members_test": n1, "n_nonmembers_test": n0,
         "n_members_aux": len(data["member_aux"]), "n_nonmembers_aux": len(data["nonmember_aux"]),
         "null_auc_sd": null_auc_sd(n1, n0), "attacks": records, "best_attack": best,

@@ -10,8 +10,10 @@ import numpy as np
 from privdiff.audit.attacks.lira import ShadowSet
 from privdiff.audit.model import Denoiser
 from privdiff.data.manifest import Manifest
-from privdiff.run_folder import RunFolder, train_like
+from privdiff.runs.files import atomic_write_json
+from privdiff.runs.folder import RunFolder
 from privdiff.seeding import derive_seed, numpy_rng
+from privdiff.training.run import run_manifest, run_pipeline, train_like
 
 
 def balanced_masks(num_shadows: int, pool_size: int, seed: int) -> np.ndarray:
@@ -33,9 +35,7 @@ def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
 def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
                   show_progress: bool = True) -> ShadowSet:
     """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe."""
-    from privdiff.training.checkpoint import atomic_write_json
-
-    base = run.manifest
+    base = run_manifest(run)
     pool = list(base.roles)
     masks = balanced_masks(num_shadows, len(pool), seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
         ids = {pool[k] for k in np.flatnonzero(masks[j])}
         shadow = train_like(run, out_dir / f"shadow-{j:02d}", shadow_manifest(base, ids),
                             [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}"], show_progress)
-        pipe = shadow.pipeline()
+        pipe = run_pipeline(shadow)
         models.append(Denoiser(pipe.unet, pipe.scheduler))
         in_ids.append(ids)
     return ShadowSet(models=models, in_ids=in_ids)

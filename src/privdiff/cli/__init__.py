@@ -10,29 +10,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from privdiff import __version__
+from privdiff.cli import attack, audit, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each adds its commands)
+from privdiff.cli.app import app
 from privdiff.errors import PrivdiffError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Private fine-tuning of diffusion models, and the attacks that measure what leaks.")
 err_console = Console(stderr=True)
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"privdiff {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    """privdiff: train with privacy, then measure what still leaks."""
-
-
-def _register() -> None:
-    from privdiff.cli import attack, audit, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each module adds its commands)
-
 
 DEBUG_ENV = "PRIVDIFF_DEBUG"  # set to 1 for the full traceback of an internal error
 
@@ -45,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         ("internal error: ...", with the traceback when PRIVDIFF_DEBUG=1); 130 on Ctrl-C;
         click's own code for usage errors.
     """
-    _register()
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
     except PrivdiffError as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 from privdiff.cli.options import build_config
 
 console = Console(soft_wrap=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 

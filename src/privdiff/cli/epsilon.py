@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 
 console = Console(soft_wrap=True)
 
@@ -29,11 +29,12 @@ def epsilon(
     eps_error: float = typer.Option(1e-3, help="PRV's allowed ε error."),
     json_out: Path = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ) -> None:
-    """ε for a Poisson-subsampled Gaussian DP-SGD history by PRV, PLD and RDP side by side, or the
-    noise multiplier for a target ε: the accountant `privdiff finetune --method dp-lora` uses."""
+    """ε of a DP-SGD history (PRV, PLD, RDP side by side), or σ for a target ε.
+
+    Poisson-subsampled Gaussian accounting, the same code `privdiff finetune --method dp-lora` uses."""
     from privdiff.dp.accounting import calibrate_noise, compare_accountants
     from privdiff.errors import ConfigError
-    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.runs.files import atomic_write_json
 
     q = _sample_rate(sample_rate, expected_batch_size, dataset_size)
     if (steps is None) == (epochs is None):

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 extractor_app = typer.Typer(no_args_is_help=True, help="The shipped feature extractors.")
@@ -29,7 +29,7 @@ def evaluate(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Utility metrics of a run (FID, KID, accuracy, held-out loss) -> RUN_DIR/metrics.json."""
-    from privdiff.metrics.evaluate import QUICK, EvalConfig, evaluate_run, record_key
+    from privdiff.evaluation import QUICK, EvalConfig, evaluate_run, record_key
 
     values = {**(QUICK if quick else {}),
               **{k: v for k, v in {"num_samples": num_samples, "features": features, "eval_seed": eval_seed,
@@ -63,7 +63,7 @@ def extractor_train(
 ) -> None:
     """Re-train a shipped feature extractor from its recipe (public data, deterministic, CPU)."""
     from privdiff.errors import ConfigError
-    from privdiff.metrics.extractor_training import RECIPES, train_extractor
+    from privdiff.recipes.extractors import RECIPES, train_extractor
 
     if name not in RECIPES:
         raise ConfigError(f"unknown extractor recipe '{name}' (choose {', '.join(RECIPES)})")

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 
 console = Console(soft_wrap=True)
 LEAK_EXIT_CODE = 3
@@ -26,7 +26,7 @@ def inspect(
     Exit code 3 when the header has high or medium findings (0 when clean, or after a successful --scrub).
     """
     from privdiff.models.inspect import inspect_file, scrub_file
-    from privdiff.training.checkpoint import atomic_write_json
+    from privdiff.runs.files import atomic_write_json
 
     report = inspect_file(file)
     table = Table("severity", "key", "why", "value", title=f"{file}: {report['metadata_keys']} header keys, "

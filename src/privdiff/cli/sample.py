@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
@@ -26,7 +26,7 @@ def sample(
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
 ) -> None:
     """Generate a PNG grid with DDIM/DDPM and classifier-free guidance."""
-    from privdiff.sampling import sample_to_file
+    from privdiff.models.generation import sample_to_file
 
     path = sample_to_file(run_dir=run_dir, lora=lora, pretrained=pretrained, prompts=prompt,
                           num_images=num_images, steps=steps, scheduler=scheduler,

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 from privdiff.cli.options import build_config
 
 console = Console(soft_wrap=True)
@@ -167,10 +167,10 @@ def attack(
 ) -> None:
     """Attack what the server receives: reconstruct the clients' images and conditions, and score them."""
     from privdiff.errors import ConfigError
-    from privdiff.split.attacks.evaluate import evaluate_attack, reconstruction_grid
+    from privdiff.split.attacks.run import evaluate_attack, reconstruction_grid
     from privdiff.split.models import load_public_models
-    from privdiff.training.checkpoint import atomic_write_json
-    from privdiff.training.run_info import run_record
+    from privdiff.runs.files import atomic_write_json
+    from privdiff.runs.record import run_record
 
     if run is not None:
         if config is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privdiff.cli import app
+from privdiff.cli.app import app
 from privdiff.cli.options import build_config
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
@@ -107,7 +107,7 @@ def pretrain(
     import dataclasses
 
     from privdiff.errors import ConfigError
-    from privdiff.training.pretrain import PretrainConfig, pretrain as run_pretrain
+    from privdiff.recipes.glyph_base import PretrainConfig, pretrain as run_pretrain
 
     changes = {k: v for k, v in {"num_glyphs": num_glyphs, "vae_steps": vae_steps,
                                  "unet_steps": unet_steps, "seed": seed}.items() if v is not None}

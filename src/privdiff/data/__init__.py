@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from privdiff.config import DataConfig
-from privdiff.data.builtin import BUILTIN_DATASETS, pick_subset
-from privdiff.data.examples import Example, ImageDataset
+from privdiff.data.builtin import BUILTIN_DATASETS
+from privdiff.data.examples import Example, ImageDataset, pick_subset
 from privdiff.data.folder import load_image_folder
-from privdiff.data.manifest import ROLES, Manifest, build_manifest, load_manifest, role_counts
+from privdiff.data.manifest import (
+    ROLES,
+    Manifest,
+    build_manifest,
+    load_manifest,
+    role_counts,
+)
 from privdiff.errors import DataError
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from privdiff.data.examples import Example, ImageDataset
+from privdiff.config import BUILTIN_DATASET_NAMES
+from privdiff.data.examples import Example, ImageDataset, pick_subset
 from privdiff.data.identities import load_identities
-from privdiff.errors import DataError
 from privdiff.data.vocabulary import COLOURS, NUMBER_WORDS
+from privdiff.errors import DataError
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -143,16 +144,9 @@ def load_fill(image_size: int, num_examples: int | None, seed: int) -> ImageData
     return ImageDataset("fill", examples)
 
 
-def pick_subset(total: int, num_examples: int | None, seed: int) -> list[int]:
-    """A seeded subset of `num_examples` indices (all, in order, when None)."""
-    if num_examples is None:
-        return list(range(total))
-    if num_examples > total:
-        raise DataError(f"asked for {num_examples} examples but only {total} exist")
-    return sorted(np.random.RandomState(seed).permutation(total)[:num_examples].tolist())
-
-
 BUILTIN_DATASETS: dict[str, Callable[[int, int | None, int], ImageDataset]] = {
     "digits": load_digits, "faces": load_faces, "glyphs": load_glyphs, "fill": load_fill,
     "identities": load_identities,
 }
+if tuple(BUILTIN_DATASETS) != BUILTIN_DATASET_NAMES:  # configs resolve every other name as a folder path
+    raise ImportError("privdiff.config.BUILTIN_DATASET_NAMES and the built-in loaders disagree")

@@ -90,3 +90,12 @@ def to_model_tensor(images: np.ndarray) -> torch.Tensor:
 def to_uint8_images(tensor: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8."""
     return ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def pick_subset(total: int, num_examples: int | None, seed: int) -> list[int]:
+    """A seeded subset of `num_examples` indices (all, in order, when None)."""
+    if num_examples is None:
+        return list(range(total))
+    if num_examples > total:
+        raise DataError(f"asked for {num_examples} examples but only {total} exist")
+    return sorted(np.random.RandomState(seed).permutation(total)[:num_examples].tolist())

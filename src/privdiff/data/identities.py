@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from privdiff.data.examples import Example, ImageDataset
+from privdiff.data.examples import Example, ImageDataset, pick_subset
 from privdiff.data.vocabulary import CAPTION_WORDS
 from privdiff.errors import DataError
 from privdiff.seeding import numpy_rng
@@ -286,7 +286,6 @@ def trigger_word(identity: int) -> str:
 def load_identities(image_size: int, num_examples: int | None, seed: int) -> ImageDataset:
     """The `identities` built-in: renders of the base pool captioned "a face" (all 300 x 20 when
     `num_examples` is None, else a seeded subset of them)."""
-    from privdiff.data.builtin import pick_subset  # builtin registers this loader: import late
 
     grid = [(identity, index) for identity in pool_identities("base") for index in range(BASE_RENDERS)]
     examples = [Example(id=f"identities-{identity}-{index}", image=render_identity(identity, index, image_size),

@@ -63,7 +63,10 @@ def prv_domain_points(history: History, delta: float, eps_error: float = 1e-3) -
     Mirrors `PRVAccountant._get_domain` (opacus 1.6): bound L from RDP at δ_error / 4, mesh
     eps_error / sqrt(S·log(12/δ_error)/2), δ_error = δ/1000 (Opacus' default).
     """
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
 
     history = _steps_taken(history)
     delta_error = delta / 1000

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from privdiff.errors import ConfigError, ModelError
-from privdiff.models.load import sha256_file, verify_checksums
+from privdiff.models.load import sha256_file, verify_checksums, write_checksums
 
 EXTRACTORS_DIR = Path(__file__).resolve().parent.parent / "assets" / "extractors"
 WEIGHTS_NAME = "extractor.safetensors"
@@ -136,8 +136,6 @@ class ClassifierExtractor(FeatureExtractor):
 def save_classifier(folder: Path, net: ClassifierNet, label_names: dict[str, list[str]], name: str) -> Path:
     """Writes FOLDER/extractor.safetensors (labels in the header) and SHA256SUMS."""
     from safetensors.torch import save_file
-
-    from privdiff.models.load import write_checksums
 
     folder.mkdir(parents=True, exist_ok=True)
     # One metadata key: safetensors keeps the header metadata in a hash map whose order varies

@@ -19,8 +19,14 @@ import torch.nn.functional as F
 import yaml
 
 from privdiff.data.identities import attack_split, pool_identities, render_identity
-from privdiff.metrics.features import (EXTRACTORS_DIR, ClassifierExtractor, ClassifierNet, classifier_preprocess,
-                                       load_classifier, save_classifier)
+from privdiff.metrics.features import (
+    EXTRACTORS_DIR,
+    ClassifierExtractor,
+    ClassifierNet,
+    classifier_preprocess,
+    load_classifier,
+    save_classifier,
+)
 from privdiff.seeding import numpy_rng
 
 IDENTITY_EMBEDDER_DIR = EXTRACTORS_DIR / "identities"

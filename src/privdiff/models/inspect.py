@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from privdiff.errors import ModelError
+from privdiff.runs.files import atomic_replace
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 ADAPTER_CONFIG_KEY = "lora_adapter_metadata"
@@ -151,8 +152,6 @@ def inspect_file(path: str | Path) -> dict:
 
 def scrub_file(source: str | Path, destination: str | Path, drop_config: bool = False) -> dict:
     """Writes `destination`: the same tensor bytes, metadata cut to the allow-list. Never in place."""
-    from privdiff.training.checkpoint import atomic_replace
-
     source, destination = Path(source), Path(destination)
     if destination.resolve() == source.resolve():
         raise ModelError("scrub writes a new file: give an output path other than the input")

@@ -10,7 +10,9 @@ from diffusers import StableDiffusionPipeline
 
 from privdiff.errors import ModelError
 
-BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd-glyphs"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+BASE_MODEL_DIR = ASSETS_DIR / "tiny-sd-glyphs"  # the shipped base: glyphs (the demo's)
+FACE_BASE_DIR = ASSETS_DIR / "tiny-sd-identities"  # the shipped face base (the weights attack's)
 CHECKSUM_FILE = "SHA256SUMS"
 
 

@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                             convert_unet_state_dict_to_peft)
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -28,9 +31,9 @@ from transformers import PreTrainedModel
 from privdiff.config import LoRAConfig
 from privdiff.errors import ModelError
 from privdiff.models.inspect import read_header
-from privdiff.training.checkpoint import atomic_replace
+from privdiff.runs.files import atomic_replace
+from privdiff.runs.folder import LORA_WEIGHT_NAME
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 ALLOWED_HEADER_KEYS = ("format", ADAPTER_METADATA_KEY)
 

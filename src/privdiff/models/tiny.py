@@ -10,8 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel, UNet2DModel)
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from privdiff.models.tokenizer import build_tokenizer

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privdiff.errors import ConfigError
 from privdiff.report.collect import collect
 from privdiff.report.html import render
+from privdiff.runs.files import atomic_write_json, atomic_write_text
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Writes the HTML report to `out` and the same numbers to report.json beside it."""
-    from privdiff.errors import ConfigError
-    from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"report: --out must end in .html, got {out}")

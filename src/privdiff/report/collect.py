@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import numpy as np
+
+from privdiff.audit.roc import paired_auc_difference
 from privdiff.errors import ConfigError
-from privdiff.metrics.evaluate import record_key
-from privdiff.run_folder import open_run
-
-
-def read_json(path: Path) -> dict | list | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
-
-
-def epoch_log(run_path: Path) -> list[dict]:
-    """The per-epoch rows of a run's JSON-lines training log (empty for runs that predate it)."""
-    for name in ("smp_log.jsonl", "train_log.jsonl"):
-        path = run_path / name
-        if path.is_file():
-            try:
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path} is not valid JSON lines ({err.msg})") from None
-            return [row for row in rows if "epoch" in row]
-    return []
+from privdiff.evaluation import record_key
+from privdiff.runs.folder import load_grid, load_weights_attack, open_run, read_json
 
 
 def collect_run(path: str | Path) -> dict:
@@ -55,7 +35,7 @@ def collect_run(path: str | Path) -> dict:
         "eval_config": metrics.get("config"),
         "extractor": metrics.get("extractor"),
         "history": run.history,
-        "epochs": epoch_log(run.path),
+        "epochs": run.epoch_log(),
         "smp": run.summary.get("smp"),
         "early_stopped": run.summary.get("early_stopped"),
         "audit": audit,
@@ -69,8 +49,6 @@ def collect_run(path: str | Path) -> dict:
 def collect(paths: list[str | Path]) -> dict:
     """Fine-tuning runs, plus split-learning attack grids (folders holding split_attacks.json) and
     weights-attack runs (folders whose attack.json is of kind `weights-attack`)."""
-    from privdiff.split.attacks.grid import load_grid
-
     if not paths:
         raise ConfigError("report: give at least one run folder")
     grids, weights = [], []
@@ -96,18 +74,10 @@ def collect(paths: list[str | Path]) -> dict:
             "weights_attacks": weights}
 
 
-def load_weights_attack(path: str | Path) -> dict | None:
-    """The attack.json of a `privdiff attack weights` folder, or None for any other folder."""
-    result = read_json(Path(path) / "attack.json")
-    return result if isinstance(result, dict) and result.get("kind") == "weights-attack" else None
-
-
 def _scores(run: dict) -> dict | None:
     path = Path(run["path"]) / "audit" / "scores.npz"
     if not path.is_file():
         return None
-    import numpy as np
-
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
 
@@ -116,8 +86,6 @@ def matched_comparisons(runs: list[dict], resamples: int = 1000) -> list[dict]:
     """For each early-stopped run in the report: the defended run's best attack (chosen on aux), its
     AUC minus the same attack's AUC on the early-stopped and on the full run, with paired bootstrap
     intervals over the shared test examples (smp-lora spec §8.3-8.4)."""
-    from privdiff.audit.roc import paired_auc_difference
-
     by_path = {r["path"]: r for r in runs}
     out = []
     for early in runs:

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from privdiff import __version__
 from privdiff.report import plots
+from privdiff.split.attacks.grid import (
+    attacks_in,
+    grid_figure,
+    reference_ssim,
+    utility_cell,
+    worst_client,
+)
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;
@@ -273,8 +280,6 @@ def _split_cell(entry: dict | None, target: str) -> str:
 
 def _split_attacks_section(grids: list[dict]) -> str:
     """Attack × defence table per grid: reconstruction SSIM with the verdict, utility and accounted ε."""
-    from privdiff.split.attacks.grid import attacks_in, grid_figure, reference_ssim, utility_cell, worst_client
-
     parts = []
     for grid in grids:
         rows = grid["rows"]

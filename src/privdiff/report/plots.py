@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+from privdiff.figures import COLOURS, plt, png_bytes
 
 
 def _png(fig: "plt.Figure") -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, bbox_inches="tight")
 
 
 def training_curves(runs: list[dict]) -> bytes | None:
@@ -121,30 +111,4 @@ def heldout_by_timestep(runs: list[dict]) -> bytes | None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def weights_defence_curve(defences: dict) -> bytes:
-    """Utility (true-prompt identity similarity) against leak (attack identity similarity): one
-    line per defence across its knob, the undefended point, and the random-embedding lower bound."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    points = defences["points"]
-    undefended = next(p for p in points if p["defence"] == "none")
-    names = sorted({p["defence"] for p in points} - {"none"})
-    for i, name in enumerate(names):
-        line = sorted((p for p in points if p["defence"] == name), key=lambda p: p["knob"])
-        xs = [undefended["utility"]["mean"]] + [p["utility"]["mean"] for p in line]
-        ys = [undefended["attack"]["mean"]] + [p["attack"]["mean"] for p in line]
-        ax.plot(xs, ys, "o-", color=COLOURS[i % len(COLOURS)], label=name)
-        for p in line:
-            ax.annotate(f"{p['knob']:g}", (p["utility"]["mean"], p["attack"]["mean"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-            if p.get("adaptive_attack"):
-                ax.plot(p["utility"]["mean"], p["adaptive_attack"]["mean"], "x", color=COLOURS[i % len(COLOURS)])
-    ax.plot(undefended["utility"]["mean"], undefended["attack"]["mean"], "k*", markersize=12, label="undefended")
-    ax.axhline(defences["lower_bound"]["mean"], color="gray", linestyle="--", label="random embedding (lower bound)")
-    ax.set_xlabel("utility: true-prompt identity similarity")
-    ax.set_ylabel("leak: attack identity similarity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     return _png(fig)

@@ -21,10 +21,17 @@ import torch
 from privdiff.data.examples import ImageDataset, to_model_tensor
 from privdiff.errors import PrivdiffError
 from privdiff.seeding import generator
+from privdiff.split.accounting import ReleaseLedger
 from privdiff.split.activation import protect
 from privdiff.split.config import ProtocolConfig
-from privdiff.split.messages import (FORWARD_REPLY, FORWARD_REQUEST, GRADIENT_ACK, GRADIENT_PUSH, Message,
-                                     Received)
+from privdiff.split.messages import (
+    FORWARD_REPLY,
+    FORWARD_REQUEST,
+    GRADIENT_ACK,
+    GRADIENT_PUSH,
+    Message,
+    Received,
+)
 from privdiff.split.models import PublicModels, build_split_controlnet
 from privdiff.split.timesteps import TimestepPolicy
 
@@ -83,8 +90,6 @@ class SplitClient:
         self.position = 0       # examples consumed from the shard stream
         self.ledger = None
         if protocol.latent_clip is not None or protocol.condition_clip is not None:
-            from privdiff.split.accounting import ReleaseLedger
-
             self.ledger = ReleaseLedger(models.scheduler.alphas_cumprod, target_noise=protocol.target_noise,
                                         latent_clip=protocol.latent_clip, condition_clip=protocol.condition_clip,
                                         condition_noise=protocol.condition_noise, delta=protocol.delta)

@@ -6,7 +6,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from privdiff.config import DATASET_PATH, MAX_IMAGE_PIXELS, PATH, ModelConfig, raise_first_failure
+from privdiff.config import (
+    DATASET_PATH,
+    MAX_IMAGE_PIXELS,
+    PATH,
+    ModelConfig,
+    load_config,
+    raise_first_failure,
+)
 
 DESIGNS = ("backward-free", "vanilla")
 
@@ -126,8 +133,6 @@ class SplitConfig:
 
 
 def load_split_config(path: str | None = None, overrides: list[str] | None = None) -> SplitConfig:
-    from privdiff.config import load_config
-
     return load_config(path, overrides, kind=SplitConfig)
 
 

@@ -14,57 +14,31 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from privdiff.data.builtin import BUILTIN_DATASETS
-from privdiff.data.examples import ImageDataset
-from privdiff.errors import DataError, PrivdiffError
-from privdiff.seeding import derive_seed
-from privdiff.split.client import BackwardFreeClient, SplitClient, VanillaClient
+from privdiff.errors import PrivdiffError
+from privdiff.runs.files import (
+    atomic_replace,
+    atomic_write_json,
+    atomic_write_text,
+    save_config,
+)
+from privdiff.runs.folder import SPLIT_CHECKPOINT_FILE, SPLIT_RUN_FILES, prepare_run_dir
+from privdiff.runs.lock import writing_run_folder
+from privdiff.runs.record import run_record
+from privdiff.split.accounting import reference_formula_epsilon
 from privdiff.split.config import SplitConfig
-from privdiff.split.models import PublicModels
-from privdiff.split.server import SERVER_CHECKPOINT, SplitServer
+from privdiff.split.fidelity import evaluate_condition_fidelity
+from privdiff.split.models import PublicModels, load_public_models
+from privdiff.split.server import SplitServer
+from privdiff.split.setup import (
+    client_id,
+    load_triples,
+    make_client,
+    shard,
+    simulated_secret_seed,
+)
 from privdiff.split.transport import InProcessTransport, Transport
 
 MAX_EMPTY_ROUNDS = 20
-
-
-def load_triples(config: SplitConfig, test: bool = False) -> ImageDataset:
-    """The training triples (or the held-out test triples, another seed) of the split run."""
-    d = config.data
-    if d.name in BUILTIN_DATASETS:
-        dataset = BUILTIN_DATASETS[d.name](d.image_size, d.test_examples if test else d.num_examples,
-                                           d.test_seed if test else d.seed)
-    else:
-        from privdiff.data import load_image_folder
-
-        dataset = load_image_folder(d.name, d.image_size, d.max_image_pixels)
-    if any(ex.conditioning is None for ex in dataset.examples):
-        raise DataError(f"dataset '{d.name}' has no conditioning images (split ControlNet needs triples)")
-    return dataset
-
-
-def shard(dataset: ImageDataset, num_clients: int, how: str) -> list[ImageDataset]:
-    """Client shards: by index (iid) or by the prompt's first colour word (non-IID `colour`)."""
-    if how == "iid":
-        groups = [[ex.id for i, ex in enumerate(dataset.examples) if i % num_clients == c] for c in range(num_clients)]
-    else:
-        colours = sorted({ex.caption.split()[1] for ex in dataset.examples})
-        owner = {colour: i % num_clients for i, colour in enumerate(colours)}
-        groups = [[ex.id for ex in dataset.examples if owner[ex.caption.split()[1]] == c] for c in range(num_clients)]
-    if any(not g for g in groups):
-        raise DataError(f"sharding '{how}' leaves a client without data ({num_clients} clients)")
-    return [dataset.subset(g) for g in groups]
-
-
-def client_id(index: int) -> str:
-    return f"client-{index}"
-
-
-def make_client(config: SplitConfig, models: PublicModels, cid: str, key: bytes, data: ImageDataset,
-                secret_seed: int) -> SplitClient:
-    if config.protocol.design == "vanilla":
-        return VanillaClient(cid, key, models, data, config.protocol, secret_seed,
-                             init_seed=config.train.seed, learning_rate=config.train.client_learning_rate)
-    return BackwardFreeClient(cid, key, models, data, config.protocol, secret_seed)
 
 
 def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps: int, checkpoint_every: int,
@@ -106,12 +80,6 @@ def train_rounds(server: SplitServer, transport: Transport, folder: Path, steps:
             server.save_checkpoint(folder)
 
 
-def simulated_secret_seed(config: SplitConfig, index: int) -> int:
-    """Simulations only: client secrets derived from the seed, so runs repeat (and an in-process and a
-    Flower simulation draw the same noise). Real clients draw theirs at random (`privdiff split keys`)."""
-    return derive_seed(config.train.seed, "simulated-client-secret", index)
-
-
 def build_simulation(config: SplitConfig, models: PublicModels,
                      keys: dict[str, bytes] | None = None) -> tuple[SplitServer, InProcessTransport]:
     """Server, clients (fresh keys unless given; secret seeds derived from the seed: a simulation
@@ -124,18 +92,9 @@ def build_simulation(config: SplitConfig, models: PublicModels,
     return server, InProcessTransport(clients, server.max_message_bytes)
 
 
-SPLIT_RUN_FILES = ("config.yaml", "run.json", "summary.json", "train_log.jsonl", "server_checkpoint.pt",
-                   "controlnet", "keys", "flower", "simulated_clients.pt")
-
-
 def prepare_folder(folder: Path, config: SplitConfig, resume: bool, overwrite: bool) -> None:
     """Creates the run folder (or checks it for --resume) and writes the resolved config and run record."""
-    from privdiff.config import save_config
-    from privdiff.training.checkpoint import atomic_write_json
-    from privdiff.training.run import prepare_run_dir
-    from privdiff.training.run_info import run_record
-
-    if prepare_run_dir(folder, config, resume, overwrite, SPLIT_RUN_FILES, SERVER_CHECKPOINT) or \
+    if prepare_run_dir(folder, config, resume, overwrite, SPLIT_RUN_FILES, SPLIT_CHECKPOINT_FILE) or \
             (resume and (folder / "config.yaml").is_file()):
         return
     save_config(config, folder / "config.yaml")
@@ -145,9 +104,13 @@ def prepare_folder(folder: Path, config: SplitConfig, resume: bool, overwrite: b
 def serve(config: SplitConfig, server: SplitServer, transport: Transport, folder: Path,
           show_progress: bool = True, on_checkpoint: Callable[[], None] | None = None) -> dict:
     """Resumes from the folder's checkpoint if any, trains, saves the ControlNet; returns the summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     resumed = server.load_checkpoint(folder)
     began = time.perf_counter()
@@ -197,8 +160,6 @@ def simulate(config: SplitConfig, *, resume: bool = False, overwrite: bool = Fal
     Writes the run folder (config, record, log, checkpoint, controlnet/, summary.json with the wire
     bytes per sample in both directions and, if `evaluate`, the trained/untrained/ceiling fidelity).
     """
-    from privdiff.training.run_lock import writing_run_folder
-
     folder = Path(config.output_dir)
     with writing_run_folder(folder):  # taken by prepare_folder, held until the summary is written
         return _simulate(config, folder, resume, overwrite, evaluate, show_progress)
@@ -206,10 +167,6 @@ def simulate(config: SplitConfig, *, resume: bool = False, overwrite: bool = Fal
 
 def _simulate(config: SplitConfig, folder: Path, resume: bool, overwrite: bool, evaluate: bool,
               show_progress: bool) -> dict:
-    from privdiff.split.evaluate import evaluate_condition_fidelity
-    from privdiff.split.models import load_public_models
-    from privdiff.training.checkpoint import atomic_write_json
-
     prepare_folder(folder, config, resume, overwrite)
     models = load_public_models(config.model.pretrained)
     server, transport = build_simulation(config, models)
@@ -232,8 +189,6 @@ def _simulate(config: SplitConfig, folder: Path, resume: bool, overwrite: bool, 
 def local_privacy(config: SplitConfig, clients) -> dict | None:
     """Hardened option: each client's worst per-sample μ and ε (spec §10), next to the prediction from
     t_start; None for the published protocol (no guarantee to report)."""
-    from privdiff.split.accounting import reference_formula_epsilon
-
     ledgers = {c.client_id: c.ledger.summary(config.protocol.t_start) for c in clients if c.ledger is not None}
     if not ledgers:
         return None
@@ -258,8 +213,6 @@ def _save_clients(folder: Path, transport: InProcessTransport) -> None:
     """Simulation only: the clients' stream positions, so that --resume continues their streams."""
     import torch
 
-    from privdiff.training.checkpoint import atomic_replace
-
     state = {cid: client.state_dict() for cid, client in transport.clients.items()}
     atomic_replace(folder / "simulated_clients.pt", lambda tmp: torch.save(state, tmp))
 
@@ -273,5 +226,4 @@ def _restore_clients(folder: Path, transport: InProcessTransport) -> None:
             transport.clients[cid].load_state_dict(state)
 
 
-__all__ = ["SPLIT_RUN_FILES", "build_simulation", "client_id", "load_triples", "make_client", "prepare_folder",
-           "local_privacy", "serve", "shard", "simulate", "simulated_secret_seed", "train_rounds", "wire_bytes"]
+__all__ = ["build_simulation", "local_privacy", "prepare_folder", "serve", "simulate", "train_rounds", "wire_bytes"]

@@ -18,15 +18,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privdiff.runs.files import atomic_replace
+from privdiff.runs.folder import SPLIT_CHECKPOINT_FILE
 from privdiff.split.config import SplitConfig
-from privdiff.split.messages import FORWARD_REPLY, FORWARD_REQUEST, GRADIENT_PUSH, Message, Received
-from privdiff.split.models import (PublicModels, build_split_controlnet, controlnet_residuals,
-                                   save_split_controlnet, unet_from_stem)
+from privdiff.split.messages import (
+    FORWARD_REPLY,
+    FORWARD_REQUEST,
+    GRADIENT_PUSH,
+    Message,
+    Received,
+)
+from privdiff.split.models import (
+    PublicModels,
+    build_split_controlnet,
+    controlnet_residuals,
+    save_split_controlnet,
+    unet_from_stem,
+)
 from privdiff.split.validation import Limits, MessageValidator, Refused, TensorRule
 
 log = logging.getLogger("privdiff.split")
 
-SERVER_CHECKPOINT = "server_checkpoint.pt"
 
 
 def reply_rules(config: SplitConfig, models: PublicModels) -> dict[str, TensorRule]:
@@ -179,12 +191,10 @@ class SplitServer:
         return hashlib.sha256(buffer.getvalue()).hexdigest()
 
     def save_checkpoint(self, folder: Path) -> None:
-        from privdiff.training.checkpoint import atomic_replace
-
-        atomic_replace(Path(folder) / SERVER_CHECKPOINT, lambda tmp: torch.save(self.state_dict(), tmp))
+        atomic_replace(Path(folder) / SPLIT_CHECKPOINT_FILE, lambda tmp: torch.save(self.state_dict(), tmp))
 
     def load_checkpoint(self, folder: Path) -> bool:
-        path = Path(folder) / SERVER_CHECKPOINT
+        path = Path(folder) / SPLIT_CHECKPOINT_FILE
         if not path.exists():
             return False
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -197,4 +207,4 @@ class SplitServer:
             "send": p.send, "zero_text_context": self.design == "backward-free"})
 
 
-__all__ = ["Batch", "SERVER_CHECKPOINT", "SplitServer", "StepResult", "reply_rules"]
+__all__ = ["Batch", "SPLIT_CHECKPOINT_FILE", "SplitServer", "StepResult", "reply_rules"]

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import yaml
 
+from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.metrics.heldout import heldout_losses
 from privdiff.models.lora import LORA_WEIGHT_NAME
-from privdiff.run_folder import RunFolder, open_run
-from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
-from privdiff.training.run_info import run_record
-from privdiff.training.task import encode_split
+from privdiff.runs.files import atomic_write_json, atomic_write_text
+from privdiff.runs.folder import RunFolder, open_run
+from privdiff.runs.record import run_record
+from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 
 MATCH_ROLE = "nonmember_aux"
 MATCH_SEED = 0  # the evaluation's default seed: the fixed noises `privdiff evaluate` uses
@@ -35,7 +36,7 @@ def snapshot_adapters(run: RunFolder) -> dict[int, Path]:
 
 def matching_loss(run: RunFolder, adapter: Path, split) -> float:
     """Mean held-out denoising loss of `adapter` on the auxiliary non-members (8 fixed timesteps)."""
-    pipe = run.pipeline(adapter)
+    pipe = run_pipeline(run, adapter)
     losses, _ = heldout_losses(pipe.unet, pipe.scheduler, split.latents, split.contexts, split.ids, seed=MATCH_SEED)
     return float(losses.mean())
 
@@ -49,7 +50,7 @@ def early_stop_like(candidate_dir: str | Path, reference_dir: str | Path, out_di
     """
     candidate, reference = open_run(candidate_dir), open_run(reference_dir)
     out = Path(out_dir)
-    if candidate.manifest.roles != reference.manifest.roles:
+    if run_manifest(candidate).roles != run_manifest(reference).roles:
         raise ConfigError(f"{candidate.path} and {reference.path} use different membership manifests: "
                           f"results would not be paired")
     if candidate.config.model.pretrained != reference.config.model.pretrained:
@@ -59,8 +60,8 @@ def early_stop_like(candidate_dir: str | Path, reference_dir: str | Path, out_di
         raise ConfigError(f"{candidate.path} has no snapshots to stop early at: train it with train.snapshots=8")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty: pass --overwrite to replace it")
-    pipe = reference.pipeline()
-    split = encode_split(pipe, reference.dataset().subset(reference.manifest.ids(MATCH_ROLE)))
+    pipe = run_pipeline(reference)
+    split = encode_split(pipe, run_dataset(reference).subset(run_manifest(reference).ids(MATCH_ROLE)))
     if not len(split):
         raise ConfigError(f"{reference.path}: the manifest has no '{MATCH_ROLE}' examples to match utility on")
     target = matching_loss(reference, reference.path / LORA_WEIGHT_NAME, split)

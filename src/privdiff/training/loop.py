@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
+from privdiff.diffusion.task import DiffusionTask
 from privdiff.distributed import current_world
+from privdiff.runs.files import load_checkpoint, save_checkpoint
 from privdiff.seeding import generator
-from privdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
-from privdiff.training.task import DiffusionTask
 
 StepCallback = Callable[[int, dict[str, float]], None]
 

@@ -1,6 +1,7 @@
-"""A fine-tuning run end to end, writing the run folder every later command reads.
+"""A fine-tuning run end to end, writing the run folder every later command reads, and the
+finished run's dataset, manifest and adapted pipeline loaded back (evaluation, audit, early stopping).
 
-Run folder contract:
+Run folder contract (`privdiff.runs.folder`):
     config.yaml                        the fully resolved config
     membership.json                    the membership manifest used
     checkpoint.pt                      latest training state (resume)
@@ -18,34 +19,46 @@ Run folder contract:
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
+from diffusers import StableDiffusionPipeline
 
-from privdiff.config import RunConfig, save_config
-from privdiff.distributed import current_world, device_for, init_distributed, launched_by_torchrun
-from privdiff.data import ImageDataset, Manifest, build_manifest, load_dataset, load_manifest
-from privdiff.errors import ConfigError
+from privdiff.config import RunConfig, load_config
+from privdiff.data import (
+    ImageDataset,
+    Manifest,
+    build_manifest,
+    load_dataset,
+    load_manifest,
+)
+from privdiff.diffusion.task import build_task
+from privdiff.distributed import (
+    current_world,
+    device_for,
+    init_distributed,
+    launched_by_torchrun,
+)
+from privdiff.errors import ConfigError, ModelError
+from privdiff.models.generation import default_prompts, sample_images, save_grid
 from privdiff.models.load import load_pipeline
-from privdiff.models.lora import LORA_WEIGHT_NAME, save_lora
-from privdiff.sampling import default_prompts, sample_images, save_grid
+from privdiff.models.lora import load_lora_into_unet, save_lora
+from privdiff.runs.files import atomic_write_json, atomic_write_text, save_config
+from privdiff.runs.folder import (
+    LORA_WEIGHT_NAME,
+    RunFolder,
+    open_run,
+    prepare_run_dir,
+    snapshot_path,
+)
+from privdiff.runs.lock import writing_run_folder
+from privdiff.runs.record import run_record
 from privdiff.seeding import seed_everything
-from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
 from privdiff.training.loop import StepCallback, TrainResult, train
 from privdiff.training.methods import get_method
 from privdiff.training.methods.base import TrainingMethod
-from privdiff.training.run_info import run_record
-from privdiff.training.run_lock import LOCK_NAME, lock_run_folder, writing_run_folder
-from privdiff.training.task import build_task
-
-RUN_FILES = ("config.yaml", "membership.json", "checkpoint.pt", "history.json", LORA_WEIGHT_NAME,
-             "samples.png", "summary.json", "train_log.jsonl", "smp_log.jsonl", "snapshots",
-             "proxy_final.safetensors")
-FINETUNE_OUTPUTS = RUN_FILES + ("audit", "eval", "metrics.json", "report.html", "report.json")
 
 
 @dataclass
@@ -73,37 +86,6 @@ def prepare_inputs(config: RunConfig) -> RunInputs:
     if not members.examples:
         raise ConfigError("the membership manifest has no training members")
     return RunInputs(dataset=dataset, manifest=manifest, members=members)
-
-
-def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
-                    known_files: tuple[str, ...] = FINETUNE_OUTPUTS, checkpoint: str = "checkpoint.pt") -> bool:
-    """Creates or checks a run folder and takes its writer lock; returns whether training resumes
-    from a checkpoint. The caller releases the lock (`run_lock.writing_run_folder`).
-
-    `known_files`: what privdiff writes there; --overwrite refuses a folder holding anything else.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output path {run_dir} exists and is not a folder")
-    lock_run_folder(run_dir)  # refuses a folder that another process is writing
-    existing = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
-    if existing and resume:
-        saved = run_dir / "config.yaml"
-        if not saved.exists():
-            raise ConfigError(f"cannot resume: {run_dir} has no config.yaml")
-        if yaml.safe_load(saved.read_text()) != config.to_dict():
-            raise ConfigError(f"cannot resume: the config differs from the one saved in {saved}")
-        return (run_dir / checkpoint).exists()
-    if existing and not overwrite:
-        raise ConfigError(f"output folder {run_dir} is not empty: pass --resume to continue it or "
-                          f"--overwrite to replace it")
-    if existing:
-        unknown = [p.name for p in existing if p.name not in known_files and not p.name.startswith(".")]
-        if unknown:
-            raise ConfigError(f"refusing to overwrite {run_dir}: it holds files privdiff did not write "
-                              f"(e.g. {unknown[0]})")
-        for path in existing:  # the folder itself stays: it carries the lock
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    return False
 
 
 def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -174,10 +156,6 @@ def _train_into(run_dir: Path, config: RunConfig, method: TrainingMethod, inputs
     return run_dir
 
 
-def snapshot_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "snapshots" / f"step-{step:06d}" / LORA_WEIGHT_NAME
-
-
 def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, method: TrainingMethod,
                   wall_time_s: float, unet: torch.nn.Module, prompts: list[str]) -> dict:
     """summary.json: what ran (not what the config's plain-training fields say), where and with what."""
@@ -203,3 +181,45 @@ def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, met
         "metrics": {},
         "privacy": method.privacy_spent() or {},
     }
+
+
+def run_manifest(run: RunFolder) -> Manifest:
+    """The membership manifest the run was trained with."""
+    return load_manifest(run.manifest_path)
+
+
+def run_dataset(run: RunFolder) -> ImageDataset:
+    """The run's dataset, checked against the hash its manifest was built on."""
+    dataset = load_dataset(run.config.data)
+    load_manifest(run.manifest_path, dataset.content_hash)
+    return dataset
+
+
+def run_pipeline(run: RunFolder, adapter: Path | None = None) -> StableDiffusionPipeline:
+    """The base pipeline with the run's adapter (or `adapter`, e.g. a snapshot) loaded into its UNet
+    (eval mode).
+
+    Raises:
+        ModelError: the adapter file is missing or does not fit the base.
+    """
+    pipe = load_pipeline(run.config.model.pretrained)
+    adapter = adapter or run.adapter_path
+    if not adapter.is_file():
+        raise ModelError(f"{run.path}: no adapter file {LORA_WEIGHT_NAME}")
+    load_lora_into_unet(pipe.unet, adapter, run.config.lora)
+    pipe.unet.eval()
+    return pipe
+
+
+def train_like(run: RunFolder, folder: Path, manifest: Manifest, overrides: list[str] | None = None,
+               show_progress: bool = True) -> RunFolder:
+    """Trains the run's recipe on another membership (a LiRA shadow, the canary run) into `folder`,
+    reusing a finished one; its manifest is saved beside the folder. Sampling is cut to one image."""
+    manifest_path = folder.with_name(folder.name + ".membership.json")
+    atomic_write_json(manifest_path, manifest.to_json())
+    cfg = load_config(run.path / "config.yaml", [f"output_dir={folder}", f"membership.manifest={manifest_path}",
+                                                 "sample.num_images=1", "sample.num_inference_steps=1",
+                                                 "train.snapshots=0", *(overrides or [])])
+    if not (folder / "summary.json").exists():
+        run_training(cfg, overwrite=True, show_progress=show_progress)
+    return open_run(folder)

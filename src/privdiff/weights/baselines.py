@@ -21,10 +21,9 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.func import functional_call
 
 from privdiff.models.lora import add_lora
+from privdiff.models.lora_math import LoRALayer, initial_layers, lora_modules
 from privdiff.seeding import generator
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.inputs import initial_layers, lora_modules
-from privdiff.weights.lora_math import LoRALayer
 
 
 @dataclass(frozen=True)

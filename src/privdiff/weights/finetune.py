@@ -22,11 +22,21 @@ from transformers import PreTrainedModel
 from privdiff.config import DPConfig, LoRAConfig, RunConfig, TrainConfig
 from privdiff.data.examples import to_model_tensor
 from privdiff.data.identities import identity_images, trigger_word
+from privdiff.diffusion.task import (
+    DiffusionTask,
+    EncodedSplit,
+    encode_images,
+    encode_prompts,
+    tokenize,
+)
 from privdiff.models.lora import save_lora
 from privdiff.seeding import derive_seed, generator
 from privdiff.training.loop import train
-from privdiff.training.methods.dreambooth import DreamBoothLoRA, SeededDPLoRA, TrainablePrompts
-from privdiff.training.task import DiffusionTask, EncodedSplit, encode_images, encode_prompts, tokenize
+from privdiff.training.methods.dreambooth import (
+    DreamBoothLoRA,
+    SeededDPLoRA,
+    TrainablePrompts,
+)
 
 # (r, the UNet being fine-tuned, its task): called after every fine-tune step
 StepHook = Callable[[int, UNet2DConditionModel, DiffusionTask], None]

@@ -25,23 +25,40 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from safetensors.torch import load_file, save_file
 
 from privdiff.data.identities import attack_split
+from privdiff.defences import defend_layers
 from privdiff.diffusion import draw_noise_and_timesteps
+from privdiff.diffusion.task import DiffusionTask
 from privdiff.errors import ModelError
 from privdiff.models.lora import add_lora
+from privdiff.models.lora_math import (
+    DEFAULT_INIT_SEED,
+    LoRALayer,
+    initial_layers,
+    live_layers,
+    lora_modules,
+)
+from privdiff.runs.files import atomic_replace, atomic_write_text
 from privdiff.seeding import generator
-from privdiff.training.checkpoint import atomic_replace, atomic_write_text
-from privdiff.training.task import DiffusionTask
-from privdiff.weights.defences import defend_layers
 from privdiff.weights.encoder import EncoderConfig, WeightEncoder, encoder_loss
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.inputs import (DEFAULT_INIT_SEED, InputMode, batch_inputs, encoder_inputs, initial_layers,
-                                     live_layers, lora_modules, matrix_shapes)
-from privdiff.weights.lora_math import LoRALayer
+from privdiff.weights.inputs import (
+    InputMode,
+    batch_inputs,
+    encoder_inputs,
+    matrix_shapes,
+)
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"

@@ -22,25 +22,44 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from privdiff.config import save_config
+from privdiff.config import load_config
+from privdiff.data.folder import load_image_folder
 from privdiff.data.identities import attack_split, trigger_word
+from privdiff.defences import defend_file
 from privdiff.errors import ConfigError
-from privdiff.models.inspect import read_header
-from privdiff.models.load import load_pipeline
-from privdiff.report.plots import weights_defence_curve
+from privdiff.metrics.identity import (
+    embed_identities,
+    identity_similarity,
+    load_identity_embedder,
+)
+from privdiff.metrics.intervals import mean_interval
+from privdiff.models.inspect import inspect_file, read_header
+from privdiff.models.load import FACE_BASE_DIR, load_pipeline
+from privdiff.models.lora_math import read_unet_lora
+from privdiff.runs.files import atomic_write_json, save_config
+from privdiff.runs.record import run_record
 from privdiff.seeding import generator, seed_everything
-from privdiff.training.checkpoint import atomic_write_json
-from privdiff.training.run_info import run_record
-from privdiff.weights.base import FACE_BASE_DIR
-from privdiff.weights.config import WeightsAttackConfig
-from privdiff.weights.defences import defend_file
 from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
-from privdiff.weights.evaluate import (IdentityJudge, aggregate, evaluate_victims, image_grid,
-                                       negative_context, victim_model)
+from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.finetune import FinetuneBench
-from privdiff.weights.lora_math import read_unet_lora
-from privdiff.weights.paradigm import (EncoderTrainer, EncoderTrainingConfig, TrainedEncoder, embed_adapter,
-                                       save_encoder)
+from privdiff.weights.paradigm import (
+    EncoderTrainer,
+    EncoderTrainingConfig,
+    TrainedEncoder,
+    embed_adapter,
+    load_encoder,
+    save_encoder,
+)
+from privdiff.weights.plots import weights_defence_curve
+from privdiff.weights.scoring import (
+    IdentityJudge,
+    aggregate,
+    evaluate_victims,
+    image_grid,
+    negative_context,
+    victim_model,
+)
+from privdiff.weights.shipped import shipped_encoder_dir
 
 RESULT_FILE = "attack.json"
 
@@ -55,8 +74,6 @@ def metadata_trigger(path: Path, trigger: str) -> str | None:
 
 
 def _paired_difference(rows_a: list[dict], rows_b: list[dict], seed: int, key: str) -> dict:
-    from privdiff.metrics.intervals import mean_interval
-
     diff = np.array([a["attack"]["identity_similarity"] - b["attack"]["identity_similarity"]
                      for a, b in zip(rows_a, rows_b, strict=True)])
     lo, hi = mean_interval(diff, seed=seed, key=key)
@@ -275,13 +292,6 @@ def attack_adapter(encoder_dir: Path | None, adapter: Path, out: Path, *, privat
         ConfigError: no run config beside the encoder, or an existing result without `overwrite`.
         ModelError: the adapter's layout differs from the encoder's.
     """
-    from privdiff.config import load_config
-    from privdiff.data.folder import load_image_folder
-    from privdiff.metrics.identity import embed_identities, identity_similarity, load_identity_embedder
-    from privdiff.models.inspect import inspect_file
-    from privdiff.weights.paradigm import load_encoder
-    from privdiff.weights.shipped import shipped_encoder_dir
-
     encoder_dir = shipped_encoder_dir() if encoder_dir is None else encoder_dir
     result_file = out / "adapter_attack.json"
     if result_file.exists() and not overwrite:

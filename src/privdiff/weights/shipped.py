@@ -23,8 +23,8 @@ import yaml
 
 from privdiff.errors import ModelError
 from privdiff.models.load import CHECKSUM_FILE, verify_checksums, write_checksums
-from privdiff.training.checkpoint import atomic_write_text
-from privdiff.weights.evaluate import CONDITIONS
+from privdiff.runs.files import atomic_write_text
+from privdiff.weights.scoring import CONDITIONS
 
 SHIPPED_ATTACK_DIR = Path(__file__).resolve().parent.parent / "assets" / "weights-attack-identities"
 _PACKED = ("config.yaml", "encoder/encoder.json", "encoder/encoder.safetensors")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from privdiff.audit.attacks.base import Attack, register_attack
 from privdiff.audit.model import Candidates, Denoiser
+from privdiff.audit.roc import auc
 from privdiff.proxy import ProxyMLP, membership_margin
 from privdiff.seeding import derive_seed, fixed_noise, generator, numpy_rng
 
@@ -74,7 +75,6 @@ class ProxyAttack(Attack):
                     break
         self.net.load_state_dict(best_state)
         self.net.eval()
-        from privdiff.audit.roc import auc
 
         # Selection among attacks uses the held-out 20 % (in-sample aux AUC would flatter the MLP).
         val_auc = auc(self.score(model, val_data), labels[val].numpy())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from privdiff.errors import ConfigError
+
 ATTACKS = {
     "analytic": "privdiff.split.attacks.analytic:AnalyticAttack",
     "inverse-network": "privdiff.split.attacks.inverse:InverseNetworkAttack",
@@ -18,8 +20,6 @@ ATTACKS = {
 
 def attack_class(name: str):
     """The attack class registered under `name` (ConfigError for an unknown one)."""
-    from privdiff.errors import ConfigError
-
     if name not in ATTACKS:
         raise ConfigError(f"unknown split attack '{name}' (choose {', '.join(ATTACKS)})")
     module, cls = ATTACKS[name].split(":")

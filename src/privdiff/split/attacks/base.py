@@ -16,11 +16,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from privdiff.data.builtin import BUILTIN_DATASETS
 from privdiff.data.examples import ImageDataset
 from privdiff.errors import ConfigError, PrivdiffError
 from privdiff.split.config import SplitConfig
 from privdiff.split.messages import encode, parse
 from privdiff.split.models import PublicModels
+from privdiff.split.setup import make_client
 
 PUBLIC_SEED = 7919  # the attacker's auxiliary fill triples: same generator, another seed (spec §3)
 
@@ -105,8 +107,6 @@ def check_observation(attack: SplitAttack, observation: Observation) -> None:
 
 def public_triples(config: SplitConfig, count: int) -> ImageDataset:
     """The attacker's auxiliary data: fill triples from a seed no client uses."""
-    from privdiff.data.builtin import BUILTIN_DATASETS
-
     return BUILTIN_DATASETS[config.data.name](config.data.image_size, count, PUBLIC_SEED)
 
 
@@ -114,8 +114,6 @@ class Observer:
     """Runs the real client on `dataset` and returns (what the server saw, what was true) per batch."""
 
     def __init__(self, config: SplitConfig, models: PublicModels, dataset: ImageDataset, secret_seed: int) -> None:
-        from privdiff.split.run import make_client
-
         self.config = config
         self.client = make_client(config, models, "victim", b"k" * 32, dataset, secret_seed)
 

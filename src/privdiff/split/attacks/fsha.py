@@ -40,9 +40,19 @@ from torch import nn
 from privdiff.data.examples import ImageDataset, to_model_tensor
 from privdiff.errors import ConfigError
 from privdiff.seeding import generator
-from privdiff.split.attacks.base import (AttackData, Observation, Observer, Reconstruction, SplitAttack,
-                                         check_observation)
+from privdiff.split.attacks.analytic import least_squares_through_conv
+from privdiff.split.attacks.base import (
+    AttackData,
+    Observation,
+    Observer,
+    Reconstruction,
+    SplitAttack,
+    check_observation,
+)
+from privdiff.split.attacks.scoring import references, score, specificity
 from privdiff.split.messages import GRADIENT_PUSH, Message
+from privdiff.split.server import SplitServer
+from privdiff.split.transport import InProcessTransport
 
 if TYPE_CHECKING:
     from privdiff.split.client import VanillaClient
@@ -271,7 +281,6 @@ class FSHAAttack(SplitAttack):
         residual = control - s0
         if not self.remove_drift:
             return residual
-        from privdiff.split.attacks.analytic import least_squares_through_conv
 
         conv = self.data.models.unet.conv_in
         x_t, _ = least_squares_through_conv(conv, s0)
@@ -286,8 +295,6 @@ class FSHAAttack(SplitAttack):
     @torch.no_grad()
     def image_latent(self, tensors: dict) -> torch.Tensor:
         """ẑ0 from s0, t and the target in closed form (spec §9.3 steps 1–2)."""
-        from privdiff.split.attacks.analytic import least_squares_through_conv
-
         models = self.data.models
         x_t, _ = least_squares_through_conv(models.unet.conv_in, torch.as_tensor(tensors["s0"]).float())
         alpha_bar = models.scheduler.alphas_cumprod[torch.as_tensor(tensors["t"])].view(-1, 1, 1, 1).float()
@@ -370,8 +377,6 @@ class FSHAAttack(SplitAttack):
         The held-out batch is drawn by a fresh client on `holdout` that carries the victim's current
         weights (the experimenter's view, not the server's); its truth comes from the same draws.
         """
-        from privdiff.split.attacks.scoring import references, score, specificity
-
         victim = victim or sorted(transport.clients)[0]
         history: list[dict] = []
         result = {"rounds": rounds, "victim": victim, "history": history}
@@ -403,9 +408,6 @@ class FSHAAttack(SplitAttack):
         """`evaluate_attack`'s hook: `rounds` hijacking rounds against the observer's client, as its
         server over the real protocol, so that the observation that follows comes from the hijacked
         client."""
-        from privdiff.split.server import SplitServer
-        from privdiff.split.transport import InProcessTransport
-
         client = observer.client
         server = SplitServer(self.data.config, self.data.models, {client.client_id: client.key})
         transport = InProcessTransport({client.client_id: client}, server.max_message_bytes, record=False)

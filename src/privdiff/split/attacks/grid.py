@@ -16,8 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from privdiff.errors import ConfigError
+from privdiff.figures import plt, png_bytes
+from privdiff.runs.files import atomic_write_json, atomic_write_text
+from privdiff.runs.folder import GRID_FILE, load_grid
+from privdiff.runs.record import run_record
+from privdiff.split.attacks import ATTACKS, attack_class
+from privdiff.split.attacks.run import evaluate_attack
 from privdiff.split.config import SplitConfig, load_split_config
+from privdiff.split.models import load_public_models
+from privdiff.split.run import simulate
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,6 @@ VANILLA_UTILITY_RECIPE = ("train.steps=600", "train.request_size=16", "eval.num_
 # Budgets for a CPU grid (the attacks' own defaults are larger): UnSplit's image SSIM still rises
 # past 400 iterations (0.75 -> 0.84 from 200 to 400, unprotected), so its cells are lower bounds.
 ATTACK_OPTIONS = {"inverse-network": {"steps": 1500}, "unsplit": {"iterations": 400}, "fsha": {"rounds": 200}}
-GRID_FILE = "split_attacks.json"
 
 
 def leaks(attack: dict, baseline: dict) -> bool:
@@ -76,8 +85,6 @@ def _compact(outcome: dict) -> dict:
 
 
 def _utility(config: SplitConfig, folder: Path, show_progress: bool) -> dict:
-    from privdiff.split.run import simulate
-
     config.output_dir = str(folder)
     summary = simulate(config, overwrite=True, show_progress=show_progress)
     fidelity = summary["condition_fidelity"]
@@ -96,12 +103,6 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
 
     Rows of defences not chosen this time are kept from an earlier grid in the same folder, so a grid
     can be built (or one row re-run) one defence at a time."""
-    from privdiff.split.attacks import attack_class
-    from privdiff.split.attacks.evaluate import evaluate_attack
-    from privdiff.split.models import load_public_models
-    from privdiff.training.checkpoint import atomic_write_json, atomic_write_text
-    from privdiff.training.run_info import run_record
-
     out = Path(out)
     chosen = [d for d in DEFENCES if defences is None or d.name in defences]
     if defences is not None and len(chosen) != len(set(defences)):
@@ -164,8 +165,6 @@ def _cell(entry: dict | None, target: str) -> str:
 
 def attacks_in(rows: list[dict]) -> list[str]:
     """The registered attacks that appear in any row, in registry order (the table's columns)."""
-    from privdiff.split.attacks import ATTACKS
-
     return [a for a in ATTACKS if any(a in r["attacks"] for r in rows)]
 
 
@@ -217,13 +216,6 @@ def markdown_table(grid: dict) -> str:
 
 def grid_figure(grid: dict) -> bytes:
     """Bars: SSIM of each attack's image and condition reconstructions per defence, with the baseline."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     rows = grid["rows"]
     attacks = attacks_in(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), sharey=True)
@@ -243,19 +235,9 @@ def grid_figure(grid: dict) -> bytes:
     axes[0].set_ylabel("SSIM")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
-def load_grid(folder: str | Path) -> dict | None:
-    """The grid in `folder`, or None when it holds none (a JSON error is a ConfigError)."""
-    from privdiff.report.collect import read_json
-
-    return read_json(Path(folder) / GRID_FILE)
-
-
-__all__ = ["ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "GRID_FILE", "attacks_in", "grid_figure",
-           "leaks", "load_grid", "markdown_table", "reference_ssim", "run_grid", "utility_cell", "verdicts",
+__all__ = ["ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "attacks_in", "grid_figure",
+           "leaks", "markdown_table", "reference_ssim", "run_grid", "utility_cell", "verdicts",
            "worst_client"]

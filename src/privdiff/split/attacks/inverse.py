@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privdiff.split.attacks.base import AttackData, Observation, Observer, Reconstruction, SplitAttack, check_observation
+from privdiff.split.attacks.base import (
+    AttackData,
+    Observation,
+    Observer,
+    Reconstruction,
+    SplitAttack,
+    check_observation,
+)
 
 FEATURES = {"backward-free": ("h", "s0", "x_t", "target"), "vanilla": ("control", "s0", "target")}
 

@@ -41,7 +41,13 @@ import torch
 
 from privdiff.errors import ConfigError
 from privdiff.split.activation import ACTIVATIONS
-from privdiff.split.attacks.base import AttackData, Observation, Reconstruction, SplitAttack, check_observation
+from privdiff.split.attacks.base import (
+    AttackData,
+    Observation,
+    Reconstruction,
+    SplitAttack,
+    check_observation,
+)
 from privdiff.split.client import clip_per_example
 from privdiff.split.models import build_split_controlnet
 

@@ -16,6 +16,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from privdiff.split.flower.records import from_records, reply_to, to_message
+from privdiff.split.flower.worker_link import call_worker
+from privdiff.split.messages import encode, parse
+from privdiff.split.validation import Refused
+
 app = ClientApp()
 STATE_RECORD = "privdiff-client"
 WEIGHTS_RECORD = "privdiff-client-weights"
@@ -32,17 +37,11 @@ def gradient(message: Message, context: Context) -> Message:
 
 
 def _handle(message: Message, context: Context) -> Message:
-    from privdiff.split.flower.records import from_records, reply_to, to_message
-    from privdiff.split.messages import encode, parse
-    from privdiff.split.validation import Refused
-
     received = from_records(message.content)
     if isinstance(received, Refused):
         raise ValueError(f"refused a server message: {received}")
     worker = context.node_config.get("worker-socket")
     if worker:  # the resident worker holds the client (no torch in this process)
-        from privdiff.split.flower.worker import call_worker
-
         answer = call_worker(str(worker), str(context.run_config["split-config"]), encode(to_message(received)))
         return reply_to(message, to_message(parse(answer, 1 << 28)))
     client = _build_client(context)
@@ -53,6 +52,7 @@ def _handle(message: Message, context: Context) -> Message:
 
 
 def _build_client(context: Context):
+    # Local: torch + diffusers (13 s); only a node without a resident worker pays for them.
     from privdiff.split.flower.worker import build_node_client
 
     return build_node_client(json.loads(str(context.run_config["split-config"])), dict(context.node_config))

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from privdiff.runs.files import atomic_write_json
+from privdiff.runs.lock import writing_run_folder
 from privdiff.split.config import SplitConfig
+from privdiff.split.fidelity import evaluate_condition_fidelity
 from privdiff.split.flower.deploy import LoopbackDeployment
 from privdiff.split.flower.settings import write_keys
-from privdiff.split.run import prepare_folder, simulated_secret_seed
-from privdiff.training.checkpoint import atomic_write_json
-from privdiff.training.run_lock import writing_run_folder
+from privdiff.split.models import load_public_models
+from privdiff.split.run import prepare_folder
+from privdiff.split.setup import load_triples, simulated_secret_seed
 
 
 def run_config_for(config: SplitConfig, folder: Path, keys_file: Path, record_dir: Path | None = None,
@@ -71,10 +74,6 @@ def _simulate_on_flower(config: SplitConfig, folder: Path, overwrite: bool, eval
 def evaluate_saved(config: SplitConfig, folder: Path) -> dict:
     """Condition fidelity of the ControlNet the server saved (on the trusted evaluator's side)."""
     from diffusers import ControlNetModel
-
-    from privdiff.split.evaluate import evaluate_condition_fidelity
-    from privdiff.split.models import load_public_models
-    from privdiff.split.run import load_triples
 
     models = load_public_models(config.model.pretrained)
     controlnet = ControlNetModel.from_pretrained(str(folder / "controlnet"), local_files_only=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message as FlowerMessage, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Message as FlowerMessage
 
 from privdiff.split.messages import Message, Received, TensorSpec
 from privdiff.split.validation import Refused

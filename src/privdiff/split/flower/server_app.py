@@ -7,18 +7,21 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from privdiff.runs.files import atomic_write_json
+from privdiff.split.flower.settings import (
+    read_server_keys,
+    split_config_from_run_config,
+)
+from privdiff.split.flower.transport import FlowerTransport
+from privdiff.split.models import load_public_models
+from privdiff.split.run import serve
+from privdiff.split.server import SplitServer
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from privdiff.split.flower.settings import read_server_keys, split_config_from_run_config
-    from privdiff.split.flower.transport import FlowerTransport
-    from privdiff.split.models import load_public_models
-    from privdiff.split.run import serve
-    from privdiff.split.server import SplitServer
-    from privdiff.training.checkpoint import atomic_write_json
-
     run_config = context.run_config
     if int(run_config.get("server-threads", 0)) > 0:  # e.g. 1 when clients share the machine (loopback)
         import torch

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from privdiff.config import _build
 from privdiff.errors import ConfigError
+from privdiff.runs.files import atomic_write_json
 from privdiff.split.config import SplitConfig
+from privdiff.split.setup import client_id
 
 
 def split_config_from_run_config(run_config: dict) -> SplitConfig:
@@ -48,9 +50,6 @@ def write_keys(folder: Path, num_clients: int, secret_seeds: list[int] | None = 
     unless given, as simulations do to repeat)."""
     import os
     import secrets
-
-    from privdiff.split.run import client_id
-    from privdiff.training.checkpoint import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     seeds = secret_seeds or [secrets.randbits(62) for _ in range(num_clients)]

@@ -15,7 +15,12 @@ from pathlib import Path
 from flwr.app import Message as FlowerMessage
 from flwr.serverapp import Grid
 
-from privdiff.split.flower.records import FLOWER_TYPES, from_records, to_message, to_records
+from privdiff.split.flower.records import (
+    FLOWER_TYPES,
+    from_records,
+    to_message,
+    to_records,
+)
 from privdiff.split.messages import Message, Received, encode
 from privdiff.split.validation import Refused
 

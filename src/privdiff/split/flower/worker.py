@@ -7,9 +7,9 @@ becomes a shim that hands each server message to it over a Unix socket (owner-on
 in privdiff's wire format and returns the reply. Data, secret seed and stream position stay in
 this process; nothing but the reply goes back to Flower.
 
-Framing on the socket: 8-byte little-endian length, then the bytes; a request is two frames (the
-run's split config as JSON, then the server message), a reply one frame (b"OK" + message or
-b"ER" + one-line error).
+The socket framing is in `worker_link` (stdlib only: the ClientApp shim imports it without torch);
+this module is the worker process itself, so it imports torch and diffusers up front, before it
+says "ready".
 """
 
 from __future__ import annotations
@@ -17,58 +17,22 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import sys
 from pathlib import Path
 
-_MAX_FRAME = 256 << 20
+import torch
 
-
-def send_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(struct.pack("<Q", len(payload)) + payload)
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    head = _read_exactly(sock, 8)
-    (size,) = struct.unpack("<Q", head)
-    if size > _MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes is too large")
-    return _read_exactly(sock, size)
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise ConnectionError("worker connection closed")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def call_worker(path: str, split_config_json: str, request: bytes, timeout: float = 600.0) -> bytes:
-    """Sends one server message to the worker at `path`; returns its reply bytes.
-
-    Raises:
-        RuntimeError: the worker answered with an error.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        send_frame(sock, split_config_json.encode())
-        send_frame(sock, request)
-        answer = read_frame(sock)
-    if answer[:2] != b"OK":
-        raise RuntimeError(answer[2:].decode(errors="replace"))
-    return answer[2:]
+from privdiff.config import _build
+from privdiff.split.config import SplitConfig
+from privdiff.split.flower.settings import read_client_identity
+from privdiff.split.flower.worker_link import read_frame, send_frame
+from privdiff.split.messages import encode, parse
+from privdiff.split.models import load_public_models
+from privdiff.split.setup import load_triples, make_client, shard
 
 
 def serve_worker(socket_path: Path, node_config: dict) -> None:
     """Answers server messages forever (until killed) with the client role of this node."""
-    from privdiff.split.messages import encode, parse
-    from privdiff.split.models import load_public_models  # noqa: F401  (torch + diffusers imported before "ready")
-
     clients: dict[str, object] = {}
     socket_path = Path(socket_path)
     socket_path.unlink(missing_ok=True)
@@ -100,12 +64,6 @@ def serve_worker(socket_path: Path, node_config: dict) -> None:
 
 def build_node_client(split_config: dict, node_config: dict):
     """The client role of a node: its key file, its data (own folder or a built-in shard), the models."""
-    from privdiff.config import _build
-    from privdiff.split.config import SplitConfig
-    from privdiff.split.flower.settings import read_client_identity
-    from privdiff.split.models import load_public_models
-    from privdiff.split.run import load_triples, make_client, shard
-
     config = _build(SplitConfig, split_config, "").validate()
     identity = read_client_identity(str(node_config["key-file"]))
     if node_config.get("data-dir"):
@@ -122,8 +80,6 @@ def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     threads = os.environ.get("PRIVDIFF_WORKER_THREADS")
     if threads:
-        import torch
-
         torch.set_num_threads(int(threads))
     if len(args) != 2:
         raise SystemExit("usage: python -m privdiff.split.flower.worker SOCKET NODE_CONFIG_JSON")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from privdiff.errors import ConfigError
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
 from privdiff.training.methods.dp_lora import DPLoRA
-from privdiff.training.methods.lora import LoRA, FullUNet
+from privdiff.training.methods.lora import FullUNet, LoRA
 from privdiff.training.methods.smp_lora import MPLoRA, SMPLoRA
 
 METHODS: dict[str, type[TrainingMethod]] = {}

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import torch
 
 from privdiff.config import RunConfig
+from privdiff.diffusion.task import DiffusionTask
 from privdiff.errors import ConfigError
 from privdiff.seeding import generator
-from privdiff.training.task import DiffusionTask
 
 
 @dataclass

@@ -20,15 +20,20 @@ import torch
 import torch.distributed as dist
 
 from privdiff.config import RunConfig
+from privdiff.diffusion.task import DiffusionTask
 from privdiff.distributed import current_world
-from privdiff.dp.accounting import calibrate_noise, compute_epsilon, opacus_epsilon, pld_epsilon
+from privdiff.dp.accounting import (
+    calibrate_noise,
+    compute_epsilon,
+    opacus_epsilon,
+    pld_epsilon,
+)
 from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
-from privdiff.dp.sampling import local_share, poisson_rows, secure_generator
+from privdiff.dp.poisson import local_share, poisson_rows, secure_generator
 from privdiff.errors import ConfigError, ModelError
 from privdiff.seeding import derive_seed, generator
 from privdiff.training.methods.base import TrainBatch
 from privdiff.training.methods.lora import LoRA
-from privdiff.training.task import DiffusionTask
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,9 @@ class DPLoRA(LoRA):
 
     def prepare(self, task: DiffusionTask) -> None:
         from opacus.accountants import create_accountant
-        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+        from opacus.distributed import (
+            DifferentiallyPrivateDistributedDataParallel as DPDDP,
+        )
         from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
         refuse_gradient_checkpointing(task.unet)

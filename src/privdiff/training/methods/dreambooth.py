@@ -2,7 +2,7 @@
 
 The members are the few images of one subject under a trigger prompt; the `prior` split holds
 public class images of the class prompt ("a face"), one of which is added to every step with
-weight `prior_weight`. The adapter starts from a seeded theta_0 (`privdiff.weights.inputs.reset_lora`)
+weight `prior_weight`. The adapter starts from a seeded theta_0 (`privdiff.models.lora_math.reset_lora`)
 rather than the global random stream, so a run is reproducible on its own and the weights
 attack's `delta` mode knows theta_0.
 
@@ -20,12 +20,13 @@ import torch
 
 from privdiff.config import LoRAConfig, RunConfig
 from privdiff.diffusion import draw_noise_and_timesteps, per_example_loss
+from privdiff.diffusion.task import DiffusionTask
 from privdiff.models.lora import add_lora
+from privdiff.models.lora_math import reset_lora
 from privdiff.seeding import derive_seed
 from privdiff.training.methods.base import TrainBatch
 from privdiff.training.methods.dp_lora import DPLoRA
 from privdiff.training.methods.lora import LoRA
-from privdiff.training.task import DiffusionTask
 
 
 @dataclass
@@ -61,8 +62,6 @@ class SeededInit:
     prompts: "TrainablePrompts | None" = None
 
     def trainable_parameters(self, task: DiffusionTask) -> list[torch.nn.Parameter]:
-        from privdiff.weights.inputs import reset_lora
-
         params = super().trainable_parameters(task)
         reset_lora(task.unet, self.init_seed)
         if self.prompts is not None:

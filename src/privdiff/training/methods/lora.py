@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from privdiff.diffusion import draw_noise_and_timesteps, per_example_loss
+from privdiff.diffusion.task import DiffusionTask
 from privdiff.models.lora import add_lora
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
-from privdiff.training.task import DiffusionTask
 
 
 class LoRA(TrainingMethod):

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from privdiff.diffusion import draw_noise_and_timesteps, noisy_and_target, squared_error
+from privdiff.diffusion.task import DiffusionTask, EncodedSplit
 from privdiff.errors import ConfigError
 from privdiff.metrics.heldout import heldout_losses
 from privdiff.proxy import ProxyMLP
+from privdiff.runs.files import atomic_replace
 from privdiff.seeding import derive_seed, generator
 from privdiff.training.methods.base import TrainBatch
 from privdiff.training.methods.lora import LoRA
-from privdiff.training.task import DiffusionTask, EncodedSplit
 
 Draw = tuple[torch.Tensor, torch.Tensor]  # (noise (B, C, h, w), timesteps (B,))
 SMP_CONSTANT = 1e-5  # the reference's constant in the denominator
@@ -264,8 +265,6 @@ class SMPLoRA(LoRA):
 
     def save_artifacts(self, run_dir: Path) -> None:
         from safetensors.torch import save_file
-
-        from privdiff.training.checkpoint import atomic_replace
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.proxy.state_dict().items()}
         atomic_replace(Path(run_dir) / "proxy_final.safetensors", lambda tmp: save_file(

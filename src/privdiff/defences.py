@@ -25,7 +25,13 @@ import torch
 
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.inspect import ADAPTER_CONFIG_KEY, allowed, read_header
-from privdiff.weights.lora_math import LoRALayer, read_text_encoder_lora, read_unet_lora, refactor, write_unet_lora
+from privdiff.models.lora_math import (
+    LoRALayer,
+    read_text_encoder_lora,
+    read_unet_lora,
+    refactor,
+    write_unet_lora,
+)
 
 Knob = float | int | str
 

@@ -13,12 +13,21 @@ import numpy as np
 import torch
 
 from privdiff.errors import ConfigError
+from privdiff.figures import plt, png_bytes
 from privdiff.seeding import derive_seed
 from privdiff.split.attacks import attack_class
-from privdiff.split.attacks.base import AttackData, Observer, Reconstruction, SplitAttack, Truth, public_triples
+from privdiff.split.attacks.base import (
+    AttackData,
+    Observer,
+    Reconstruction,
+    SplitAttack,
+    Truth,
+    public_triples,
+)
 from privdiff.split.attacks.scoring import references, score
 from privdiff.split.config import SplitConfig
 from privdiff.split.models import PublicModels
+from privdiff.split.setup import load_triples
 
 
 @dataclasses.dataclass
@@ -52,8 +61,6 @@ def _plain(value):
 def evaluate_attack(attack: str | SplitAttack, config: SplitConfig, models: PublicModels, *, victims: int = 64,
                     public_examples: int = 512, seed: int = 0) -> AttackOutcome:
     """Fits `attack` on public data, observes `victims` held-out triples, scores the reconstructions."""
-    from privdiff.split.run import load_triples
-
     attack = attack_class(attack)() if isinstance(attack, str) else attack
     if config.protocol.design not in attack.designs:
         raise ConfigError(f"attack '{attack.name}' targets the {' / '.join(attack.designs)} design, "
@@ -86,11 +93,6 @@ def evaluate_attack(attack: str | SplitAttack, config: SplitConfig, models: Publ
 
 def reconstruction_grid(outcome: AttackOutcome, count: int = 8) -> bytes:
     """PNG: rows truth image, reconstructed image, truth condition, reconstructed condition."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rec, truth = outcome.reconstruction, outcome.truth
     rows = [("image", truth.images), ("reconstructed", rec.images), ("condition", truth.conditions),
@@ -109,10 +111,7 @@ def reconstruction_grid(outcome: AttackOutcome, count: int = 8) -> bytes:
                 ax.set_title(f"t={int(truth.t[c])}", fontsize=7)
     fig.suptitle(f"{outcome.result['attack']} on {outcome.result['design']}", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 __all__ = ["AttackOutcome", "evaluate_attack", "reconstruction_grid"]

@@ -17,12 +17,21 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from privdiff.data.builtin import PALETTE, _font_files, _random_affine, _resize, load_fill, load_glyphs
-from privdiff.data.examples import ImageDataset
+from privdiff.data.builtin import (
+    _font_files,
+    _random_affine,
+    _resize,
+    load_fill,
+    load_glyphs,
+)
+from privdiff.data.examples import Example, ImageDataset
 from privdiff.data.vocabulary import NUMBER_WORDS
-from privdiff.metrics.features import ClassifierNet, classifier_preprocess, save_classifier
+from privdiff.metrics.features import (
+    ClassifierNet,
+    classifier_preprocess,
+    save_classifier,
+)
 from privdiff.metrics.labels import caption_labels, label_heads
-from privdiff.data.examples import Example
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,15 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from privdiff.config import SampleConfig
-from privdiff.training.checkpoint import atomic_replace
+from privdiff.errors import ConfigError, ModelError
+from privdiff.models.load import load_pipeline
+from privdiff.models.lora import (
+    LORA_WEIGHT_NAME,
+    load_lora_into_text_encoder,
+    load_lora_into_unet,
+)
+from privdiff.runs.files import atomic_replace
+from privdiff.seeding import generator
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -55,8 +63,6 @@ def sample_seeded(pipe: StableDiffusionPipeline, prompts: list[str], *, seed: in
         (N, H, W, 3) uint8 images.
     """
     from rich.progress import Progress
-
-    from privdiff.seeding import generator
 
     original = pipe.scheduler
     pipe.scheduler = SCHEDULERS[scheduler].from_config(original.config)
@@ -108,10 +114,6 @@ def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str |
     import json
 
     import yaml
-
-    from privdiff.errors import ConfigError, ModelError
-    from privdiff.models.load import load_pipeline
-    from privdiff.models.lora import LORA_WEIGHT_NAME, load_lora_into_text_encoder, load_lora_into_unet
 
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler '{scheduler}' (choose ddim or ddpm)")

@@ -21,13 +21,13 @@ from rich.progress import Progress
 
 from privdiff.config import RunConfig, TrainConfig
 from privdiff.data.builtin import load_glyphs
+from privdiff.diffusion.task import build_task, encode_images
 from privdiff.models.load import write_checksums
 from privdiff.models.tiny import TinySDConfig, build_tiny_pipeline
+from privdiff.runs.files import atomic_write_text
 from privdiff.seeding import generator, seed_everything
-from privdiff.training.checkpoint import atomic_write_text
 from privdiff.training.loop import train
 from privdiff.training.methods.lora import FullUNet
-from privdiff.training.task import build_task, encode_images
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from privdiff.config import config_yaml
+
 CHECKPOINT_NAME = "checkpoint.pt"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -40,6 +42,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_config(config: Any, path: Path) -> None:
+    """Writes the resolved config as YAML, atomically (a run folder's config.yaml)."""
+    atomic_write_text(path, config_yaml(config))
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:

@@ -35,8 +35,15 @@ from safetensors.torch import save_file
 
 from privdiff.config import LoRAConfig
 from privdiff.errors import ConfigError, ModelError
-from privdiff.models.lora import ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, adapter_metadata, header_config, read_lora
-from privdiff.training.checkpoint import atomic_replace
+from privdiff.models.lora import (
+    ADAPTER_METADATA_KEY,
+    LORA_WEIGHT_NAME,
+    adapter_metadata,
+    header_config,
+    read_lora,
+)
+from privdiff.runs.files import atomic_replace
+from privdiff.seeding import generator
 
 log = logging.getLogger("privdiff.weights")
 
@@ -382,5 +389,52 @@ def canonical_layers(layers: Sequence[LoRALayer]) -> list[LoRALayer]:
     return canonical
 
 
-__all__ = ["LoRALayer", "canonical_layers", "layers_from_state_dict", "read_unet_lora", "refactor",
+
+DEFAULT_INIT_SEED = 0  # the "default seeded init" granted to the attacker in `delta` mode
+
+
+def lora_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The peft-adapted modules (adapter "default") of `unet`, in canonical (module-name) order."""
+    modules = [(name, m) for name, m in unet.named_modules()
+               if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
+    return sorted(modules, key=lambda item: item[0])
+
+
+def live_layers(unet: torch.nn.Module) -> list[LoRALayer]:
+    """The adapter attached to `unet` (peft, adapter "default") as detached layers, canonical order."""
+    layers = []
+    for name, module in lora_modules(unet):
+        down = module.lora_A["default"].weight.detach().clone()
+        up = module.lora_B["default"].weight.detach().clone()
+        rank = down.shape[0]
+        alpha = float(module.scaling["default"]) * rank
+        layers.append(LoRALayer(name=name, down=down, up=up, alpha=alpha))
+    return layers
+
+
+@torch.no_grad()
+def reset_lora(unet: torch.nn.Module, seed: int = DEFAULT_INIT_SEED) -> None:
+    """Sets the adapter to theta_0 of `seed`: lora_A ~ N(0, (1/r)^2) (peft's "gaussian" init), lora_B = 0.
+
+    Victims and shadows both start here, so `delta` mode's theta_0 is exactly what the attacker
+    recomputes with `initial_layers`.
+    """
+    rng = generator(seed, "lora-init")
+    modules = lora_modules(unet)
+    if not modules:
+        raise ValueError("the UNet carries no LoRA adapter")
+    for _, module in modules:
+        down = module.lora_A["default"].weight
+        down.copy_(torch.randn(down.shape, generator=rng) / down.shape[0])
+        module.lora_B["default"].weight.zero_()
+
+
+def initial_layers(layers: list[LoRALayer], seed: int = DEFAULT_INIT_SEED) -> list[LoRALayer]:
+    """theta_0 for adapters shaped like `layers` (the same draws as `reset_lora`, same order)."""
+    rng = generator(seed, "lora-init")
+    return [LoRALayer(name=layer.name, down=torch.randn(layer.down.shape, generator=rng) / layer.down.shape[0],
+                      up=torch.zeros_like(layer.up), alpha=layer.alpha) for layer in layers]
+
+
+__all__ = ["DEFAULT_INIT_SEED", "LoRALayer", "initial_layers", "live_layers", "lora_modules", "reset_lora", "canonical_layers", "layers_from_state_dict", "read_unet_lora", "refactor",
            "write_kohya", "write_unet_lora"]

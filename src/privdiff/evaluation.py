@@ -14,13 +14,33 @@ from pathlib import Path
 
 import numpy as np
 
+from privdiff.diffusion.task import encode_images, encode_prompts
 from privdiff.errors import ConfigError
-from privdiff.metrics.distances import KernelMatrices, fid, fid_reliability_warning, kid, precision_recall
-from privdiff.metrics.features import FeatureExtractor, default_extractor_spec, load_extractor
+from privdiff.metrics.distances import (
+    KernelMatrices,
+    fid,
+    fid_reliability_warning,
+    frechet_distance,
+    kid,
+    precision_recall,
+)
+from privdiff.metrics.features import (
+    FeatureExtractor,
+    default_extractor_spec,
+    load_extractor,
+)
 from privdiff.metrics.heldout import HELDOUT_ROLES, heldout_losses
-from privdiff.metrics.intervals import bootstrap_interval, clopper_pearson, mean_interval
+from privdiff.metrics.intervals import (
+    bootstrap_interval,
+    clopper_pearson,
+    mean_interval,
+)
 from privdiff.metrics.labels import caption_labels, label_heads
-from privdiff.run_folder import RunFolder, open_run
+from privdiff.models.generation import sample_seeded, save_grid
+from privdiff.runs.files import atomic_replace, atomic_write_json
+from privdiff.runs.folder import RunFolder, open_run
+from privdiff.runs.record import run_record
+from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 
 REFERENCES = ("members", "nonmember_test")
 
@@ -71,8 +91,6 @@ def _fid_record(gen: np.ndarray, ref: np.ndarray, cfg: EvalConfig, key: str) -> 
     point = fid(gen, ref)
 
     def weighted(cg: np.ndarray, cr: np.ndarray) -> float:
-        from privdiff.metrics.distances import frechet_distance
-
         def moments(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             mu = c @ x / c.sum()
             centred = x - mu
@@ -136,9 +154,7 @@ def _accuracy_records(domain: str, extractor: FeatureExtractor, prompts: list[st
 
 
 def _heldout_records(run: RunFolder, pipe, dataset, cfg: EvalConfig) -> list[dict]:
-    from privdiff.training.task import encode_images, encode_prompts
-
-    manifest = run.manifest
+    manifest = run_manifest(run)
     records, per_role = [], {}
     for role in HELDOUT_ROLES:
         subset = dataset.subset(manifest.ids(role))
@@ -166,17 +182,13 @@ def _heldout_records(run: RunFolder, pipe, dataset, cfg: EvalConfig) -> list[dic
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, show_progress: bool = True) -> dict:
     """Computes every utility metric of a run and writes metrics.json; returns its content."""
-    from privdiff.sampling import sample_seeded, save_grid
-    from privdiff.training.checkpoint import atomic_replace, atomic_write_json
-    from privdiff.training.run_info import run_record
-
     began = time.perf_counter()
     cfg = (cfg or EvalConfig()).validate()
     run = open_run(run_dir)
-    dataset = run.dataset()
-    manifest = run.manifest
+    dataset = run_dataset(run)
+    manifest = run_manifest(run)
     extractor = load_extractor(cfg.features or default_extractor_spec(dataset.name))
-    pipe = run.pipeline()
+    pipe = run_pipeline(run)
     domain = dataset.name
     sampler = {"scheduler": cfg.scheduler, "num_inference_steps": cfg.num_inference_steps,
                "guidance_scale": cfg.guidance_scale, "eta": 0.0}

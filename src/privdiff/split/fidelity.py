@@ -15,7 +15,11 @@ from privdiff.data.examples import ImageDataset
 from privdiff.metrics.condition import condition_fidelity
 from privdiff.metrics.intervals import mean_interval
 from privdiff.split.config import SplitConfig
-from privdiff.split.models import BackwardFreeControlNet, PublicModels, build_split_controlnet
+from privdiff.split.models import (
+    BackwardFreeControlNet,
+    PublicModels,
+    build_split_controlnet,
+)
 
 
 def controlnet_pipeline(models: PublicModels, controlnet) -> StableDiffusionControlNetPipeline:

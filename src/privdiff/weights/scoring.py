@@ -23,7 +23,11 @@ import torch
 from PIL import Image
 
 from privdiff.data.identities import identity_images
-from privdiff.metrics.identity import embed_identities, identity_similarity, load_identity_embedder
+from privdiff.metrics.identity import (
+    embed_identities,
+    identity_similarity,
+    load_identity_embedder,
+)
 from privdiff.metrics.intervals import mean_interval
 from privdiff.models.lora import load_lora_into_text_encoder, load_lora_into_unet
 from privdiff.seeding import generator

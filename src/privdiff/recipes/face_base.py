@@ -23,15 +23,19 @@ from diffusers import StableDiffusionPipeline
 from privdiff.config import RunConfig, TrainConfig
 from privdiff.data.examples import to_model_tensor
 from privdiff.data.identities import identity_images, load_identities, pool_identities
-from privdiff.models.load import BASE_MODEL_DIR, load_pipeline, sha256_file, write_checksums
+from privdiff.diffusion.task import build_task, encode_images
+from privdiff.models.load import (
+    BASE_MODEL_DIR,
+    FACE_BASE_DIR,
+    load_pipeline,
+    sha256_file,
+    write_checksums,
+)
+from privdiff.recipes.glyph_base import PretrainConfig, train_vae
+from privdiff.runs.files import atomic_write_text
 from privdiff.seeding import seed_everything
-from privdiff.training.checkpoint import atomic_write_text
 from privdiff.training.loop import train
 from privdiff.training.methods.lora import FullUNet
-from privdiff.training.pretrain import PretrainConfig, train_vae
-from privdiff.training.task import build_task, encode_images
-
-FACE_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd-identities"
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def build_face_base(out_dir: Path = FACE_BASE_DIR, recipe: FaceBaseRecipe = Face
               "data": f"identities base pool ({len(data)} renders: privdiff.data.identities.load_identities, "
                       f"caption 'a face')",
               "results": summary,
-              "reproduce": "privdiff.weights.base.build_face_base() (defaults are this recipe)"}
+              "reproduce": "privdiff.recipes.face_base.build_face_base() (defaults are this recipe)"}
     atomic_write_text(staging / "RECIPE.yaml", yaml.safe_dump(record, sort_keys=False))
     write_checksums(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
