@@ -71,7 +71,8 @@ def weights(
         entry = agg[name]
         console.print(f"  {label:26s} identity similarity {_interval(entry['identity_similarity'])}  "
                       f"top-1 retrieval {_interval(entry['retrieval'])}")
-    console.print(f"  gap closed {agg['gap_closed']:.2f}; attack − random {_interval(agg['attack_minus_random'])}")
+    gap = "n/a (the upper bound is not above the lower)" if agg["gap_closed"] is None else f"{agg['gap_closed']:.2f}"
+    console.print(f"  gap closed {gap}; attack − random {_interval(agg['attack_minus_random'])}")
     if "ablation" in result:
         console.print(f"  ablation ({result['ablation']['label']}): "
                       f"{_interval(result['ablation']['aggregate']['attack']['identity_similarity'])}; paradigm − ablation "

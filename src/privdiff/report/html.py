@@ -16,6 +16,7 @@ from privdiff.split.attacks.grid import (
     utility_cell,
     worst_client,
 )
+from privdiff.weights.plots import weights_defence_curve
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;
@@ -361,7 +362,7 @@ def _weights_attacks_section(results: list[dict]) -> str:
                          f"<p class=muted>{defences.get('victims', 'All')} victims. Lower bound (random embedding): "
                          f"{_interval(defences['lower_bound'])}. "
                          "DP-LoRA is example-level: the identity is shared by all its images, so it is protected "
-                         "only through group privacy.</p>" + _img(plots.weights_defence_curve(defences), "defence curve"))
+                         "only through group privacy.</p>" + _img(weights_defence_curve(defences), "defence curve"))
         grid = Path(r["path"]) / "attack_grid.png"
         if grid.is_file():
             parts.append("<p class=muted>Rows: victims. Columns: private images | true prompt | attack | random "
