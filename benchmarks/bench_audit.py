@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from common import print_table, write_json
 
-from privdiff.audit.attacks import ATTACKS, SHADOW_ATTACKS
+from privdiff.audit.attacks import ATTACKS
 from privdiff.audit.run import AuditConfig, run_audit
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG
-from privdiff.training.run import run_training
 from privdiff.runs.record import run_record
+from privdiff.training.run import run_training
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_audit.json")
     args = parser.parse_args()
     steps, shadows = (5, 2) if args.quick else (50, 8)
-    attacks = [*ATTACKS, *SHADOW_ATTACKS]
+    attacks = list(ATTACKS)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(DEMO_CONFIG, [f"output_dir={tmp}/run", f"train.steps={steps}", "sample.num_images=1",
                                         "sample.num_inference_steps=1"])

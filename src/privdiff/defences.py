@@ -32,6 +32,7 @@ from privdiff.models.lora_math import (
     refactor,
     write_unet_lora,
 )
+from privdiff.registry import Registry
 
 Knob = float | int | str
 
@@ -115,22 +116,26 @@ def truncate_rank(layers: Sequence[LoRALayer], keep: int | str) -> list[LoRALaye
 
 
 @dataclass(frozen=True)
-class Defence:
-    """A post-hoc defence: `apply(layers, knob, generator)`, the spec's knob values, the knob's meaning."""
+class LoRADefence:
+    """A post-hoc defence of a shared LoRA file: `apply(layers, knob, generator)`, the spec's knob
+    values and the knob's meaning."""
 
+    name: str
     apply: Callable[[Sequence[LoRALayer], Knob, torch.Generator], list[LoRALayer]]
     knobs: tuple[Knob, ...]
     knob_name: str
 
 
-DEFENCES: dict[str, Defence] = {
-    "weight-noise": Defence(lambda layers, knob, generator: add_weight_noise(layers, _number(knob), generator),
-                            (0.1, 0.3, 1.0, 3.0), "rho (noise std relative to the tensor's rms)"),
-    "prune": Defence(lambda layers, knob, generator: prune_by_magnitude(layers, _number(knob)),
-                     (0.5, 0.9, 0.99), "p (fraction of entries zeroed per tensor)"),
-    "rank": Defence(lambda layers, knob, generator: truncate_rank(layers, knob),
-                    (1, 2, "r/2"), "k (singular values kept per layer)"),
-}
+DEFENCES: Registry[LoRADefence] = Registry("defence")
+for _defence in (
+    LoRADefence("weight-noise", lambda layers, knob, generator: add_weight_noise(layers, _number(knob), generator),
+                (0.1, 0.3, 1.0, 3.0), "rho (noise std relative to the tensor's rms)"),
+    LoRADefence("prune", lambda layers, knob, generator: prune_by_magnitude(layers, _number(knob)),
+                (0.5, 0.9, 0.99), "p (fraction of entries zeroed per tensor)"),
+    LoRADefence("rank", lambda layers, knob, generator: truncate_rank(layers, knob),
+                (1, 2, "r/2"), "k (singular values kept per layer)"),
+):
+    DEFENCES.register(_defence)
 
 
 def defend_layers(layers: Sequence[LoRALayer], defence: str, knob: Knob,
@@ -146,9 +151,7 @@ def defend_layers(layers: Sequence[LoRALayer], defence: str, knob: Knob,
     Raises:
         ConfigError: unknown defence or invalid knob.
     """
-    if defence not in DEFENCES:
-        raise ConfigError(f"unknown defence '{defence}' (choose from {', '.join(DEFENCES)})")
-    return DEFENCES[defence].apply(layers, knob, generator)
+    return DEFENCES.get(defence).apply(layers, knob, generator)
 
 
 def defend_file(src: str | Path, dst: str | Path, defence: str, knob: Knob, seed: int | None = None) -> Path:
@@ -193,5 +196,5 @@ def defend_file(src: str | Path, dst: str | Path, defence: str, knob: Knob, seed
     return write_unet_lora(dst, defended, header, text_encoder_layers=defended_te)
 
 
-__all__ = ["DEFENCES", "Defence", "add_weight_noise", "defend_file", "defend_layers", "prune_by_magnitude",
+__all__ = ["DEFENCES", "LoRADefence", "add_weight_noise", "defend_file", "defend_layers", "prune_by_magnitude",
            "truncate_rank"]

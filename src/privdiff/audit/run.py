@@ -13,7 +13,6 @@ import numpy as np
 from privdiff.audit.attacks import (
     ATTACKS,
     DEFAULT_ATTACKS,
-    SHADOW_ATTACKS,
     Attack,
     ShadowSet,
 )
@@ -60,13 +59,13 @@ class AuditConfig:
     control: bool = False       # audit the base model without the adapter (must be at chance)
 
     def validate(self) -> "AuditConfig":
-        unknown = [a for a in self.attacks if a not in ATTACKS and a not in SHADOW_ATTACKS]
+        unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown:
             raise ConfigError(f"unknown attack '{unknown[0]}' (choose from "
-                              f"{', '.join([*ATTACKS, *SHADOW_ATTACKS])})")
+                              f"{', '.join(ATTACKS)})")
         if not self.attacks:
             raise ConfigError("audit: no attacks selected")
-        if any(a in SHADOW_ATTACKS for a in self.attacks) and (self.shadows < 2 or self.shadows % 2):
+        if any(ATTACKS[a].needs_shadows for a in self.attacks) and (self.shadows < 2 or self.shadows % 2):
             raise ConfigError(f"audit: --shadows must be even and >= 2 for LiRA, got {self.shadows}")
         if self.bootstrap < 20:
             raise ConfigError("audit: bootstrap must be >= 20 resamples")
@@ -84,10 +83,12 @@ def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str,
     return out
 
 
-def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates], cfg: AuditConfig) -> dict:
-    """Fit on aux, score test, and every figure of spec §5 with its interval and sample sizes."""
+def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates], cfg: AuditConfig,
+                    shadows: ShadowSet | None = None) -> dict:
+    """Fit on aux (and the shadows, for attacks that use them), score test, and every figure of spec §5
+    with its interval and sample sizes."""
     began = time.perf_counter()
-    attack.fit(model, data["member_aux"], data["nonmember_aux"])
+    attack.fit(model, data["member_aux"], data["nonmember_aux"], shadows=shadows)
     fit_s = time.perf_counter() - began
     aux = Candidates.join(data["member_aux"], data["nonmember_aux"])
     aux_labels = np.r_[np.ones(len(data["member_aux"])), np.zeros(len(data["nonmember_aux"]))]
@@ -144,16 +145,14 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"))
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(a in SHADOW_ATTACKS for a in cfg.attacks) and shadows is None:
+    if any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None:
         shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress)
     results = {}
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("auditing", total=len(cfg.attacks))
         for name in cfg.attacks:
             progress.update(bar, description=f"attack: {name}")
-            attack = SHADOW_ATTACKS[name](shadows, cfg.audit_seed) if name in SHADOW_ATTACKS else \
-                ATTACKS[name](cfg.audit_seed)
-            results[name] = evaluate_attack(attack, model, data, cfg)
+            results[name] = evaluate_attack(ATTACKS[name](cfg.audit_seed), model, data, cfg, shadows)
             progress.advance(bar)
 
     records = {name: r["record"] for name, r in results.items()}

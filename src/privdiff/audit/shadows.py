@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privdiff.audit.attacks.lira import ShadowSet
+from privdiff.audit.attacks.base import ShadowSet
 from privdiff.audit.model import Denoiser
 from privdiff.data.manifest import Manifest
 from privdiff.runs.files import atomic_write_json

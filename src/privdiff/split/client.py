@@ -133,6 +133,10 @@ class SplitClient:
     def apply_gradient(self, push: Received) -> Message:
         raise ProtocolError(f"client {self.client_id}: the {self.protocol.design} design takes no gradients")
 
+    def abandon_forward(self) -> None:
+        """Forgets a released forward that no gradient will answer (an observer's victims): nothing to
+        forget in the backward-free design."""
+
     def _batch_indices(self, position: int, batch_size: int) -> list[int]:
         """The next examples of the client's secret shuffled stream (one permutation per epoch)."""
         n = len(self.shard)
@@ -266,6 +270,12 @@ class VanillaClient(SplitClient):
         self.pending = None
         self.seq += 1
         return Message(GRADIENT_ACK, self.client_id, round_, self.seq)
+
+    def abandon_forward(self) -> None:
+        """The pending forward will get no gradient: clear it and move the sequence on, as an
+        acknowledged push would."""
+        self.pending = None
+        self.seq += 1
 
 
 __all__ = ["BackwardFreeClient", "ForwardDraws", "Release", "clip_per_example", "ProtocolError", "SplitClient", "VanillaClient"]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -39,16 +38,12 @@ from privdiff.models.lora_math import read_unet_lora
 from privdiff.runs.files import atomic_write_json, save_config
 from privdiff.runs.record import run_record
 from privdiff.seeding import generator, seed_everything
+from privdiff.weights.attack import WeightsAttack
 from privdiff.weights.baselines import UpdateMatchingConfig, update_matching
 from privdiff.weights.config import WeightsAttackConfig
 from privdiff.weights.finetune import FinetuneBench
 from privdiff.weights.paradigm import (
-    EncoderTrainer,
     EncoderTrainingConfig,
-    TrainedEncoder,
-    embed_adapter,
-    load_encoder,
-    save_encoder,
 )
 from privdiff.weights.plots import weights_defence_curve
 from privdiff.weights.scoring import (
@@ -119,32 +114,24 @@ class WeightsAttackRun:
             (time.perf_counter() - began) / max(1, len(self.victims)))
         return adapters
 
-    def train_encoder(self, training: EncoderTrainingConfig, name: str) -> tuple[EncoderTrainer, dict]:
-        trainer = EncoderTrainer(self.bench, training, self.shadows)
-        summary = trainer.train(show_progress=self.show_progress)
-        folder = self.out / name
-        save_encoder(folder, trainer.encoder, training)
-        with open(folder / "encoder_log.jsonl", "w") as fh:
-            for row in trainer.updates:
-                fh.write(json.dumps(row) + "\n")
-        atomic_write_json(folder / "runs.json", trainer.runs)
-        return trainer, summary
+    def train_encoder(self, training: EncoderTrainingConfig, name: str) -> tuple[WeightsAttack, dict]:
+        """Fits the attack's encoder on the shadows and saves it in OUT/name; returns it and its summary."""
+        attack = WeightsAttack(self.bench, training, init_seed=self.config.recipe.init_seed)
+        summary = attack.fit(self.shadows, show_progress=self.show_progress)
+        attack.save(self.out / name)
+        return attack, summary
 
-    def attack_context(self, trained: TrainedEncoder):
-        encoder, cfg = trained
-        step = self.config.recipe.steps if cfg.step_token else None
-
+    def attack_context(self, attack: WeightsAttack):
         def context(adapter: Path) -> torch.Tensor:
             rng = generator(self.config.eval.seed, "z-sample", adapter.name)
-            return embed_adapter(encoder, read_unet_lora(adapter), cfg.mode, step,
-                                 sample=self.config.eval.sample_z, rng=rng, init_seed=self.config.recipe.init_seed)
+            return attack.embed(read_unet_lora(adapter), sample=self.config.eval.sample_z, rng=rng)
         return context
 
-    def evaluate(self, adapters: dict[int, Path], trained: TrainedEncoder | None, conditions: tuple[str, ...],
+    def evaluate(self, adapters: dict[int, Path], attack: WeightsAttack | None, conditions: tuple[str, ...],
                  keep_images: int = 0):
-        """Scores `adapters` under `conditions`; `trained` = (encoder, its training config) or None."""
+        """Scores `adapters` under `conditions`; the "attack" condition needs `attack` (else None)."""
         return evaluate_victims(self.bench, self.judge, adapters,
-                                None if trained is None else self.attack_context(trained),
+                                None if attack is None else self.attack_context(attack),
                                 self.config.eval.generation, self.prompt_stats, seed=self.config.eval.seed,
                                 conditions=conditions, keep_images=keep_images)
 
@@ -167,8 +154,8 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     adapters = run.fine_tune_victims(out / "victims")
     metadata = {str(v): metadata_trigger(path, trigger_word(v)) for v, path in adapters.items()}
 
-    trainer, training_summary = run.train_encoder(config.training, "encoder")
-    rows, images = run.evaluate(adapters, trainer.trained, ("attack", "true_prompt", "random_embedding", "base"),
+    attack, training_summary = run.train_encoder(config.training, "encoder")
+    rows, images = run.evaluate(adapters, attack, ("attack", "true_prompt", "random_embedding", "base"),
                                 keep_images=config.eval.grid_victims)
     result: dict = {
         "kind": "weights-attack",
@@ -190,14 +177,14 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
     if config.eval.ablation:
         ablation_cfg = dataclasses.replace(config.training, step_token=False, pairs="end-of-run")
         ablation, ablation_summary = run.train_encoder(ablation_cfg, "encoder-ablation")
-        ablation_rows, _ = run.evaluate(adapters, ablation.trained, ("attack",))
+        ablation_rows, _ = run.evaluate(adapters, ablation, ("attack",))
         result["ablation"] = {"label": ablation_cfg.label, "encoder": ablation_summary,
                               "aggregate": aggregate(ablation_rows, ("attack",), seed=seed),
                               "paradigm_minus_ablation": _paired_difference(rows, ablation_rows, seed, "ablation"),
                               "victims": ablation_rows}
 
     if config.defences.apply:
-        result["defences"] = run_defences(run, adapters, trainer.trained, rows)
+        result["defences"] = run_defences(run, adapters, attack, rows)
         atomic_write_json(out / "defences.json", result["defences"])
         (out / "defence_curve.png").write_bytes(weights_defence_curve(result["defences"]))
 
@@ -233,7 +220,7 @@ def run_update_matching(run: WeightsAttackRun, adapters: dict[int, Path], rows: 
             "attack_on_same_victims": aggregate(attack_rows, ("attack",), seed=cfg.seed)}
 
 
-def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trained: TrainedEncoder,
+def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], attack: WeightsAttack,
                  undefended_rows: list[dict]) -> dict:
     """Every (defence, knob): defended victim files, attacked (plain and adaptive), with utility."""
     config, seed = run.config, run.config.eval.seed
@@ -249,7 +236,7 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trained: Trai
             folder.mkdir(parents=True, exist_ok=True)
             defended = {v: defend_file(path, folder / path.name, name, _knob(name, knob, config.recipe.rank),
                                        seed=int(v)) for v, path in adapters.items()}
-        rows, _ = run.evaluate(defended, trained, ("attack", "true_prompt"))
+        rows, _ = run.evaluate(defended, attack, ("attack", "true_prompt"))
         scores = aggregate(rows, ("attack", "true_prompt"), seed=seed)
         point = {"defence": name, "knob": knob, "utility": scores["true_prompt"]["identity_similarity"],
                  "attack": scores["attack"]["identity_similarity"], "attack_retrieval": scores["attack"]["retrieval"]}
@@ -262,7 +249,7 @@ def run_defences(run: WeightsAttackRun, adapters: dict[int, Path], trained: Trai
             adaptive_cfg = dataclasses.replace(config.training, defence=name,
                                                defence_knob=_knob(name, knob, config.recipe.rank))
             adaptive, _ = run.train_encoder(adaptive_cfg, f"encoder-adaptive-{name}-{knob:g}")
-            adaptive_rows, _ = run.evaluate(defended, adaptive.trained, ("attack",))
+            adaptive_rows, _ = run.evaluate(defended, adaptive, ("attack",))
             point["adaptive_attack"] = aggregate(adaptive_rows, ("attack",), seed=seed)["attack"]["identity_similarity"]
         points.append(point)
     return {"points": points, "lower_bound": lower, "victims": len(adapters),
@@ -301,17 +288,13 @@ def attack_adapter(encoder_dir: Path | None, adapter: Path, out: Path, *, privat
         raise ConfigError(f"{encoder_dir}: no config.yaml beside it (pass the encoder folder of a weights-attack run)")
     config = load_config(run_config, kind=WeightsAttackConfig)
     header = inspect_file(adapter)
-    layers = read_unet_lora(adapter)
+    read_unet_lora(adapter)  # a file that is no UNet LoRA is refused before the base model is loaded
     pipe = load_pipeline(config.base_model or FACE_BASE_DIR)
     bench = FinetuneBench(pipe, dataclasses.replace(config.recipe, prior_images=0), seed=config.seed)
-    encoder, training = load_encoder(encoder_dir, bench)
-    step = config.recipe.steps if training.step_token else None
-    z = embed_adapter(encoder, layers, training.mode, step, init_seed=config.recipe.init_seed)
-    victim = victim_model(bench, adapter)
-    images = bench.generate(victim.unet, z, config.eval.generation, generator(config.eval.seed, "adapter-attack"),
-                            negative_context(bench, victim))
-    result: dict = {"adapter": str(adapter), "encoder": str(encoder_dir), "input_mode": training.mode,
-                    "step": step, "header": header, "images": len(images)}
+    attack = WeightsAttack.load(encoder_dir, bench, init_seed=config.recipe.init_seed)
+    images = attack.reconstruct(adapter, config.eval.generation, generator(config.eval.seed, "adapter-attack"))
+    result: dict = {"adapter": str(adapter), "encoder": str(encoder_dir), "input_mode": attack.training.mode,
+                    "step": attack.step, "header": header, "images": len(images)}
     if private is not None:
         dataset = load_image_folder(private, pipe.vae.config.sample_size)
         judge = load_identity_embedder()

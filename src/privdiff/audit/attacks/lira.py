@@ -2,45 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from scipy.stats import norm
 
-from privdiff.audit.attacks.base import Attack
+from privdiff.audit.attacks.base import Attack, ShadowSet, register_attack
 from privdiff.audit.attacks.gray_box import LossThreshold
 from privdiff.audit.model import Candidates, Denoiser
-
-
-@dataclass
-class ShadowSet:
-    """Shadow denoisers and, per shadow, which pool ids it trained on."""
-
-    models: list[Denoiser]
-    in_ids: list[set[str]]
-    phi_cache: dict = field(default_factory=dict)
-
-    def phi(self, loss: LossThreshold, examples: Candidates) -> np.ndarray:
-        """(num_shadows, N) loss statistics of every shadow on `examples`."""
-        key = (loss.fitted["t"], tuple(examples.ids))
-        if key not in self.phi_cache:
-            self.phi_cache[key] = np.stack([loss.score(m, examples) for m in self.models])
-        return self.phi_cache[key]
-
-    def masks(self, examples: Candidates) -> np.ndarray:
-        return np.array([[i in ids for i in examples.ids] for ids in self.in_ids])
+from privdiff.errors import ConfigError
 
 
 class _LiRA(Attack):
     access = "gray+shadow"
+    needs_shadows = True
     online: bool
 
-    def __init__(self, shadows: ShadowSet, seed: int = 0):
+    def __init__(self, seed: int = 0):
         super().__init__(seed)
-        self.shadows = shadows
         self.loss = LossThreshold(seed)
 
-    def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates) -> None:
+    def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates, *,
+            shadows: ShadowSet | None = None) -> None:
+        if shadows is None:
+            raise ConfigError(f"{self.name} needs shadow models (audit --shadows N)")
+        self.shadows = shadows
         self.loss.fit(model, aux_members, aux_nonmembers)  # the timestep is chosen on aux, as for the loss attack
         self.fitted = {"t": self.loss.fitted["t"], "num_shadows": len(self.shadows.models),
                        "num_noises": self.loss.num_noises, "variance": "global (pooled over examples)"}
@@ -65,11 +49,13 @@ class _LiRA(Attack):
         return self.loss.num_noises * (len(self.shadows.models) + 1)
 
 
+@register_attack
 class LiRAOnline(_LiRA):
     name = "lira-online"
     online = True
 
 
+@register_attack
 class LiRAOffline(_LiRA):
     name = "lira-offline"
     online = False

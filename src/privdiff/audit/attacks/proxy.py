@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privdiff.audit.attacks.base import Attack, register_attack
+from privdiff.audit.attacks.base import Attack, ShadowSet, register_attack
 from privdiff.audit.model import Candidates, Denoiser
 from privdiff.audit.roc import auc
 from privdiff.proxy import ProxyMLP, membership_margin
@@ -39,7 +39,8 @@ class ProxyAttack(Attack):
     learning_rate = 1e-3
     batch_size = 64
 
-    def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates) -> None:
+    def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates, *,
+            shadows: ShadowSet | None = None) -> None:
         data = Candidates.join(aux_members, aux_nonmembers)
         labels = torch.tensor([1] * len(aux_members) + [0] * len(aux_nonmembers))
         rng = numpy_rng(self.seed, "proxy-split")

@@ -1,29 +1,19 @@
 """Attacks by an honest-but-curious (or, for FSHA, malicious) server on split learning (spec §9).
 
-Every attack implements `SplitAttack` (`fit` on public data, `reconstruct` from one observation) and
-is scored by `scoring.score`; `ATTACKS` maps the CLI names to their modules, imported on demand.
+Every attack implements `SplitAttack` (`fit` on public data, `engage` with the victim's training,
+`reconstruct` from one observation), is registered in `SPLIT_ATTACKS` under its CLI name, and is
+scored by `scoring.score`. Importing this package registers every one of them.
 """
 
 from __future__ import annotations
 
-import importlib
+from privdiff.split.attacks.analytic import AnalyticAttack
+from privdiff.split.attacks.base import SPLIT_ATTACKS, SplitAttack
+from privdiff.split.attacks.fsha import FSHAAttack
+from privdiff.split.attacks.inverse import InverseNetworkAttack
+from privdiff.split.attacks.unsplit import UnSplitAttack
 
-from privdiff.errors import ConfigError
+attack_class = SPLIT_ATTACKS.get
 
-ATTACKS = {
-    "analytic": "privdiff.split.attacks.analytic:AnalyticAttack",
-    "inverse-network": "privdiff.split.attacks.inverse:InverseNetworkAttack",
-    "unsplit": "privdiff.split.attacks.unsplit:UnSplitAttack",
-    "fsha": "privdiff.split.attacks.fsha:FSHAAttack",
-}
-
-
-def attack_class(name: str):
-    """The attack class registered under `name` (ConfigError for an unknown one)."""
-    if name not in ATTACKS:
-        raise ConfigError(f"unknown split attack '{name}' (choose {', '.join(ATTACKS)})")
-    module, cls = ATTACKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-__all__ = ["ATTACKS", "attack_class"]
+__all__ = ["AnalyticAttack", "FSHAAttack", "InverseNetworkAttack", "SPLIT_ATTACKS", "SplitAttack", "UnSplitAttack",
+           "attack_class"]

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from privdiff.split.activation import symsigmoid_inverse
-from privdiff.split.attacks.base import Observation, Reconstruction, SplitAttack
-
-
+from privdiff.split.attacks.base import SPLIT_ATTACKS, Observation, Reconstruction, SplitAttack
 def conv_operator(conv: torch.nn.Conv2d):
     """(A, Aᵀ) of a stride-1 conv without its bias, as functions on (B, C, H, W) tensors (float64)."""
     weight = conv.weight.detach().double()
@@ -105,6 +103,7 @@ def condition_number(conv: torch.nn.Conv2d, in_shape: tuple[int, int, int]) -> f
     return float(singular.max() / singular.min().clamp_min(1e-300))
 
 
+@SPLIT_ATTACKS.register
 class AnalyticAttack(SplitAttack):
     """Closed-form recovery from (s0 | x_t, target, t, h); image only for vanilla (its condition goes
     through the private hint block)."""

@@ -19,6 +19,7 @@ import torch
 from privdiff.data.builtin import BUILTIN_DATASETS
 from privdiff.data.examples import ImageDataset
 from privdiff.errors import ConfigError, PrivdiffError
+from privdiff.registry import Registry
 from privdiff.split.config import SplitConfig
 from privdiff.split.messages import encode, parse
 from privdiff.split.models import PublicModels
@@ -79,8 +80,10 @@ class AttackData:
 
 
 class SplitAttack:
-    """One attack on what the server receives. `fit` uses only public data; `reconstruct` only an
-    observation (plus whatever `fit` learned)."""
+    """One attack on what the server receives, in three phases: `fit` uses only public data;
+    `engage` acts on the victim's training before the observation (a malicious server, e.g. FSHA;
+    honest-but-curious attacks do nothing there); `reconstruct` reads one observation (plus whatever
+    the earlier phases learned)."""
 
     name: ClassVar[str]
     designs: ClassVar[tuple[str, ...]] = ("backward-free", "vanilla")
@@ -88,8 +91,15 @@ class SplitAttack:
     def fit(self, data: AttackData) -> None:
         self.data = data
 
+    def engage(self, observer: "Observer") -> dict | None:
+        """Acts as the victim's server before it is observed; returns what it measured (None: passive)."""
+        return None
+
     def reconstruct(self, observation: Observation) -> Reconstruction:
         raise NotImplementedError
+
+
+SPLIT_ATTACKS: Registry[type[SplitAttack]] = Registry("split attack")  # the key is the CLI word (`--attack`)
 
 
 def check_observation(attack: SplitAttack, observation: Observation) -> None:
@@ -140,10 +150,9 @@ class Observer:
         draws = release.draws
         truth = Truth(images=(draws.images + 1) / 2, conditions=draws.conditions, z0=draws.z0, z_c=release.z_c,
                       x_t=draws.x_t, noise=draws.noise, t=draws.t)
-        if hasattr(client, "pending"):  # vanilla: nobody pushes a gradient for this forward
-            client.pending, client.seq = None, client.seq + 1
+        client.abandon_forward()  # nobody pushes a gradient for an observed forward
         return Observation(self.config.protocol.design, tensors), truth
 
 
-__all__ = ["AttackData", "Observation", "Observer", "PUBLIC_SEED", "Reconstruction", "SplitAttack", "Truth",
+__all__ = ["AttackData", "Observation", "Observer", "PUBLIC_SEED", "Reconstruction", "SPLIT_ATTACKS", "SplitAttack", "Truth",
            "check_observation", "public_triples"]

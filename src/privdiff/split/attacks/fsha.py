@@ -41,14 +41,7 @@ from privdiff.data.examples import ImageDataset, to_model_tensor
 from privdiff.errors import ConfigError
 from privdiff.seeding import generator
 from privdiff.split.attacks.analytic import least_squares_through_conv
-from privdiff.split.attacks.base import (
-    AttackData,
-    Observation,
-    Observer,
-    Reconstruction,
-    SplitAttack,
-    check_observation,
-)
+from privdiff.split.attacks.base import SPLIT_ATTACKS, AttackData, Observation, Observer, Reconstruction, SplitAttack, check_observation
 from privdiff.split.attacks.scoring import references, score, specificity
 from privdiff.split.messages import GRADIENT_PUSH, Message
 from privdiff.split.server import SplitServer
@@ -123,6 +116,7 @@ def _conditions(dataset: ImageDataset) -> torch.Tensor:
     return (to_model_tensor(np.stack([ex.conditioning for ex in dataset.examples])) + 1) / 2
 
 
+@SPLIT_ATTACKS.register
 class FSHAAttack(SplitAttack):
     """The malicious vanilla server: fit the pilot on public conditions, then hijack the client
     round by round (`attack`), decoding its features with f̃⁻¹ (`reconstruct`).

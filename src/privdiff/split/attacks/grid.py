@@ -20,10 +20,11 @@ import numpy as np
 
 from privdiff.errors import ConfigError
 from privdiff.figures import plt, png_bytes
+from privdiff.registry import Registry
 from privdiff.runs.files import atomic_write_json, atomic_write_text
 from privdiff.runs.folder import GRID_FILE, load_grid
 from privdiff.runs.record import run_record
-from privdiff.split.attacks import ATTACKS, attack_class
+from privdiff.split.attacks import SPLIT_ATTACKS, attack_class
 from privdiff.split.attacks.run import evaluate_attack
 from privdiff.split.config import SplitConfig, load_split_config
 from privdiff.split.models import load_public_models
@@ -31,25 +32,29 @@ from privdiff.split.run import simulate
 
 
 @dataclass(frozen=True)
-class Defence:
+class ProtocolDefence:
+    """A split-learning protocol configuration the grid attacks: its settings as config overrides."""
+
     name: str
     overrides: tuple[str, ...]
     note: str
 
 
-DEFENCES = (
-    Defence("unprotected", ("protocol.t_start=0", "protocol.activation=identity", "protocol.precision=fp32"),
+DEFENCES: Registry[ProtocolDefence] = Registry("split defence")
+for _defence in (
+    ProtocolDefence("unprotected", ("protocol.t_start=0", "protocol.activation=identity", "protocol.precision=fp32"),
             "backward-free, no timestep policy, identity activation, fp32"),
-    Defence("published", (), "backward-free as published: t_start 5, symsigmoid, fp16, clean target"),
-    Defence("t_start=500", ("protocol.t_start=500",), "published, timestep policy t ≥ 500"),
-    Defence("noisy target s=0.5", ("protocol.target_noise=0.5", "protocol.latent_clip=16"),
+    ProtocolDefence("published", (), "backward-free as published: t_start 5, symsigmoid, fp16, clean target"),
+    ProtocolDefence("t_start=500", ("protocol.t_start=500",), "published, timestep policy t ≥ 500"),
+    ProtocolDefence("noisy target s=0.5", ("protocol.target_noise=0.5", "protocol.latent_clip=16"),
             "published + target n + η (s = 0.5), ||z0|| clipped to 16 (about its typical norm)"),
-    Defence("hardened s=1 R=4, t≥500, condition noise", (
+    ProtocolDefence("hardened s=1 R=4, t≥500, condition noise", (
         "protocol.t_start=500", "protocol.target_noise=1", "protocol.latent_clip=4", "protocol.condition_clip=4",
         "protocol.condition_noise=4"),
         "t ≥ 500, target noise s = 1, ||z0|| ≤ 4, condition clipped to 4 plus N(0, 4²)"),
-    Defence("vanilla", ("protocol.design=vanilla",), "vanilla split learning (gradients go back)"),
-)
+    ProtocolDefence("vanilla", ("protocol.design=vanilla",), "vanilla split learning (gradients go back)"),
+):
+    DEFENCES.register(_defence)
 ATTACKS_BY_DESIGN = {"backward-free": ("analytic", "inverse-network", "unsplit"),
                      "vanilla": ("analytic", "inverse-network", "unsplit", "fsha")}
 UTILITY_RECIPE = ("train.steps=600", "train.request_size=64", "train.batch_size=16", "train.passes=2",
@@ -104,10 +109,10 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
     Rows of defences not chosen this time are kept from an earlier grid in the same folder, so a grid
     can be built (or one row re-run) one defence at a time."""
     out = Path(out)
-    chosen = [d for d in DEFENCES if defences is None or d.name in defences]
+    chosen = [d for d in DEFENCES.values() if defences is None or d.name in defences]
     if defences is not None and len(chosen) != len(set(defences)):
-        unknown = sorted(set(defences) - {d.name for d in DEFENCES})
-        raise ConfigError(f"unknown defence(s) {unknown} (choose from {[d.name for d in DEFENCES]})")
+        unknown = sorted(set(defences) - set(DEFENCES))
+        raise ConfigError(f"unknown defence(s) {unknown} (choose from {list(DEFENCES)})")
     out.mkdir(parents=True, exist_ok=True)
     previous = {r["defence"]: r for r in (load_grid(out) or {}).get("rows", [])}  # rows kept from a prior call
     base = list(base_overrides or [])
@@ -116,7 +121,7 @@ def run_grid(out: str | Path, *, base_overrides: list[str] | None = None, defenc
     done: dict[str, dict] = dict(previous)
 
     def ordered() -> list[dict]:
-        order = [d.name for d in DEFENCES]
+        order = list(DEFENCES)
         return sorted(done.values(), key=lambda r: order.index(r["defence"]) if r["defence"] in order else len(order))
 
     for defence in chosen:
@@ -164,8 +169,9 @@ def _cell(entry: dict | None, target: str) -> str:
 
 
 def attacks_in(rows: list[dict]) -> list[str]:
-    """The registered attacks that appear in any row, in registry order (the table's columns)."""
-    return [a for a in ATTACKS if any(a in r["attacks"] for r in rows)]
+    """The attacks that appear in any row, passive ones first, then FSHA (the table's columns)."""
+    order = list(dict.fromkeys([*ATTACKS_BY_DESIGN["vanilla"], *SPLIT_ATTACKS]))
+    return [a for a in order if any(a in r["attacks"] for r in rows)]
 
 
 def reference_ssim(row: dict, kind: str, target: str) -> float:
@@ -238,6 +244,6 @@ def grid_figure(grid: dict) -> bytes:
     return png_bytes(fig)
 
 
-__all__ = ["ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "Defence", "attacks_in", "grid_figure",
+__all__ = ["ATTACK_OPTIONS", "ATTACKS_BY_DESIGN", "DEFENCES", "ProtocolDefence", "attacks_in", "grid_figure",
            "leaks", "markdown_table", "reference_ssim", "run_grid", "utility_cell", "verdicts",
            "worst_client"]

@@ -24,14 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privdiff.split.attacks.base import (
-    AttackData,
-    Observation,
-    Observer,
-    Reconstruction,
-    SplitAttack,
-    check_observation,
-)
+from privdiff.split.attacks.base import SPLIT_ATTACKS, AttackData, Observation, Observer, Reconstruction, SplitAttack, check_observation
 
 FEATURES = {"backward-free": ("h", "s0", "x_t", "target"), "vanilla": ("control", "s0", "target")}
 
@@ -80,6 +73,7 @@ class InverseDecoder(nn.Module):
         return torch.sigmoid(self.image_head(x)), torch.sigmoid(self.condition_head(x))
 
 
+@SPLIT_ATTACKS.register
 class InverseNetworkAttack(SplitAttack):
     """He et al.'s inverse network on the received tensors; image and condition for both designs
     (vanilla: trained on the known initial client weights)."""

@@ -73,9 +73,7 @@ def evaluate_attack(attack: str | SplitAttack, config: SplitConfig, models: Publ
     attack.fit(AttackData(config, models, public, seed))
     fitted = time.perf_counter()
     observer = Observer(config, models, private, derive_seed(seed, "victim-secret"))
-    engage = getattr(attack, "engage", None)  # attacks that act during training (FSHA) meet the victim first
-    if engage is not None:
-        engage(observer)
+    attack.engage(observer)  # a malicious server acts on the victim's training first (FSHA); others pass
     observation, truth = observer.next(victims)
     reconstruction = attack.reconstruct(observation)
     done = time.perf_counter()

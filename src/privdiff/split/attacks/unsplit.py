@@ -41,13 +41,7 @@ import torch
 
 from privdiff.errors import ConfigError
 from privdiff.split.activation import ACTIVATIONS
-from privdiff.split.attacks.base import (
-    AttackData,
-    Observation,
-    Reconstruction,
-    SplitAttack,
-    check_observation,
-)
+from privdiff.split.attacks.base import SPLIT_ATTACKS, AttackData, Observation, Reconstruction, SplitAttack, check_observation
 from privdiff.split.client import clip_per_example
 from privdiff.split.models import build_split_controlnet
 
@@ -62,6 +56,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
             + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1))
 
 
+@SPLIT_ATTACKS.register
 class UnSplitAttack(SplitAttack):
     """Input (and, for vanilla, client-weight) optimisation against the received tensors."""
 

@@ -12,6 +12,7 @@ import torch
 from privdiff.config import RunConfig
 from privdiff.diffusion.task import DiffusionTask
 from privdiff.errors import ConfigError
+from privdiff.registry import Registry
 from privdiff.seeding import generator
 
 
@@ -116,6 +117,9 @@ class TrainingMethod(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
+
+
+METHODS: Registry[type[TrainingMethod]] = Registry("method")  # the key is the CLI word (`--method`)
 
 
 def rng_for_epoch(seed: int, epoch: int) -> torch.Generator:

@@ -32,7 +32,7 @@ from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
 from privdiff.dp.poisson import local_share, poisson_rows, secure_generator
 from privdiff.errors import ConfigError, ModelError
 from privdiff.seeding import derive_seed, generator
-from privdiff.training.methods.base import TrainBatch
+from privdiff.training.methods.base import METHODS, TrainBatch
 from privdiff.training.methods.lora import LoRA
 
 
@@ -95,6 +95,7 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+@METHODS.register
 class DPLoRA(LoRA):
     """LoRA trained with DP-SGD; the released adapter is (ε, δ)-DP w.r.t. one training example."""
 

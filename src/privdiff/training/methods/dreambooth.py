@@ -22,9 +22,9 @@ from privdiff.config import LoRAConfig, RunConfig
 from privdiff.diffusion import draw_noise_and_timesteps, per_example_loss
 from privdiff.diffusion.task import DiffusionTask
 from privdiff.models.lora import add_lora
-from privdiff.models.lora_math import reset_lora
+from privdiff.models.lora_math import DEFAULT_INIT_SEED, reset_lora
 from privdiff.seeding import derive_seed
-from privdiff.training.methods.base import TrainBatch
+from privdiff.training.methods.base import METHODS, TrainBatch
 from privdiff.training.methods.dp_lora import DPLoRA
 from privdiff.training.methods.lora import LoRA
 
@@ -70,13 +70,14 @@ class SeededInit:
         return params
 
 
+@METHODS.register
 class DreamBoothLoRA(SeededInit, LoRA):
     """AdamW on the LoRA adapter; loss = instance MSE + prior_weight x prior MSE (one prior row per step)."""
 
     name = "dreambooth-lora"
     required_roles = ("prior",)
 
-    def __init__(self, config: RunConfig, *, init_seed: int, prior_weight: float = 1.0,
+    def __init__(self, config: RunConfig, *, init_seed: int = DEFAULT_INIT_SEED, prior_weight: float = 1.0,
                  prompts: TrainablePrompts | None = None) -> None:
         super().__init__(config)
         self.init_seed = init_seed

@@ -9,9 +9,10 @@ import torch
 from privdiff.diffusion import draw_noise_and_timesteps, per_example_loss
 from privdiff.diffusion.task import DiffusionTask
 from privdiff.models.lora import add_lora
-from privdiff.training.methods.base import TrainBatch, TrainingMethod
+from privdiff.training.methods.base import METHODS, TrainBatch, TrainingMethod
 
 
+@METHODS.register
 class LoRA(TrainingMethod):
     """AdamW on peft LoRA adapters of the UNet attention projections."""
 
@@ -53,6 +54,7 @@ class LoRA(TrainingMethod):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+@METHODS.register
 class FullUNet(LoRA):
     """Trains every UNet weight (used to pre-train the base model on public data)."""
 

@@ -28,7 +28,7 @@ from privdiff.metrics.heldout import heldout_losses
 from privdiff.proxy import ProxyMLP
 from privdiff.runs.files import atomic_replace
 from privdiff.seeding import derive_seed, generator
-from privdiff.training.methods.base import TrainBatch
+from privdiff.training.methods.base import METHODS, TrainBatch
 from privdiff.training.methods.lora import LoRA
 
 Draw = tuple[torch.Tensor, torch.Tensor]  # (noise (B, C, h, w), timesteps (B,))
@@ -47,6 +47,7 @@ def seeded(seed: int, *keys: object) -> Iterator[None]:
         yield
 
 
+@METHODS.register
 class SMPLoRA(LoRA):
     """Stable membership-privacy LoRA: minimises L / (β + λ·CE_m + 1e-5)."""
 
@@ -286,6 +287,7 @@ class SMPLoRA(LoRA):
         self.proxy_seen_ids = set(state["proxy_seen_ids"])
 
 
+@METHODS.register
 class MPLoRA(SMPLoRA):
     """Min-max membership-privacy LoRA: minimises L - λ·CE_m (unbounded below, spec §5)."""
 
