@@ -26,14 +26,15 @@ from common import print_table, write_json
 from privdiff.audit.run import AuditConfig, load_audit, run_audit
 from privdiff.config import load_config
 from privdiff.demo import DEMO_CONFIG, SMP_OVERRIDES
+from privdiff.diffusion.task import build_task
 from privdiff.evaluation import EvalConfig, evaluate_run
+from privdiff.metrics.estimate import format_estimate
 from privdiff.models.load import load_pipeline
+from privdiff.runs.record import run_record
 from privdiff.seeding import generator
 from privdiff.training.loop import make_batch
 from privdiff.training.methods import get_method
 from privdiff.training.run import prepare_inputs, run_training
-from privdiff.runs.record import run_record
-from privdiff.diffusion.task import build_task
 
 METHOD_OVERRIDES = {"lora": [], "smp-lora": SMP_OVERRIDES,
                     "mp-lora": [*SMP_OVERRIDES, "train.method=mp-lora"]}
@@ -91,7 +92,7 @@ def describe(run_dir: Path) -> dict:
         "metrics": {k: {"value": v["value"], "ci": v["ci"]} for k, v in summary["metrics"].items()
                     if k in ("kid/members", "fid/members", "heldout_loss/member_test", "heldout_loss/nonmember_test")},
         "best_attack": None if best is None else {"name": audit["best_attack"], "auc": best["auc"],
-                                                  "auc_ci": best["auc_ci"], "tpr_at_5pct_fpr": best["tpr_at_fpr"]["0.05"]},
+                                                  "tpr_at_5pct_fpr": best["tpr_at_fpr"]["0.05"]},
     }
 
 
@@ -161,7 +162,7 @@ def main() -> None:
                    for m in (r["metrics"].get("kid/members"), r["metrics"].get("heldout_loss/member_test"))]
         rows.append((name, *(f"{v:.3g}" if v is not None else "-" for v in (ce["first"], ce["last"], ce["max"], obj["min"])),
                      str(r["smp"]["diverged"]) if r["smp"] else "-", *with_ci,
-                     f"{best['name']} {best['auc']:.3f} [{best['auc_ci'][0]:.3f}, {best['auc_ci'][1]:.3f}]" if best else "-"))
+                     f"{best['name']} {format_estimate(best['auc'])}" if best else "-"))
     print_table(rows)
     write_json(args.out, result)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from privdiff.audit.run import AuditConfig, load_audit, run_audit
 from privdiff.config import RunConfig, load_config
 from privdiff.evaluation import EvalConfig, evaluate_run
+from privdiff.metrics.estimate import format_estimate
 from privdiff.report import write_report
 from privdiff.training.early_stop import early_stop_like
 from privdiff.training.run import run_training
@@ -69,17 +70,17 @@ class DemoResult:
             for key in HEADLINE_METRICS:
                 if key in summary["metrics"]:
                     m = summary["metrics"][key]
-                    lines.append(f"         {key:<28} {m['value']:.4g}  [{m['ci'][0]:.4g}, {m['ci'][1]:.4g}]")
+                    lines.append(f"         {key:<28} {format_estimate(m, '.4g')}")
             audit = load_audit(path)
             if audit:
                 best = audit["attacks"][audit["best_attack"]]
-                lines.append(f"         membership audit: best attack {audit['best_attack']}, AUC {best['auc']:.3f} "
-                             f"[{best['auc_ci'][0]:.3f}, {best['auc_ci'][1]:.3f}], TPR@5%FPR "
-                             f"{best['tpr_at_fpr']['0.05']:.3f} ({audit['n_members_test']} members / "
+                lines.append(f"         membership audit: best attack {audit['best_attack']}, AUC "
+                             f"{format_estimate(best['auc'])}, TPR@5%FPR "
+                             f"{best['tpr_at_fpr']['0.05']['value']:.3f} ({audit['n_members_test']} members / "
                              f"{audit['n_nonmembers_test']} non-members)")
             control = load_audit(path, control=True)
             if control:
-                worst = max(abs(a["auc"] - 0.5) for a in control["attacks"].values())
+                worst = max(abs(a["auc"]["value"] - 0.5) for a in control["attacks"].values())
                 lines.append(f"         control (base model): largest |AUC - 0.5| {worst:.3f} "
                              f"(3 null sd = {3 * control['null_auc_sd']:.3f})")
         lines.append(f"report card: {self.report}")

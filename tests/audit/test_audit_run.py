@@ -36,11 +36,14 @@ def test_audit_json_has_every_field_of_the_spec(audited):
         assert key in saved
     assert saved["n_members_test"] == 9 and saved["n_nonmembers_test"] == 7
     for name, r in saved["attacks"].items():
-        for key in ("auc", "auc_ci", "asr", "asr_ci", "asr_aux_threshold", "tpr_at_fpr", "tpr_at_fpr_ci",
-                    "tpr_at_fpr_conservative", "resolution_limited", "queries_per_example", "access",
-                    "fitted", "examples_per_second"):
+        for key in ("auc", "asr", "asr_aux_threshold", "tpr_at_fpr", "tpr_at_fpr_conservative",
+                    "resolution_limited", "queries_per_example", "access", "fitted", "examples_per_second"):
             assert key in r, (name, key)
         assert set(r["tpr_at_fpr"]) == {"0.001", "0.01", "0.05"}
+        # one result shape: value, its 95 % interval and n (16 test examples; TPR over the 9 members)
+        for estimate in (r["auc"], r["asr"], *r["tpr_at_fpr"].values()):
+            assert set(estimate) == {"value", "ci", "n"} and estimate["ci"][0] <= estimate["value"] <= estimate["ci"][1]
+        assert r["auc"]["n"] == 16 and r["tpr_at_fpr"]["0.05"]["n"] == 9
         assert r["resolution_limited"]["0.05"]  # 7 non-members: FPR 5 % is below 1/7
     assert saved["attacks"]["lira-online"]["queries_per_example"] == 8 * 3
     assert saved["eps_lower_bound"]["cp"]["indicative"] is True

@@ -125,6 +125,6 @@ def test_paired_auc_difference():
     labels = np.r_[np.ones(60), np.zeros(50)]
     noise = rng.normal(size=110)
     same = paired_auc_difference(noise, noise.copy(), labels, resamples=200)
-    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]  # paired: identical models never differ
+    assert same["value"] == 0 and same["ci"] == [0.0, 0.0]  # paired: identical models never differ
     strong = paired_auc_difference(noise + 2 * labels, noise, labels, resamples=200)
-    assert strong["difference"] > 0.3 and 0 < strong["ci"][0] < strong["difference"] < strong["ci"][1]
+    assert strong["value"] > 0.3 and 0 < strong["ci"][0] < strong["value"] < strong["ci"][1]

@@ -88,11 +88,11 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert set(audit["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy"}
     # Signal (spec §9.8): the over-fitted demo LoRA is caught, by the attack chosen on aux (0.906 measured).
     best = audit["attacks"][audit["best_attack"]]
-    assert best["auc"] >= 0.8 and best["auc_ci"][0] > 0.5 + 2 * audit["null_auc_sd"], best
+    assert best["auc"]["value"] >= 0.8 and best["auc"]["ci"][0] > 0.5 + 2 * audit["null_auc_sd"], best
     # Control at the demo's sizes (spec §9.8): on the base model every attack is within 3 null sd of 0.5.
     control = json.loads((out / "lora" / "audit" / "control" / "audit.json").read_text())
     for name, attack in control["attacks"].items():
-        assert abs(attack["auc"] - 0.5) <= 3 * control["null_auc_sd"], (name, attack["auc"])
+        assert abs(attack["auc"]["value"] - 0.5) <= 3 * control["null_auc_sd"], (name, attack["auc"])
     assert (out / "report.json").is_file()
     # The DP-LoRA run beside it: the guarantee it claims, on the same members, audited and reported.
     dp = json.loads((out / "dp-lora" / "summary.json").read_text())

@@ -84,13 +84,13 @@ def test_report_shows_the_matched_comparison_with_paired_differences(runs):
     page = write_report(folders, runs["tmp"] / "report.html").read_text()
     report = json.loads((runs["tmp"] / "report.json").read_text())
     name = {r["path"]: r["name"] for r in report["runs"]}  # folders named alike are qualified by parent
-    auc = {name[str(f)]: json.loads((f / "audit" / "audit.json").read_text())["attacks"]["loss"]["auc"]
+    auc = {name[str(f)]: json.loads((f / "audit" / "audit.json").read_text())["attacks"]["loss"]["auc"]["value"]
            for f in folders}
     (row,) = report["matched"]
     assert row["defended"] == name[str(runs["short"])] and row["attack"] == "loss"
     assert set(row["differences"]) == {"early-stopped", "full"}
     assert row["differences"]["full"]["run"] == name[str(runs["plain"])]
     for d in row["differences"].values():
-        assert d["difference"] == pytest.approx(auc[row["defended"]] - auc[d["run"]], abs=1e-12)
+        assert d["value"] == pytest.approx(auc[row["defended"]] - auc[d["run"]], abs=1e-12)
         assert d["ci"][0] <= d["ci"][1] and d["resamples"] == 1000
     assert "Matched utility" in page and "minus on" in page

@@ -34,6 +34,6 @@ def test_the_run_end_to_end_on_held_out_victims(tmp_path):
     assert paired_interval(rows, "true_prompt", "random_embedding")[0] > 0
     for name in ("attack", "true_prompt", "random_embedding", "base"):
         entry = result["aggregate"][name]["identity_similarity"]
-        assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
+        assert entry["ci"][0] <= entry["value"] <= entry["ci"][1]
     assert result["ablation"]["encoder"]["finetune_steps"] == result["encoder"]["finetune_steps"] == 800
     assert result["encoder"]["pairs"] == 800 and result["ablation"]["encoder"]["pairs"] == 2

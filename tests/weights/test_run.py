@@ -34,11 +34,11 @@ def test_the_run_writes_results_encoders_victims_and_figures(tiny_attack_run):
     assert result["kind"] == "weights-attack" and result["aggregate"]["victims"] == 2
     for condition in ("attack", "true_prompt", "random_embedding", "base"):
         entry = result["aggregate"][condition]["identity_similarity"]
-        assert 0 <= entry["ci"][0] <= entry["mean"] <= entry["ci"][1] <= 1
+        assert 0 <= entry["ci"][0] <= entry["value"] <= entry["ci"][1] <= 1
     assert result["gallery_size"] == 180 and result["metadata_attack"] == {"recovered": 0, "of": 2, "keys": {}}
     assert result["encoder"]["pairs"] == 8 and result["encoder"]["finetune_steps"] == 8
     assert result["ablation"]["encoder"]["pairs"] == 2  # two full 4-step runs, one end-of-run pair each
-    assert result["update_matching"]["aggregate"]["dummy_images"]["identity_similarity"]["mean"] > 0
+    assert result["update_matching"]["aggregate"]["dummy_images"]["identity_similarity"]["value"] > 0
     assert result["timings"]["encoder_pairs_per_s"] > 0 and result["run"]["packages"]["torch"]
     points = {(p["defence"], p["knob"]): p for p in result["defences"]["points"]}
     assert set(points) == {("none", None), ("prune", 0.9), ("rank", 1.0), ("weight-noise", 1.0), ("dp", 8.0)}

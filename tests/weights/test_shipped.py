@@ -92,8 +92,8 @@ def test_the_shipped_run_meets_the_specs_bar_on_all_held_out_victims():
     assert ci["true_prompt"][0] > ci["random_embedding"][1]
     assert paired_interval(rows, "attack", "ablation")[0] > 0
     recipe = yaml.safe_load((SHIPPED_ATTACK_DIR / "RECIPE.yaml").read_text())
-    assert recipe["identity_similarity"]["attack"]["mean"] == pytest.approx(
-        scores["attack"]["identity_similarity"]["mean"], abs=1e-4)
+    assert recipe["identity_similarity"]["attack"]["value"] == pytest.approx(
+        scores["attack"]["identity_similarity"]["value"], abs=1e-4)
     assert recipe["encoder"]["finetune_steps"] == config.training.budget_steps
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from privdiff.metrics.estimate import Estimate
 from privdiff.metrics.intervals import clopper_pearson
 from privdiff.seeding import numpy_rng
 
@@ -109,7 +110,7 @@ def stratified_bootstrap(scores: np.ndarray, labels: np.ndarray, *, resamples: i
 
 
 def paired_auc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, *,
-                          resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, float | list[float]]:
+                          resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
     """AUC(a) - AUC(b) for two models scored on the same examples (same order), with a paired
     stratified bootstrap: each resample draws one set of members and non-members for both models."""
     labels = np.asarray(labels).astype(bool)
@@ -120,8 +121,9 @@ def paired_auc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: np
         rows = np.concatenate([rng.choice(members, len(members)), rng.choice(others, len(others))])
         draws.append(auc(scores_a[rows], labels[rows]) - auc(scores_b[rows], labels[rows]))
     q = [(1 - confidence) / 2, (1 + confidence) / 2]
-    return {"difference": auc(scores_a, labels) - auc(scores_b, labels),
-            "ci": [float(x) for x in np.quantile(draws, q)], "resamples": resamples}
+    low, high = (float(x) for x in np.quantile(draws, q))
+    return {**Estimate(auc(scores_a, labels) - auc(scores_b, labels), low, high, len(labels)).to_json(),
+            "resamples": resamples}
 
 
 def threshold_at_fpr(scores_nonmembers: np.ndarray, alpha: float) -> float:

@@ -29,6 +29,7 @@ from privdiff.audit.roc import (
 from privdiff.audit.shadows import train_shadows
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
+from privdiff.metrics.estimate import Estimate
 from privdiff.models.load import load_pipeline
 from privdiff.runs.files import atomic_replace, atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
@@ -110,11 +111,12 @@ def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates]
     aux_auc = attack.fitted.get("aux_auc")
     if aux_auc is None:
         aux_auc = attack_metrics(aux_scores, aux_labels).auc
+    n = len(labels)
     record = {
-        "auc": metrics.auc, "auc_ci": ci["auc"], "asr": metrics.asr, "asr_ci": ci["asr"],
+        "auc": Estimate(metrics.auc, *ci["auc"], n).to_json(), "asr": Estimate(metrics.asr, *ci["asr"], n).to_json(),
         "asr_aux_threshold": (at_balanced["tp"] + len(data["nonmember_test"]) - at_balanced["fp"]) / len(labels),
-        "tpr_at_fpr": metrics.tpr_at_fpr, "tpr_at_fpr_ci": {k.removeprefix("tpr@"): v for k, v in ci.items()
-                                                             if k.startswith("tpr@")},
+        "tpr_at_fpr": {level: Estimate(tpr, *ci[f"tpr@{level}"], metrics.n_members).to_json()
+                       for level, tpr in metrics.tpr_at_fpr.items()},
         "tpr_at_fpr_conservative": metrics.tpr_at_fpr_conservative,
         "resolution_limited": metrics.resolution_limited,
         "tpr_at_aux_threshold": at_cp, "aux_auc": aux_auc,
@@ -184,7 +186,7 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     atomic_replace(out_dir / "scores.npz", lambda tmp: np.savez_compressed(
         open(tmp, "wb"), ids=np.array(ids), labels=labels, **{n: r["scores"] for n, r in results.items()}))
     atomic_replace(out_dir / "roc_loglog.png", lambda tmp: open(tmp, "wb").write(
-        roc_plot({n: (r["scores"], r["labels"], records[n]["auc"]) for n, r in results.items()}, n1, n0)))
+        roc_plot({n: (r["scores"], r["labels"], records[n]["auc"]["value"]) for n, r in results.items()}, n1, n0)))
     atomic_write_json(out_dir / "audit.json", audit)
     return audit
 

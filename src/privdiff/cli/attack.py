@@ -15,10 +15,6 @@ attack_app = typer.Typer(no_args_is_help=True, help="Attacks on shared artefacts
 app.add_typer(attack_app, name="attack")
 
 
-def _interval(entry: dict) -> str:
-    return f"{entry['mean']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
-
-
 @attack_app.command()
 def weights(
     config: Path = typer.Option(None, "--config", "-c", help="YAML weights-attack config (defaults if omitted)."),
@@ -43,6 +39,7 @@ def weights(
     the shipped encoder fits files fine-tuned from the shipped face base, --encoder takes another."""
     from privdiff.errors import ConfigError
     from privdiff.weights.config import WeightsAttackConfig
+    from privdiff.metrics.estimate import format_estimate
     from privdiff.weights.run import attack_adapter, run_weights_attack
 
     if encoder is not None and adapter is None:
@@ -69,21 +66,21 @@ def weights(
     for name, label in (("attack", "attack (file only)"), ("true_prompt", "true prompt (upper)"),
                         ("random_embedding", "random embedding (lower)"), ("base", "base 'a face' (lower)")):
         entry = agg[name]
-        console.print(f"  {label:26s} identity similarity {_interval(entry['identity_similarity'])}  "
-                      f"top-1 retrieval {_interval(entry['retrieval'])}")
+        console.print(f"  {label:26s} identity similarity {format_estimate(entry['identity_similarity'])}  "
+                      f"top-1 retrieval {format_estimate(entry['retrieval'])}")
     gap = "n/a (the upper bound is not above the lower)" if agg["gap_closed"] is None else f"{agg['gap_closed']:.2f}"
-    console.print(f"  gap closed {gap}; attack − random {_interval(agg['attack_minus_random'])}")
+    console.print(f"  gap closed {gap}; attack − random {format_estimate(agg['attack_minus_random'])}")
     if "ablation" in result:
         console.print(f"  ablation ({result['ablation']['label']}): "
-                      f"{_interval(result['ablation']['aggregate']['attack']['identity_similarity'])}; paradigm − ablation "
-                      f"{_interval(result['ablation']['paradigm_minus_ablation'])}")
+                      f"{format_estimate(result['ablation']['aggregate']['attack']['identity_similarity'])}; paradigm − ablation "
+                      f"{format_estimate(result['ablation']['paradigm_minus_ablation'])}")
     meta = result["metadata_attack"]
     console.print(f"  metadata attack: trigger word found in {meta['recovered']} of {meta['of']} file headers")
     for point in result.get("defences", {}).get("points", []):
         if point["defence"] != "none":
-            extra = f", adaptive {point['adaptive_attack']['mean']:.3f}" if point.get("adaptive_attack") else ""
-            console.print(f"  defence {point['defence']} {point['knob']:g}: utility {_interval(point['utility'])}, "
-                          f"attack {_interval(point['attack'])}{extra}")
+            extra = f", adaptive {point['adaptive_attack']['value']:.3f}" if point.get("adaptive_attack") else ""
+            console.print(f"  defence {point['defence']} {point['knob']:g}: utility {format_estimate(point['utility'])}, "
+                          f"attack {format_estimate(point['attack'])}{extra}")
     timings = result["timings"]
     console.print(f"encoder training {timings['encoder_pairs_per_s']:.1f} pairs/s; shadow fine-tune "
                   f"{timings['shadow_finetune_s_per_step'] * 1000:.0f} ms/step")

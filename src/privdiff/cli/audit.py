@@ -30,6 +30,7 @@ def audit(
     from privdiff.audit.attacks import DEFAULT_ATTACKS
     from privdiff.audit.canaries import canary_audit
     from privdiff.audit.run import AuditConfig, run_audit
+    from privdiff.metrics.estimate import format_estimate
 
     names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else list(DEFAULT_ATTACKS)
     cfg = AuditConfig(attacks=names, audit_seed=seed, shadows=shadows, bootstrap=bootstrap, control=control)
@@ -38,10 +39,8 @@ def audit(
     console.print(f"test split: {n1} members, {n0} non-members (null AUC sd {result['null_auc_sd']:.3f})",
                   highlight=False)
     for name, r in result["attacks"].items():
-        lo, hi = r["auc_ci"]
-        console.print(f"  {name:<13} AUC {r['auc']:.3f} [{lo:.3f}, {hi:.3f}]  TPR@5%FPR "
-                      f"{r['tpr_at_fpr']['0.05']:.3f}  ASR {r['asr']:.3f}  {r['queries_per_example']} queries/ex",
-                      highlight=False)
+        console.print(f"  {name:<13} AUC {format_estimate(r['auc'])}  TPR@5%FPR {r['tpr_at_fpr']['0.05']['value']:.3f}  "
+                      f"ASR {r['asr']['value']:.3f}  {r['queries_per_example']} queries/ex", highlight=False)
     cp = result["eps_lower_bound"]["cp"]
     console.print(f"best attack (by aux AUC): {result['best_attack']}; indicative ε lower bound "
                   f"(Clopper-Pearson) {cp['eps']:.2f}", highlight=False)

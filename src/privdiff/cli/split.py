@@ -23,6 +23,8 @@ def _config(config_file: Path | None, flags: dict, extra: list[str] | None):
 
 
 def _print_summary(summary: dict, folder: Path) -> None:
+    from privdiff.metrics.estimate import format_estimate
+
     wire = summary.get("wire", {})
     console.print(f"split run ({summary['design']}, {summary.get('transport', '?')}): {summary['steps']} steps, "
                   f"{summary['rounds']} rounds, loss {summary['loss_first']} -> {summary['loss_last']} "
@@ -36,8 +38,7 @@ def _print_summary(summary: dict, folder: Path) -> None:
         parts = []
         for name in ("untrained", "trained", "ceiling"):
             if name in fidelity:
-                value = fidelity[name]["edge_ssim"]
-                parts.append(f"{name} {value['value']:.3f} [{value['ci'][0]:.3f}, {value['ci'][1]:.3f}]")
+                parts.append(f"{name} {format_estimate(fidelity[name]['edge_ssim'])}")
         console.print(f"condition fidelity (edge SSIM, {fidelity['num_samples']} test conditions): " + ", ".join(parts))
     privacy = summary.get("local_privacy")
     if privacy:
@@ -167,6 +168,7 @@ def attack(
 ) -> None:
     """Attack what the server receives: reconstruct the clients' images and conditions, and score them."""
     from privdiff.errors import ConfigError
+    from privdiff.metrics.estimate import format_estimate
     from privdiff.split.attacks.run import evaluate_attack, reconstruction_grid
     from privdiff.split.models import load_public_models
     from privdiff.runs.files import atomic_write_json
@@ -193,8 +195,7 @@ def attack(
         base = result["references"]["baseline"][target]["all"]
         ceiling = result["references"]["ceiling"][target]["all"]
         got = summary["all"]
-        console.print(f"  {target:9s} SSIM {got['ssim']['value']:.3f} [{got['ssim']['ci'][0]:.3f}, "
-                      f"{got['ssim']['ci'][1]:.3f}]  PSNR {got['psnr']['value']:.1f} dB  MSE {got['mse']['value']:.4f}  "
+        console.print(f"  {target:9s} SSIM {format_estimate(got['ssim'])}  PSNR {got['psnr']['value']:.1f} dB  MSE {got['mse']['value']:.4f}  "
                       f"(baseline {base['ssim']['value']:.3f}, ceiling {ceiling['ssim']['value']:.3f})")
         buckets = [f"t in [{k[1:].replace('-', ', ')}): {v['ssim']['value']:.3f} (n={v['n']})"
                    for k, v in summary.items() if k != "all"]

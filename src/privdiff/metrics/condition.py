@@ -20,6 +20,7 @@ from skimage.metrics import structural_similarity
 
 from privdiff.data.builtin import PALETTE
 from privdiff.errors import ConfigError
+from privdiff.metrics.estimate import Estimate
 from privdiff.metrics.intervals import clopper_pearson, mean_interval
 from privdiff.metrics.labels import CAPTION_LABELS
 
@@ -227,7 +228,7 @@ def colour_accuracy(generated: np.ndarray, disk_mask_or_condition: np.ndarray, c
 def _summary(values: np.ndarray, *, seed: int, bootstrap: int, key: str) -> dict:
     values = np.asarray(values, dtype=np.float64)
     lo, hi = mean_interval(values, resamples=bootstrap, seed=seed, key=key)
-    return {"value": float(values.mean()), "ci": [lo, hi]}
+    return Estimate(float(values.mean()), lo, hi).to_json()  # the record states n
 
 
 def _fill_colours(caption: str) -> tuple[str, str] | None:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from privdiff import __version__
+from privdiff.metrics.estimate import format_estimate
 from privdiff.report import plots
 from privdiff.split.attacks.grid import (
     attacks_in,
@@ -157,14 +158,12 @@ def _audit_section(runs: list[dict]) -> str:
                 "<th>ASR (aux threshold)</th><th>queries/example</th><th>examples/s</th></tr>")
         rows = []
         for name, x in a["attacks"].items():
-            tpr = "".join(
-                f"<td class=num>{fmt(x['tpr_at_fpr'][k])} <span class=ci>[{fmt(x['tpr_at_fpr_ci'][k][0])}, "
-                f"{fmt(x['tpr_at_fpr_ci'][k][1])}]</span>{' <span class=muted>(resolution-limited)</span>' if x['resolution_limited'][k] else ''}</td>"
-                for k in ("0.001", "0.01", "0.05"))
+            limited = ' <span class=muted>(resolution-limited)</span>'
+            tpr = "".join(f"<td class=num>{_estimate(x['tpr_at_fpr'][k])}{limited if x['resolution_limited'][k] else ''}"
+                          f"</td>" for k in ("0.001", "0.01", "0.05"))
             best = " <b>(best on aux)</b>" if name == a["best_attack"] else ""
-            rows.append(f"<tr><td>{_e(name)}{best}</td><td class=num>{fmt(x['auc'])} <span class=ci>"
-                        f"[{fmt(x['auc_ci'][0])}, {fmt(x['auc_ci'][1])}]</span></td>{tpr}"
-                        f"<td class=num>{fmt(x['asr'])} ({fmt(x['asr_aux_threshold'])})</td>"
+            rows.append(f"<tr><td>{_e(name)}{best}</td><td class=num>{_estimate(x['auc'])}</td>{tpr}"
+                        f"<td class=num>{fmt(x['asr']['value'])} ({fmt(x['asr_aux_threshold'])})</td>"
                         f"<td class=num>{x['queries_per_example']}</td><td class=num>{fmt(x['examples_per_second'])}</td></tr>")
         cp, one = a["eps_lower_bound"]["cp"], a["eps_lower_bound"].get("one_run")
         bounds = (f"Empirical ε lower bound, Clopper–Pearson at the aux-chosen threshold of {_e(cp['attack'])}: "
@@ -179,7 +178,7 @@ def _audit_section(runs: list[dict]) -> str:
         control = r.get("control_audit")
         if control:
             spread = 3 * control["null_auc_sd"]
-            worst = max(abs(x["auc"] - 0.5) for x in control["attacks"].values())
+            worst = max(abs(x["auc"]["value"] - 0.5) for x in control["attacks"].values())
             verdict = "all attacks at chance" if worst <= spread else "<b>an attack is above chance: the split leaks</b>"
             bounds += (f"<br>Control (base model, no adapter): largest |AUC − 0.5| = {fmt(worst)} against a 3-sd null "
                        f"band of {fmt(spread)} — {verdict}.")
@@ -198,20 +197,17 @@ def _best(run: dict) -> tuple[str, dict] | None:
     return (audit["best_attack"], audit["attacks"][audit["best_attack"]]) if audit else None
 
 
-def _with_ci(record: dict | None) -> str:
-    if record is None:
-        return "–"
-    lo, hi = record["ci"]
-    return f"{fmt(record['value'])} <span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>"
+def _estimate(entry: dict | None, spec=fmt) -> str:
+    """An estimate as the report writes every one: value, then its interval in a muted span."""
+    return format_estimate(entry, spec, interval=lambda text: f"<span class=ci>{text}</span>")
 
 
 def _paired_differences(matched: list[dict]) -> str:
     lines = []
     for row in matched:
         for name, d in row["differences"].items():
-            lo, hi = d["ci"]
             lines.append(f"AUC of {_e(row['attack'])} on <b>{_e(row['defended'])}</b> minus on <b>{_e(d['run'])}</b> "
-                         f"({_e(name)}): <b>{d['difference']:+.3f}</b> <span class=ci>[{lo:+.3f}, {hi:+.3f}]</span>")
+                         f"({_e(name)}): {_estimate(d, '+.3f')}")
     if not lines:
         return ""
     return (f"<p>{'<br>'.join(lines)}</p><p class=muted>Paired stratified bootstrap over the shared test examples "
@@ -235,11 +231,10 @@ def _matched_utility(runs: list[dict], matched: list[dict] | None = None) -> str
             if run is None:
                 continue
             best = _best(run)
-            attack = (f"{_e(best[0])}: AUC {fmt(best[1]['auc'])} <span class=ci>[{fmt(best[1]['auc_ci'][0])}, "
-                      f"{fmt(best[1]['auc_ci'][1])}]</span>, TPR@5% FPR {fmt(best[1]['tpr_at_fpr']['0.05'])}"
-                      if best else "not audited")
+            attack = (f"{_e(best[0])}: AUC {_estimate(best[1]['auc'])}, TPR@5% FPR "
+                      f"{fmt(best[1]['tpr_at_fpr']['0.05']['value'])}" if best else "not audited")
             rows.append(f"<tr><td>{_e(role)}</td><td><b>{_e(run['name'])}</b></td><td class=num>{fmt(loss)}</td>"
-                        f"<td>{attack}</td><td class=num>{_with_ci(run['metrics'].get('kid/members'))}</td></tr>")
+                        f"<td>{attack}</td><td class=num>{_estimate(run['metrics'].get('kid/members'))}</td></tr>")
     if not rows:
         return ""
     head = ("<tr><th>role</th><th>run</th><th>held-out loss on aux non-members</th><th>best attack (chosen on aux)</th>"
@@ -274,9 +269,8 @@ def _proxy_notes(runs: list[dict]) -> str:
 def _split_cell(entry: dict | None, target: str) -> str:
     if entry is None or target not in entry["scores"]:
         return "–"
-    value = entry["scores"][target]["all"]["ssim"]
     verdict = "<b class=nodp>leaks</b>" if entry["leaks"][target] else "<span class=dp>resists</span>"
-    return f"{fmt(value['value'])} <span class=ci>[{fmt(value['ci'][0])}, {fmt(value['ci'][1])}]</span> {verdict}"
+    return f"{_estimate(entry['scores'][target]['all']['ssim'])} {verdict}"
 
 
 def _split_attacks_section(grids: list[dict]) -> str:
@@ -314,12 +308,6 @@ def _split_attacks_section(grids: list[dict]) -> str:
     return "".join(parts)
 
 
-def _interval(entry: dict | None) -> str:
-    if not entry:
-        return "–"
-    return f"{fmt(entry['mean'])} <span class=ci>[{fmt(entry['ci'][0])}, {fmt(entry['ci'][1])}]</span>"
-
-
 def _weights_attacks_section(results: list[dict]) -> str:
     """Per weights-attack run: the attack against its bounds, the ablation, the baseline, the defences."""
     parts = []
@@ -335,18 +323,18 @@ def _weights_attacks_section(results: list[dict]) -> str:
             rows += [(f"update matching, dummy images ({len(matching['victims'])} victims)",
                       matching["aggregate"].get("dummy_images")),
                      ("update matching, dummy prompt", matching["aggregate"].get("dummy_prompt"))]
-        body = "".join(f"<tr><td>{_e(name)}</td><td>{_interval(e and e['identity_similarity'])}</td>"
-                       f"<td>{_interval(e and e['retrieval'])}</td></tr>" for name, e in rows)
+        body = "".join(f"<tr><td>{_e(name)}</td><td>{_estimate(e and e['identity_similarity'])}</td>"
+                       f"<td>{_estimate(e and e['retrieval'])}</td></tr>" for name, e in rows)
         table = f"<table><tr><th>condition</th><th>identity similarity</th><th>top-1 retrieval</th></tr>{body}</table>"
         gap = agg.get("gap_closed")
         notes = [f"{agg['victims']} held-out victims; retrieval gallery {r['gallery_size']} identities "
                  f"(chance {fmt(r['chance_retrieval'])}). Input mode <b>{_e(r['headline']['input_mode'])}</b>; "
                  f"{_e(r['threat_model'])}.",
-                 f"Attack − random embedding: {_interval(agg.get('attack_minus_random'))}; gap closed "
+                 f"Attack − random embedding: {_estimate(agg.get('attack_minus_random'))}; gap closed "
                  f"{fmt(gap) if gap is not None else '–'}."]
         if "ablation" in r:
             notes.append(f"Step-embedding paradigm − ablation at equal compute: "
-                         f"{_interval(r['ablation']['paradigm_minus_ablation'])}.")
+                         f"{_estimate(r['ablation']['paradigm_minus_ablation'])}.")
         meta = r["metadata_attack"]
         notes.append(f"Metadata attack: trigger word in {meta['recovered']} of {meta['of']} file headers.")
         parts.append(f"<h3>{_e(r['name'])}</h3>{table}<p class=muted>{' '.join(notes)}</p>")
@@ -354,13 +342,13 @@ def _weights_attacks_section(results: list[dict]) -> str:
         if defences:
             drows = "".join(
                 f"<tr><td>{_e(p['defence'])}</td><td>{'–' if p['knob'] is None else fmt(p['knob'])}</td>"
-                f"<td>{_interval(p['utility'])}</td><td>{_interval(p['attack'])}</td>"
-                f"<td>{_interval(p.get('adaptive_attack'))}</td></tr>" for p in defences["points"])
+                f"<td>{_estimate(p['utility'])}</td><td>{_estimate(p['attack'])}</td>"
+                f"<td>{_estimate(p.get('adaptive_attack'))}</td></tr>" for p in defences["points"])
             parts.append("<h4>Defences: utility against leak</h4><table><tr><th>defence</th><th>knob</th>"
                          "<th>utility (true-prompt identity similarity)</th><th>attack identity similarity</th>"
                          f"<th>adaptive attack</th></tr>{drows}</table>"
                          f"<p class=muted>{defences.get('victims', 'All')} victims. Lower bound (random embedding): "
-                         f"{_interval(defences['lower_bound'])}. "
+                         f"{_estimate(defences['lower_bound'])}. "
                          "DP-LoRA is example-level: the identity is shared by all its images, so it is protected "
                          "only through group privacy.</p>" + _img(weights_defence_curve(defences), "defence curve"))
         grid = Path(r["path"]) / "attack_grid.png"

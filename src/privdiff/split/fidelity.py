@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
 
 from privdiff.data.examples import ImageDataset
 from privdiff.metrics.condition import condition_fidelity
-from privdiff.metrics.intervals import mean_interval
+from privdiff.metrics.estimate import Estimate
 from privdiff.split.config import SplitConfig
 from privdiff.split.models import (
     BackwardFreeControlNet,
@@ -100,8 +100,7 @@ def paired_difference(trained: dict, untrained: dict, seed: int) -> dict:
         a = np.asarray([np.nan if v is None else v for v in trained[metric]["per_image"]], dtype=np.float64)
         b = np.asarray([np.nan if v is None else v for v in untrained[metric]["per_image"]], dtype=np.float64)
         diff = (a - b)[~(np.isnan(a) | np.isnan(b))]
-        lo, hi = mean_interval(diff, resamples=1000, seed=seed, key=f"{metric}_difference")
-        out[metric] = {"value": float(diff.mean()), "ci": [lo, hi], "n": int(diff.size)}
+        out[metric] = Estimate.of_mean(diff, resamples=1000, seed=seed, key=f"{metric}_difference").to_json()
     return out
 
 

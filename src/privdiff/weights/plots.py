@@ -14,16 +14,16 @@ def weights_defence_curve(defences: dict) -> bytes:
     names = sorted({p["defence"] for p in points} - {"none"})
     for i, name in enumerate(names):
         line = sorted((p for p in points if p["defence"] == name), key=lambda p: p["knob"])
-        xs = [undefended["utility"]["mean"]] + [p["utility"]["mean"] for p in line]
-        ys = [undefended["attack"]["mean"]] + [p["attack"]["mean"] for p in line]
+        xs = [undefended["utility"]["value"]] + [p["utility"]["value"] for p in line]
+        ys = [undefended["attack"]["value"]] + [p["attack"]["value"] for p in line]
         ax.plot(xs, ys, "o-", color=COLOURS[i % len(COLOURS)], label=name)
         for p in line:
-            ax.annotate(f"{p['knob']:g}", (p["utility"]["mean"], p["attack"]["mean"]), fontsize=7,
+            ax.annotate(f"{p['knob']:g}", (p["utility"]["value"], p["attack"]["value"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
             if p.get("adaptive_attack"):
-                ax.plot(p["utility"]["mean"], p["adaptive_attack"]["mean"], "x", color=COLOURS[i % len(COLOURS)])
-    ax.plot(undefended["utility"]["mean"], undefended["attack"]["mean"], "k*", markersize=12, label="undefended")
-    ax.axhline(defences["lower_bound"]["mean"], color="gray", linestyle="--", label="random embedding (lower bound)")
+                ax.plot(p["utility"]["value"], p["adaptive_attack"]["value"], "x", color=COLOURS[i % len(COLOURS)])
+    ax.plot(undefended["utility"]["value"], undefended["attack"]["value"], "k*", markersize=12, label="undefended")
+    ax.axhline(defences["lower_bound"]["value"], color="gray", linestyle="--", label="random embedding (lower bound)")
     ax.set_xlabel("utility: true-prompt identity similarity")
     ax.set_ylabel("leak: attack identity similarity")
     ax.legend(fontsize=8)

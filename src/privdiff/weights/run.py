@@ -26,12 +26,12 @@ from privdiff.data.folder import load_image_folder
 from privdiff.data.identities import attack_split, trigger_word
 from privdiff.defences import defend_file
 from privdiff.errors import ConfigError
+from privdiff.metrics.estimate import Estimate
 from privdiff.metrics.identity import (
     embed_identities,
     identity_similarity,
     load_identity_embedder,
 )
-from privdiff.metrics.intervals import mean_interval
 from privdiff.models.inspect import inspect_file, read_header
 from privdiff.models.load import FACE_BASE_DIR, load_pipeline
 from privdiff.models.lora_math import read_unet_lora
@@ -71,8 +71,7 @@ def metadata_trigger(path: Path, trigger: str) -> str | None:
 def _paired_difference(rows_a: list[dict], rows_b: list[dict], seed: int, key: str) -> dict:
     diff = np.array([a["attack"]["identity_similarity"] - b["attack"]["identity_similarity"]
                      for a, b in zip(rows_a, rows_b, strict=True)])
-    lo, hi = mean_interval(diff, seed=seed, key=key)
-    return {"mean": float(diff.mean()), "ci": [lo, hi]}
+    return Estimate.of_mean(diff, seed=seed, key=key).to_json()
 
 
 class WeightsAttackRun:

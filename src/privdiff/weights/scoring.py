@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 
 from privdiff.data.identities import identity_images
+from privdiff.metrics.estimate import Estimate
 from privdiff.metrics.identity import (
     embed_identities,
     identity_similarity,
     load_identity_embedder,
 )
-from privdiff.metrics.intervals import mean_interval
 from privdiff.models.lora import load_lora_into_text_encoder, load_lora_into_unet
 from privdiff.seeding import generator
 from privdiff.weights.finetune import FinetuneBench, FineTuned, GenerationConfig
@@ -126,8 +126,7 @@ def aggregate(rows: list[dict], conditions: tuple[str, ...] = CONDITIONS, *, see
         entry = {}
         for metric in ("identity_similarity", "retrieval"):
             values = np.array([r[name][metric] for r in rows])
-            lo, hi = mean_interval(values, seed=seed, key=f"{name}-{metric}")
-            entry[metric] = {"mean": float(values.mean()), "ci": [lo, hi]}
+            entry[metric] = Estimate.of_mean(values, seed=seed, key=f"{name}-{metric}").to_json()
         out[name] = entry
     if all(k in out for k in ("attack", "true_prompt", "random_embedding")):
         attack = np.array([r["attack"]["identity_similarity"] for r in rows])
@@ -135,9 +134,7 @@ def aggregate(rows: list[dict], conditions: tuple[str, ...] = CONDITIONS, *, see
         lower = np.array([r["random_embedding"]["identity_similarity"] for r in rows])
         gap = upper.mean() - lower.mean()
         out["gap_closed"] = float((attack.mean() - lower.mean()) / gap) if gap > 0 else None
-        diff = attack - lower
-        lo, hi = mean_interval(diff, seed=seed, key="attack-minus-random")
-        out["attack_minus_random"] = {"mean": float(diff.mean()), "ci": [lo, hi]}
+        out["attack_minus_random"] = Estimate.of_mean(attack - lower, seed=seed, key="attack-minus-random").to_json()
     return out
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from privdiff.errors import ModelError
+from privdiff.metrics.estimate import Estimate
 from privdiff.models.load import CHECKSUM_FILE, verify_checksums, write_checksums
 from privdiff.runs.files import atomic_write_text
 from privdiff.weights.scoring import CONDITIONS
@@ -76,7 +77,8 @@ def pack_run(run: Path, dest: Path = SHIPPED_ATTACK_DIR) -> None:
     agg = result["aggregate"]
 
     def rounded(entry: dict) -> dict:
-        return {"mean": round(entry["mean"], 4), "ci": [round(v, 4) for v in entry["ci"]]}
+        estimate = Estimate.from_json(entry)
+        return Estimate(round(estimate.value, 4), round(estimate.low, 4), round(estimate.high, 4), estimate.n).to_json()
 
     recipe = {
         "reproduce": [f"privdiff attack weights --victims {agg['victims']} "

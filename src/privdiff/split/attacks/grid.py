@@ -20,6 +20,7 @@ import numpy as np
 
 from privdiff.errors import ConfigError
 from privdiff.figures import plt, png_bytes
+from privdiff.metrics.estimate import format_estimate
 from privdiff.registry import Registry
 from privdiff.runs.files import atomic_write_json, atomic_write_text
 from privdiff.runs.folder import GRID_FILE, load_grid
@@ -193,8 +194,7 @@ def utility_cell(utility: dict | None) -> str:
     paired = (utility or {}).get("paired", {})
     if not paired:
         return "not measured"
-    return "; ".join(f"{p['value']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-                     for metric in ("edge_ssim", "disk_iou") if (p := paired.get(metric)))
+    return "; ".join(format_estimate(p, "+.3f") for metric in ("edge_ssim", "disk_iou") if (p := paired.get(metric)))
 
 
 def markdown_table(grid: dict) -> str:

@@ -11,6 +11,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from privdiff.metrics.condition import ssim_window
+from privdiff.metrics.estimate import Estimate
 from privdiff.metrics.intervals import mean_interval
 
 T_BUCKETS = ((0, 100), (100, 300), (300, 600), (600, 1000))
@@ -57,7 +58,7 @@ def summarise(values: dict[str, np.ndarray], t: np.ndarray | None = None, *, see
         for metric in METRICS:
             v = values[metric][mask]
             lo, hi = mean_interval(v, resamples=500, seed=seed, key=metric) if len(v) > 1 else (math.nan, math.nan)
-            out[metric] = {"value": float(v.mean()), "ci": [lo, hi]}
+            out[metric] = Estimate(float(v.mean()), lo, hi).to_json()  # the block states n
         return out
 
     everything = np.ones(len(values["mse"]), dtype=bool)
