@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from privdiff.diffusion import signal_and_noise_floats, signal_and_noise_scales
 from privdiff.errors import ConfigError
 from privdiff.split.accounting import (
     ReleaseLedger,
@@ -19,7 +20,6 @@ from privdiff.split.accounting import (
     reference_formula_epsilon,
     release_mu,
     sigma_eff,
-    snr_terms,
 )
 from privdiff.split.attacks.analytic import AnalyticAttack
 from privdiff.split.attacks.base import AttackData, Observer, public_triples
@@ -42,7 +42,7 @@ def test_gdp_epsilon_matches_the_spec_vectors(mu, epsilon):
 @pytest.mark.parametrize("t, ratio", [(0, 34.3), (5, 13.9), (100, 2.91), (300, 1.20), (500, 0.618), (900, 0.120),
                                       (999, 0.068)])
 def test_signal_to_noise_of_the_sd_schedule(t, ratio):
-    a, b = snr_terms(SD_SCHEDULE, t)
+    a, b = signal_and_noise_floats(SD_SCHEDULE, t)
     assert a / b == pytest.approx(ratio, rel=0.01)
 
 
@@ -51,7 +51,7 @@ def test_signal_to_noise_of_the_sd_schedule(t, ratio):
     (1, 500, 1, 1, 1.75, 8.48), (4, 999, 1, 1, 0.774, 3.26), (16, 999, 1, 1, 3.10, 17.4),
     (16, 999, math.inf, 1, 2.19, 11.2)])
 def test_worked_table_of_the_spec(clip, t, s, releases, mu, epsilon):
-    a, b = snr_terms(SD_SCHEDULE, t)
+    a, b = signal_and_noise_floats(SD_SCHEDULE, t)
     total = compose([mu_image(a=a, b=b, s=s, clip=clip)] * releases)
     assert total == pytest.approx(mu, rel=0.005)
     assert gdp_epsilon(total, 1e-5) == pytest.approx(epsilon, rel=0.01)
@@ -67,7 +67,7 @@ def test_epsilon_falls_with_noise_and_timestep_and_grows_with_releases():
     assert all(x > y for x, y in zip(by_noise, by_noise[1:]))
     assert all(x > y for x, y in zip(by_t, by_t[1:]))
     assert all(x < y for x, y in zip(by_releases, by_releases[1:]))
-    assert sigma_eff(*snr_terms(SD_SCHEDULE, 500), 0.0) == 0.0  # s = 0: the published protocol, no noise
+    assert sigma_eff(*signal_and_noise_floats(SD_SCHEDULE, 500), 0.0) == 0.0  # s = 0: the published protocol
     assert math.isinf(release_mu(SD_SCHEDULE, 500, target_noise=0.0, latent_clip=1.0))
     assert math.isinf(gdp_epsilon(math.inf, 1e-5))
 
@@ -128,8 +128,7 @@ def test_best_attacker_error_matches_sigma_eff(tiny_pipeline_dir, public_models)
     attack = AnalyticAttack()
     attack.fit(AttackData(config, public_models, public_triples(config, 4)))
     z0 = attack.reconstruct(observation).diagnostics["latents"]["z0"]
-    a = public_models.scheduler.alphas_cumprod[truth.t].sqrt().view(-1, 1, 1, 1)
-    b = (1 - public_models.scheduler.alphas_cumprod[truth.t]).sqrt().view(-1, 1, 1, 1)
+    a, b = signal_and_noise_scales(public_models.scheduler.alphas_cumprod, truth.t)
     standardised = (z0 - truth.z0) / (b * s / (a * math.sqrt(1 + s * s)))  # error / σ_eff(t), per example
     assert float(standardised.std()) == pytest.approx(1.0, rel=0.10)
     naive = (observation.tensors["x_t"] - b * observation.tensors["target"]) / a - truth.z0

@@ -1,4 +1,5 @@
-"""What an attacker queries: a denoiser ε_θ(x_t, t, c) and candidate examples in model space."""
+"""What an attacker queries: a denoiser ε_θ(x_t, t, c), its training loss, and candidate examples in
+model space. The schedule's √ᾱ_t terms are not derived here: they come from `privdiff.diffusion`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
+from privdiff.diffusion.loss import per_example_loss
 from privdiff.diffusion.task import EncodedSplit
 from privdiff.seeding import fixed_noise
 
@@ -24,12 +26,12 @@ class Candidates(EncodedSplit):
 
 
 class Denoiser:
-    """Batched, gradient-free access to a UNet's conditional noise prediction; counts queries."""
+    """Batched, gradient-free access to a UNet's conditional prediction and its training loss; counts
+    queries."""
 
     def __init__(self, unet: torch.nn.Module, scheduler: DDPMScheduler, batch_size: int = 256):
         self.unet = unet.eval()
         self.scheduler = scheduler
-        self.alphas_cumprod = scheduler.alphas_cumprod.double()
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.batch_size = batch_size
         self.queries = 0
@@ -45,9 +47,18 @@ class Denoiser:
         self.queries += n
         return torch.cat(out)
 
-    def sqrt_alphas(self, t: int) -> tuple[float, float]:
-        a = float(self.alphas_cumprod[int(t)])
-        return a ** 0.5, (1 - a) ** 0.5
+    @torch.no_grad()
+    def loss(self, x0: torch.Tensor, noise: torch.Tensor, t: int, contexts: torch.Tensor) -> torch.Tensor:
+        """(N,) training loss of each example at timestep t with the given noise (one query each):
+        `per_example_loss`, so the target is what the model was trained to predict (ε or v)."""
+        n = len(x0)
+        steps = torch.full((n,), int(t), dtype=torch.long)
+        out = [per_example_loss(self.unet, self.scheduler, x0[i:i + self.batch_size],
+                                contexts[i:i + self.batch_size], noise[i:i + self.batch_size],
+                                steps[i:i + self.batch_size])
+               for i in range(0, n, self.batch_size)]
+        self.queries += n
+        return torch.cat(out)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) n, through the scheduler."""

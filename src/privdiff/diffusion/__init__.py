@@ -1,5 +1,6 @@
-"""Diffusion arithmetic shared by training, DP clipping and every attack: the per-example loss, the
-noise schedule, and the encoded datasets (`task`) they run on."""
+"""Diffusion arithmetic shared by training, DP clipping and every attack: the per-example loss (`loss`),
+the noise schedule's √ᾱ_t terms (`schedule`, the only place outside the scheduler that computes them),
+and the encoded datasets (`task`) they run on."""
 
 from privdiff.diffusion.loss import (
                                      draw_noise_and_timesteps,
@@ -8,5 +9,7 @@ from privdiff.diffusion.loss import (
                                      squared_error,
                                      training_target,
 )
+from privdiff.diffusion.schedule import half_power, signal_and_noise_floats, signal_and_noise_scales
 
-__all__ = ["draw_noise_and_timesteps", "noisy_and_target", "per_example_loss", "squared_error", "training_target"]
+__all__ = ["draw_noise_and_timesteps", "half_power", "noisy_and_target", "per_example_loss",
+           "signal_and_noise_floats", "signal_and_noise_scales", "squared_error", "training_target"]

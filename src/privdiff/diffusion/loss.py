@@ -1,7 +1,9 @@
 """The per-example denoising loss, shared by training, DP clipping and loss-based attacks.
 
 Everything about the noise schedule goes through the diffusers scheduler (`add_noise`,
-`get_velocity`), never re-derived here, so the quantity attacked is the quantity trained.
+`get_velocity`), never re-derived here, so the quantity attacked is the quantity trained (the loss
+attack scores this function's values). The √ᾱ_t factors, for the code that needs them by themselves,
+come from `privdiff.diffusion.schedule`.
 """
 
 from __future__ import annotations

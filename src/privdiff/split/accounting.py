@@ -5,7 +5,8 @@ only through u = x_t − b/(1 + s²)·n' ~ N(a·z0, b²s²/(1 + s²)). A release
 mechanism z0 + N(0, σ_eff²) with σ_eff = b·s/(a·√(1 + s²)); with ||z0|| ≤ R (replace-one
 sensitivity 2R) it is μ-GDP with μ = 2R·a·√(1 + s²)/(b·s). h, s0, the activation and the fp16 cast
 are post-processing. Releases compose as μ_tot = √(Σ μ_i²); ε at δ is the exact Gaussian tradeoff.
-Pure functions; `ReleaseLedger` is the only state.
+a and b come from the scheduler's `alphas_cumprod` through `privdiff.diffusion.signal_and_noise_floats`
+(never re-derived here). Pure functions; `ReleaseLedger` is the only state.
 """
 
 from __future__ import annotations
@@ -17,11 +18,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-
-def snr_terms(alphas_cumprod, t: int) -> tuple[float, float]:
-    """(a, b) = (√ᾱ_t, √(1 − ᾱ_t)) from a scheduler's `alphas_cumprod` (never re-derived here)."""
-    alpha_bar = float(alphas_cumprod[int(t)])
-    return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+from privdiff.diffusion import signal_and_noise_floats
 
 
 def sigma_eff(a: float, b: float, s: float) -> float:
@@ -75,7 +72,7 @@ def release_mu(alphas_cumprod, t: int, *, target_noise: float, latent_clip: floa
     The condition latent's μ (`mu_condition`) composes with it per release."""
     if latent_clip is None:
         return math.inf
-    a, b = snr_terms(alphas_cumprod, t)
+    a, b = signal_and_noise_floats(alphas_cumprod, t)
     return mu_image(a=a, b=b, s=target_noise, clip=latent_clip)
 
 
@@ -141,4 +138,4 @@ class ReleaseLedger:
 
 
 __all__ = ["ReleaseLedger", "compose", "gdp_delta", "gdp_epsilon", "mu_condition", "mu_image",
-           "reference_formula_epsilon", "release_mu", "sigma_eff", "snr_terms"]
+           "reference_formula_epsilon", "release_mu", "sigma_eff"]

@@ -1,4 +1,8 @@
-"""Gray-box attacks that only query the denoiser: loss threshold, PIA, SecMI-stat, SimA."""
+"""Gray-box attacks that only query the denoiser: loss threshold, PIA, SecMI-stat, SimA.
+
+The loss threshold scores the training loss (`privdiff.diffusion.per_example_loss`); PIA and SecMI take
+√ᾱ_t and √(1 − ᾱ_t) from `privdiff.diffusion.signal_and_noise_floats`.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,19 @@ import torch
 
 from privdiff.audit.attacks.base import GridAttack, register_attack
 from privdiff.audit.model import Candidates, Denoiser
+from privdiff.diffusion import half_power, signal_and_noise_floats
+
+
+def scales(model: Denoiser, t: int) -> tuple[float, float]:
+    """(√ᾱ_t, √(1 − ᾱ_t)) of the model's scheduler, rounded as the audit always has (`half_power`)."""
+    return signal_and_noise_floats(model.scheduler.alphas_cumprod, t, sqrt=half_power)
 
 
 @register_attack
 class LossThreshold(GridAttack):
-    """-(1/K) Σ_k ||n_k - ε_θ(x_t(x0, n_k), t, c)||² / d with K fixed noises (Matsumoto et al.)."""
+    """-(1/K) Σ_k L(x0, n_k, t, c) with K fixed noises (Matsumoto et al.), L the per-example training
+    loss: ||n_k - ε_θ(x_t(x0, n_k), t, c)||² / d for an ε-prediction model, the velocity's error for a
+    v-prediction one, so the quantity attacked is the quantity trained."""
 
     name = "loss"
     access = "gray"
@@ -24,8 +36,7 @@ class LossThreshold(GridAttack):
         noises = examples.noises(self.seed, self.num_noises)
         total = torch.zeros(len(examples), dtype=torch.float64)
         for noise in noises:
-            pred = model.eps(model.noisy(examples.latents, noise, value), value, examples.contexts)
-            total += ((pred - noise) ** 2).mean(dim=(1, 2, 3)).double()
+            total += model.loss(examples.latents, noise, value, examples.contexts).double()
         return -(total / self.num_noises).numpy()
 
     def queries_per_example(self) -> int:
@@ -43,7 +54,7 @@ class PIA(GridAttack):
 
     def score_at(self, model: Denoiser, examples: Candidates, value: int) -> np.ndarray:
         eps0 = model.eps(examples.latents, 0, examples.contexts)
-        a, b = model.sqrt_alphas(value)
+        a, b = scales(model, value)
         pred = model.eps(a * examples.latents + b * eps0, value, examples.contexts)
         return -((eps0 - pred).abs() ** 4).sum(dim=(1, 2, 3)).double().numpy()
 
@@ -53,8 +64,8 @@ class PIA(GridAttack):
 
 def ddim_step(model: Denoiser, x_a: torch.Tensor, a: int, b: int, eps: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM move from timestep a to b with the prediction ε̂ (up or down)."""
-    ra, sa = model.sqrt_alphas(a)
-    rb, sb = model.sqrt_alphas(b)
+    ra, sa = scales(model, a)
+    rb, sb = scales(model, b)
     x0_hat = (x_a - sa * eps) / ra
     return rb * x0_hat + sb * eps
 

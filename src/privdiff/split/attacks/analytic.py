@@ -16,8 +16,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from privdiff.diffusion import signal_and_noise_scales
 from privdiff.split.activation import symsigmoid_inverse
-from privdiff.split.attacks.base import SPLIT_ATTACKS, Observation, Reconstruction, SplitAttack
+from privdiff.split.attacks.base import (
+    SPLIT_ATTACKS,
+    Observation,
+    Reconstruction,
+    SplitAttack,
+)
+
+
 def conv_operator(conv: torch.nn.Conv2d):
     """(A, Aᵀ) of a stride-1 conv without its bias, as functions on (B, C, H, W) tensors (float64)."""
     weight = conv.weight.detach().double()
@@ -121,8 +129,7 @@ class AnalyticAttack(SplitAttack):
             in_shape = (int(models.unet.conv_in.in_channels), *tensors["s0"].shape[2:])
             x_t, solve = least_squares_through_conv(models.unet.conv_in, tensors["s0"])
             diagnostics.update({"cg": solve, "conv_in_condition_number": condition_number(models.unet.conv_in, in_shape)})
-        alpha_bar = models.scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
-        a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        a, b = signal_and_noise_scales(models.scheduler.alphas_cumprod, t, torch.float64)
         s = protocol.target_noise
         z0 = ((x_t.double() - b / (1 + s * s) * tensors["target"].double()) / a).float()
         latents = {"x_t": x_t, "z0": z0}

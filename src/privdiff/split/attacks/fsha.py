@@ -38,10 +38,19 @@ import torch
 from torch import nn
 
 from privdiff.data.examples import ImageDataset, to_model_tensor
+from privdiff.diffusion import signal_and_noise_scales
 from privdiff.errors import ConfigError
 from privdiff.seeding import generator
 from privdiff.split.attacks.analytic import least_squares_through_conv
-from privdiff.split.attacks.base import SPLIT_ATTACKS, AttackData, Observation, Observer, Reconstruction, SplitAttack, check_observation
+from privdiff.split.attacks.base import (
+    SPLIT_ATTACKS,
+    AttackData,
+    Observation,
+    Observer,
+    Reconstruction,
+    SplitAttack,
+    check_observation,
+)
 from privdiff.split.attacks.scoring import references, score, specificity
 from privdiff.split.messages import GRADIENT_PUSH, Message
 from privdiff.split.server import SplitServer
@@ -291,8 +300,8 @@ class FSHAAttack(SplitAttack):
         """ẑ0 from s0, t and the target in closed form (spec §9.3 steps 1–2)."""
         models = self.data.models
         x_t, _ = least_squares_through_conv(models.unet.conv_in, torch.as_tensor(tensors["s0"]).float())
-        alpha_bar = models.scheduler.alphas_cumprod[torch.as_tensor(tensors["t"])].view(-1, 1, 1, 1).float()
-        return (x_t - (1 - alpha_bar).sqrt() * torch.as_tensor(tensors["target"]).float()) / alpha_bar.sqrt()
+        a, b = signal_and_noise_scales(models.scheduler.alphas_cumprod, torch.as_tensor(tensors["t"]))
+        return (x_t - b * torch.as_tensor(tensors["target"]).float()) / a
 
     def standardise(self, feature: torch.Tensor) -> torch.Tensor:
         """The batch's features moved onto the pilot's statistics: per-position mean and per-channel

@@ -24,16 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privdiff.split.attacks.base import SPLIT_ATTACKS, AttackData, Observation, Observer, Reconstruction, SplitAttack, check_observation
+from privdiff.diffusion import signal_and_noise_scales
+from privdiff.split.attacks.base import (
+    SPLIT_ATTACKS,
+    AttackData,
+    Observation,
+    Observer,
+    Reconstruction,
+    SplitAttack,
+    check_observation,
+)
 
 FEATURES = {"backward-free": ("h", "s0", "x_t", "target"), "vanilla": ("control", "s0", "target")}
 
 
 def timestep_channels(alphas_cumprod: torch.Tensor, t: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
     """√ᾱ_t and √(1 − ᾱ_t) as two constant channels (B, 2, h, w)."""
-    alpha_bar = alphas_cumprod[t].float()
-    values = torch.stack([alpha_bar.sqrt(), (1 - alpha_bar).sqrt()], dim=1)
-    return values.view(-1, 2, 1, 1).expand(-1, -1, *side)
+    return torch.cat(signal_and_noise_scales(alphas_cumprod, t), dim=1).expand(-1, -1, *side)
 
 
 def feature_stack(observation: Observation, alphas_cumprod: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,17 @@ import time
 import numpy as np
 import torch
 
+from privdiff.diffusion import signal_and_noise_scales
 from privdiff.errors import ConfigError
 from privdiff.split.activation import ACTIVATIONS
-from privdiff.split.attacks.base import SPLIT_ATTACKS, AttackData, Observation, Reconstruction, SplitAttack, check_observation
+from privdiff.split.attacks.base import (
+    SPLIT_ATTACKS,
+    AttackData,
+    Observation,
+    Reconstruction,
+    SplitAttack,
+    check_observation,
+)
 from privdiff.split.client import clip_per_example
 from privdiff.split.models import build_split_controlnet
 
@@ -76,14 +84,14 @@ class UnSplitAttack(SplitAttack):
     def _client(self, x01: torch.Tensor, c01: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                 dummy: torch.nn.ModuleDict | None) -> dict[str, torch.Tensor]:
         models, protocol = self.data.models, self.data.config.protocol
-        alpha_bar = models.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        a, b = signal_and_noise_scales(models.scheduler.alphas_cumprod, t)
         both = models.vae.encode(2 * torch.cat([x01, c01]) - 1).latent_dist.mode() * models.scaling_factor
         z0, z_c = both[: len(x01)], both[len(x01):]
         if protocol.latent_clip is not None:
             z0 = clip_per_example(z0, protocol.latent_clip)
         if protocol.condition_clip is not None:
             z_c = clip_per_example(z_c, protocol.condition_clip)
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+        x_t = a * z0 + b * noise
         out = {"target": noise, "x_t": x_t}
         out["s0"] = models.unet.conv_in(x_t) if protocol.send == "s0" else x_t
         if dummy is None:
