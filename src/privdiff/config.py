@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -27,13 +28,36 @@ BUILTIN_DATASET_NAMES = ("digits", "faces", "glyphs", "fill", "identities")
 # Images larger than this are refused before decoding (a 380 KB PNG can declare 20000 x 20000 pixels).
 MAX_IMAGE_PIXELS = 40_000_000
 
+Scheduler = Literal["ddim", "ddpm"]  # the samplers of `privdiff.models.generation`
+
+
+class ConfigRoot:
+    """A config `load_config` can load: a dataclass tree, saved as `to_dict()`, checked by `validate()`.
+
+    Choices are `Literal` fields: a file or override outside them is refused while loading, and
+    `validate` refuses one set in code through `choice_checks`.
+    """
+
+    def validate(self) -> Any:
+        """Raises ConfigError on the first invalid value; returns the config."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 @dataclass
-class DataConfig:
+class DataSelection:
+    """Which images, and how many: the first fields of every room's data section."""
+
     name: str = field(default="digits", metadata=DATASET_PATH)  # a built-in dataset name, or an imagefolder
     image_size: int = 32
     num_examples: int | None = 256  # seeded subset of the dataset; null = all of it
     seed: int = 0  # picks the subset
+
+
+@dataclass
+class DataConfig(DataSelection):
     max_image_pixels: int = MAX_IMAGE_PIXELS  # an image folder's images above this are refused, unread
 
 
@@ -88,9 +112,9 @@ class DPConfig:
     expected_batch_size: int | None = None  # B; Poisson rate q = B/N; null = min(64, N // 4)
     physical_batch_size: int = 16  # examples per forward/backward chunk (memory), never changes the result
     epochs: float | None = 50.0  # steps = ceil(epochs / q); null = use train.steps
-    accountant: str = "prv"  # prv (tight) | rdp (comparability with older work)
+    accountant: Literal["prv", "rdp"] = "prv"  # prv (tight) | rdp (comparability with older work)
     eps_error: float = 1e-3  # PRV accuracy; its epsilon is an upper bound about this much above PLD
-    engine: str = "hooks"  # per-example gradients: hooks (Opacus, fast) | functorch (vmap of grad)
+    engine: Literal["hooks", "functorch"] = "hooks"  # per-example gradients: hooks (Opacus, fast) | functorch (vmap)
     secure_rng: bool = False  # Opacus secure mode (needs torchcsprng) for noise and Poisson masks
 
 
@@ -112,14 +136,14 @@ class SMPConfig:
 class SampleConfig:
     num_images: int = 16
     num_inference_steps: int = 25
-    scheduler: str = "ddim"  # ddim | ddpm
+    scheduler: Scheduler = "ddim"
     guidance_scale: float = 3.0
     seed: int = 0
     prompts: list[str] | None = None  # null = captions of the private data, one per image
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ConfigRoot):
     output_dir: str = field(default="runs/finetune", metadata=PATH)
     data: DataConfig = field(default_factory=DataConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
@@ -133,6 +157,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Raises ConfigError on the first invalid value."""
         checks = [
+            *choice_checks(self),
             (self.data.image_size >= 8 and self.data.image_size % 8 == 0,
              "data.image_size must be a multiple of 8 and >= 8"),
             (self.data.num_examples is None or self.data.num_examples >= 4,
@@ -167,7 +192,6 @@ class RunConfig:
             (self.smp.probe_draws >= 1, "smp.probe_draws must be >= 1"),
             (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
             (self.sample.num_inference_steps >= 1, "sample.num_inference_steps must be >= 1"),
-            (self.sample.scheduler in ("ddim", "ddpm"), "sample.scheduler must be 'ddim' or 'ddpm'"),
             (self.sample.guidance_scale >= 1, "sample.guidance_scale must be >= 1"),
         ]
         raise_first_failure(checks)
@@ -189,13 +213,8 @@ class RunConfig:
             (dp.expected_batch_size is None or dp.expected_batch_size >= 1, "dp.expected_batch_size must be >= 1"),
             (dp.physical_batch_size >= 1, "dp.physical_batch_size must be >= 1"),
             (dp.epochs is None or dp.epochs > 0, "dp.epochs must be > 0 (or null to use train.steps)"),
-            (dp.accountant in ("prv", "rdp"), "dp.accountant must be 'prv' or 'rdp'"),
             (0 < dp.eps_error < 1, "dp.eps_error must be in (0, 1)"),
-            (dp.engine in ("hooks", "functorch"), "dp.engine must be 'hooks' or 'functorch'"),
         ]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
@@ -236,7 +255,48 @@ def absolute_path(value: str, dataset: bool = False) -> str:
     return os.path.abspath(os.path.expanduser(value)) if value else value
 
 
+def literal_choices(hint: Any) -> tuple[Any, ...] | None:
+    """The values of a `Literal[...]` hint, or of `Literal[...] | None`; None for any other hint."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    if get_origin(hint) in (Union, types.UnionType):
+        for arg in get_args(hint):
+            if get_origin(arg) is Literal:
+                return get_args(arg)
+    return None
+
+
+def _is_choice(value: Any, hint: Any, choices: tuple[Any, ...]) -> bool:
+    if value is None:
+        return type(None) in get_args(hint)
+    # by type too: YAML's `1` is not the choice "1", nor `true` the choice 1
+    return any(value == choice and type(value) is type(choice) for choice in choices)
+
+
+def _choice_message(path: str, choices: tuple[Any, ...], value: Any) -> str:
+    return f"config key '{path}' must be one of {', '.join(map(str, choices))} (got {value!r})"
+
+
+def choice_checks(config: Any, where: str = "") -> list[tuple[bool, str]]:
+    """One (ok, message) check per `Literal` field of a dataclass tree, for `validate`: loading
+    refuses a value outside the choices, this also refuses one set in code."""
+    hints = get_type_hints(type(config))
+    checks = []
+    for f in dataclasses.fields(config):
+        value, path = getattr(config, f.name), _join(where, f.name)
+        if dataclasses.is_dataclass(value):
+            checks += choice_checks(value, path)
+        elif (choices := literal_choices(hints[f.name])) is not None:
+            checks.append((_is_choice(value, hints[f.name], choices), _choice_message(path, choices, value)))
+    return checks
+
+
 def _coerce(value: Any, hint: Any, path: str) -> Any:
+    choices = literal_choices(hint)
+    if choices is not None:
+        if not _is_choice(value, hint, choices):
+            raise ConfigError(_choice_message(path, choices, value))
+        return value
     text = str(hint)
     if value is None:
         if "None" in text:
@@ -298,11 +358,11 @@ class _StrictSafeLoader(yaml.SafeLoader):
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                base: Any = None, kind: type = RunConfig) -> Any:
+                base: Any = None, kind: type[ConfigRoot] = RunConfig) -> Any:
     """Loads a YAML config (safe loader) onto `base` (defaults of `kind`), applies `key=value` overrides.
 
-    `kind` is the root dataclass (RunConfig, or another room's, e.g. the split config); it must
-    have `to_dict` and `validate`.
+    `kind` is the root dataclass, a `ConfigRoot`: RunConfig, or another room's (the split, weights
+    attack, audit, evaluation or pre-training config).
 
     Raises:
         ConfigError: unreadable file, invalid YAML, unknown key, wrong type or invalid value.

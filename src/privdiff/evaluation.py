@@ -6,7 +6,6 @@ samples and their features, for paired comparisons) and fills summary.json["metr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from privdiff.config import ConfigRoot, Scheduler, choice_checks, raise_first_failure
 from privdiff.diffusion.task import encode_images, encode_prompts
-from privdiff.errors import ConfigError
 from privdiff.metrics.distances import (
     KernelMatrices,
     fid,
@@ -46,13 +45,13 @@ REFERENCES = ("members", "nonmember_test")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ConfigRoot):
     """Evaluation settings (evaluation spec §10); written into metrics.json."""
 
     num_samples: int = 1000          # quick mode: 256
     eval_seed: int = 0
     num_inference_steps: int = 50
-    scheduler: str = "ddim"
+    scheduler: Scheduler = "ddim"
     guidance_scale: float = 3.0
     features: str | None = None      # None = the default extractor of the run's dataset
     kid_subsets: int = 100
@@ -63,17 +62,15 @@ class EvalConfig:
     batch_size: int = 125
 
     def validate(self) -> "EvalConfig":
+        """Raises ConfigError on the first invalid value."""
         checks = [(self.num_samples >= 10, "num_samples must be >= 10"),
                   (self.num_inference_steps >= 1, "num_inference_steps must be >= 1"),
-                  (self.scheduler in ("ddim", "ddpm"), "scheduler must be 'ddim' or 'ddpm'"),
                   (self.guidance_scale >= 1, "guidance_scale must be >= 1"),
                   (self.kid_subsets >= 2 and self.kid_subset_size >= 2, "KID needs >= 2 subsets of >= 2"),
                   (self.bootstrap >= 20, "bootstrap must be >= 20 resamples"),
                   (self.heldout_timesteps >= 1, "heldout_timesteps must be >= 1"),
                   (self.batch_size >= 1, "batch_size must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"evaluate: {message}")
+        raise_first_failure([*choice_checks(self), *((ok, f"evaluate: {message}") for ok, message in checks)])
         return self
 
 
@@ -245,7 +242,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, show_pro
     atomic_replace(eval_dir / "generated_features.npz",
                    lambda tmp: np.savez_compressed(open(tmp, "wb"), features=gen_features,
                                                    prompts=np.array(prompts)))
-    result = {"run": str(run.path), "config": dataclasses.asdict(cfg), "extractor": extractor.id,
+    result = {"run": str(run.path), "config": cfg.to_dict(), "extractor": extractor.id,
               "records": records, **run_record(), "wall_time_s": round(time.perf_counter() - began, 3),
               "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     atomic_write_json(run.path / "metrics.json", result)

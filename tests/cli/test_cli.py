@@ -1,5 +1,6 @@
 """The CLI is thin: options become config, errors become one line and exit code 2."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,6 +69,67 @@ def test_config_file_via_cli(tmp_path: Path, capsys):
     cfg.write_text("train:\n  steps: -4\n")
     assert main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "train.steps must be >= 1" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["audit", "RUN", "--attacks", "lira-online", "--shadows", "3"],
+     "audit: --shadows must be even and >= 2 for LiRA, got 3"),
+    (["audit", "RUN", "--set", "cp_fpr=2"], "audit: cp_fpr must be in [0, 1]"),
+    (["audit", "RUN", "--config", "CONFIG"], "unknown config key 'steps'"),
+    (["evaluate", "RUN", "--set", "scheduler=euler"], "config key 'scheduler' must be one of ddim, ddpm (got 'euler')"),
+    (["evaluate", "RUN", "--config", "CONFIG"], "unknown config key 'steps'"),
+    (["pretrain", "--out", "RUN", "--vae-steps", "0"], "num_glyphs, vae_steps and unet_steps must be >= 1"),
+    (["pretrain", "--out", "RUN", "--config", "CONFIG"], "unknown config key 'steps'"),
+])
+def test_audit_evaluate_and_pretrain_settings_are_refused_before_any_work(args, message, tmp_path: Path, capsys):
+    (tmp_path / "c.yaml").write_text("steps: 3\n")
+    args = [{"RUN": str(tmp_path / "run"), "CONFIG": str(tmp_path / "c.yaml")}.get(a, a) for a in args]
+    assert main(args) == 2
+    assert message in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def _built_config(monkeypatch, target: str, argv: list[str]):
+    """The config object `privdiff ...` hands to `target` (which is replaced, so nothing runs)."""
+    from privdiff.errors import ConfigError
+
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append(next(a for a in args if dataclasses.is_dataclass(a)))
+        raise ConfigError("captured")
+
+    monkeypatch.setattr(target, capture)
+    assert main(argv) == 2 and len(seen) == 1
+    return seen[0]
+
+
+def test_audit_evaluate_and_pretrain_flags_build_the_same_configs_as_before(tmp_path: Path, monkeypatch, capsys):
+    """Flags became overrides of `build_config`: the objects are the ones the flags used to construct."""
+    from privdiff.audit.run import AuditConfig
+    from privdiff.evaluation import EvalConfig
+    from privdiff.recipes.glyph_base import PretrainConfig
+
+    run, recipe = str(tmp_path / "run"), tmp_path / "recipe.yaml"
+    audit = "privdiff.audit.run.run_audit"
+    assert _built_config(monkeypatch, audit, ["audit", run]) == AuditConfig()
+    assert _built_config(monkeypatch, audit, ["audit", run, "--attacks", "loss, pia", "--shadows", "4", "--seed", "3",
+                                              "--bootstrap", "50", "--control"]) == \
+        AuditConfig(attacks=["loss", "pia"], audit_seed=3, shadows=4, bootstrap=50, control=True)
+    evaluate = "privdiff.evaluation.evaluate_run"
+    assert _built_config(monkeypatch, evaluate, ["evaluate", run]) == EvalConfig()
+    assert _built_config(monkeypatch, evaluate, ["evaluate", run, "--quick"]) == EvalConfig(num_samples=256)
+    assert _built_config(monkeypatch, evaluate, ["evaluate", run, "--quick", "--num-samples", "300", "--features",
+                                                 "digits", "--eval-seed", "2", "--steps", "10", "--guidance-scale",
+                                                 "1.5", "--bootstrap", "30", "--precision-recall"]) == \
+        EvalConfig(num_samples=300, features="digits", eval_seed=2, num_inference_steps=10, guidance_scale=1.5,
+                   bootstrap=30, precision_recall=True)
+    pretrain = "privdiff.recipes.glyph_base.pretrain"
+    assert _built_config(monkeypatch, pretrain, ["pretrain", "--out", run]) == PretrainConfig()
+    recipe.write_text("vae_steps: 7\nunet_steps: 9\n")  # a file, then flags over it
+    assert _built_config(monkeypatch, pretrain, ["pretrain", "--out", run, "--config", str(recipe), "--num-glyphs",
+                                                 "64", "--seed", "2", "--unet-steps", "5"]) == \
+        PretrainConfig(num_glyphs=64, vae_steps=7, unet_steps=5, seed=2)
 
 
 @pytest.mark.long

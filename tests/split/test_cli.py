@@ -41,7 +41,7 @@ def test_simulate_then_resume(tiny_pipeline_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--design", "telepathy"], "protocol.design must be one of"),
+    (["--design", "telepathy"], "config key 'protocol.design' must be one of backward-free, vanilla (got 'telepathy')"),
     (["--set", "protocol.t_start=1000"], "protocol.t_start must be in [0, 998]"),
     (["--set", "protocol.design=vanilla", "--set", "train.passes=2"], "vanilla makes one step per round"),
     (["--transport", "carrier-pigeon"], "--transport must be inprocess or flower"),

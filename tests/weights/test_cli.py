@@ -11,8 +11,10 @@ from privdiff.cli import main
     (["--defence", "blur=3"], "unknown defence 'blur'"),
     (["--defence", "prune"], "must look like NAME=KNOB"),
     (["--defence", "prune=lots"], "must look like NAME=KNOB"),
-    (["--set", "training.mode=weights"], "training.mode must be one of"),
-    (["--set", "training.pairs=sometimes"], "training.pairs must be"),
+    (["--set", "training.mode=weights"],
+     "config key 'training.mode' must be one of delta, raw, canonical (got 'weights')"),
+    (["--set", "training.pairs=sometimes"],
+     "config key 'training.pairs' must be one of every-step, end-of-run (got 'sometimes')"),
     (["--budget", "10"], "training.budget_steps must be >= recipe.steps"),
     (["--set", "recipe.prompt_template=a face"], "must contain {}"),
 ])

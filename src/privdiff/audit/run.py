@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from privdiff.audit.roc import (
     tpr_interval_at_threshold,
 )
 from privdiff.audit.shadows import train_shadows
+from privdiff.config import ConfigRoot, choice_checks, raise_first_failure
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
@@ -50,7 +50,7 @@ CAVEATS = [
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(ConfigRoot):
     attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     audit_seed: int = 0
     shadows: int = 8            # for lira-online / lira-offline; must be even
@@ -60,16 +60,20 @@ class AuditConfig:
     control: bool = False       # audit the base model without the adapter (must be at chance)
 
     def validate(self) -> "AuditConfig":
-        unknown = [a for a in self.attacks if a not in ATTACKS]
-        if unknown:
-            raise ConfigError(f"unknown attack '{unknown[0]}' (choose from "
-                              f"{', '.join(ATTACKS)})")
-        if not self.attacks:
-            raise ConfigError("audit: no attacks selected")
-        if any(ATTACKS[a].needs_shadows for a in self.attacks) and (self.shadows < 2 or self.shadows % 2):
-            raise ConfigError(f"audit: --shadows must be even and >= 2 for LiRA, got {self.shadows}")
-        if self.bootstrap < 20:
-            raise ConfigError("audit: bootstrap must be >= 20 resamples")
+        """Raises ConfigError on the first invalid value."""
+        # attacks stay a list of names, not Literals: the registry in `privdiff.audit.attacks` is the truth
+        unknown = next((a for a in self.attacks if a not in ATTACKS), None)
+        raise_first_failure([
+            *choice_checks(self),
+            (unknown is None, f"unknown attack '{unknown}' (choose from {', '.join(ATTACKS)})"),
+            (bool(self.attacks), "audit: no attacks selected"),
+            (unknown is not None or not any(ATTACKS[a].needs_shadows for a in self.attacks)
+             or (self.shadows >= 2 and self.shadows % 2 == 0),
+             f"audit: --shadows must be even and >= 2 for LiRA, got {self.shadows}"),
+            (self.bootstrap >= 20, "audit: bootstrap must be >= 20 resamples"),
+            (0 <= self.cp_fpr <= 1, "audit: cp_fpr must be in [0, 1]"),
+            (self.batch_size >= 1, "audit: batch_size must be >= 1"),
+        ])
         return self
 
 
@@ -167,7 +171,7 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     audit = {
         "run": str(run.path), "target": "base model, no adapter (control)" if cfg.control else "fine-tuned adapter",
         "manifest_hash": run_manifest(run).dataset_hash, "audit_seed": cfg.audit_seed,
-        "config": dataclasses.asdict(cfg), "n_members_test": n1, "n_nonmembers_test": n0,
+        "config": cfg.to_dict(), "n_members_test": n1, "n_nonmembers_test": n0,
         "n_members_aux": len(data["member_aux"]), "n_nonmembers_aux": len(data["nonmember_aux"]),
         "null_auc_sd": null_auc_sd(n1, n0), "attacks": records, "best_attack": best,
         "best_attack_rule": "highest AUC on the auxiliary split",

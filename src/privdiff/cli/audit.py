@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
+from privdiff.cli.options import build_config
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
@@ -15,15 +16,17 @@ console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapp
 @app.command()
 def audit(
     run_dir: Path = typer.Argument(..., help="A finished run folder (its membership.json is used)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML audit config (defaults if omitted)."),
     attacks: str = typer.Option(None, help="Comma-separated attacks: loss, pia, secmi, sima, proxy, "
                                            "lira-online, lira-offline (default: the first five)."),
-    shadows: int = typer.Option(8, help="Shadow LoRAs for LiRA (even; trained with the run's recipe)."),
+    shadows: int = typer.Option(None, help="Shadow LoRAs for LiRA (even; trained with the run's recipe; default 8)."),
     canaries: int = typer.Option(0, help="One-run canary audit with this many canaries (0 = skip)."),
     canary_attack: str = typer.Option(None, help="Attack for the canary audit (default: the best attack)."),
-    seed: int = typer.Option(0, help="Audit seed (fixed noises, shadow masks, canaries)."),
-    bootstrap: int = typer.Option(1000, help="Stratified bootstrap resamples."),
+    seed: int = typer.Option(None, help="Audit seed (fixed noises, shadow masks, canaries; default 0)."),
+    bootstrap: int = typer.Option(None, help="Stratified bootstrap resamples (default 1000)."),
     control: bool = typer.Option(False, help="Audit the base model without the adapter (the control: must be "
                                              "at chance) -> RUN_DIR/audit/control/."),
+    set_: list[str] = typer.Option(None, "--set", help="Any audit config key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Run membership-inference attacks -> RUN_DIR/audit/audit.json, scores.npz, roc_loglog.png."""
@@ -32,8 +35,10 @@ def audit(
     from privdiff.audit.run import AuditConfig, run_audit
     from privdiff.metrics.estimate import format_estimate
 
-    names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else list(DEFAULT_ATTACKS)
-    cfg = AuditConfig(attacks=names, audit_seed=seed, shadows=shadows, bootstrap=bootstrap, control=control)
+    names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else None
+    # a flag left out (None; False for --control) leaves the config file's value
+    cfg = build_config(config, {"attacks": names, "audit_seed": seed, "shadows": shadows, "bootstrap": bootstrap,
+                                "control": control or None}, set_, kind=AuditConfig)
     result = run_audit(run_dir, cfg, show_progress=not quiet)
     n1, n0 = result["n_members_test"], result["n_nonmembers_test"]
     console.print(f"test split: {n1} members, {n0} non-members (null AUC sd {result['null_auc_sd']:.3f})",
@@ -44,11 +49,11 @@ def audit(
     cp = result["eps_lower_bound"]["cp"]
     console.print(f"best attack (by aux AUC): {result['best_attack']}; indicative ε lower bound "
                   f"(Clopper-Pearson) {cp['eps']:.2f}", highlight=False)
-    if canaries and not control:
+    if canaries and not cfg.control:
         one_run = canary_audit(run_dir, num_canaries=canaries, attack=canary_attack or
                                (result["best_attack"] if result["best_attack"] in DEFAULT_ATTACKS else "loss"),
-                               seed=seed, show_progress=not quiet)
+                               seed=cfg.audit_seed, show_progress=not quiet)
         console.print(f"one-run canary audit: {one_run['v']}/{one_run['r']} guesses correct on "
                       f"{one_run['m']} canaries -> ε lower bound {one_run['eps']:.2f} (p = {one_run['p']})",
                       highlight=False)
-    console.print(f"audit: {Path(run_dir) / 'audit' / ('control' if control else '') / 'audit.json'}")
+    console.print(f"audit: {Path(run_dir) / 'audit' / ('control' if cfg.control else '') / 'audit.json'}")

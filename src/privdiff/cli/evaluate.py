@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
+from privdiff.cli.options import build_config
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 extractor_app = typer.Typer(no_args_is_help=True, help="The shipped feature extractors.")
@@ -17,6 +18,7 @@ app.add_typer(extractor_app, name="extractor")
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML evaluation config (defaults if omitted)."),
     num_samples: int = typer.Option(None, help="Generated samples (default 1000)."),
     quick: bool = typer.Option(False, help="Quick mode: 256 samples."),
     features: str = typer.Option(None, help="Feature extractor: digits|glyphs|fill, classifier:DIR, "
@@ -26,17 +28,19 @@ def evaluate(
     guidance_scale: float = typer.Option(None, help="Guidance scale (default 3.0)."),
     bootstrap: int = typer.Option(None, help="Bootstrap resamples (default 200)."),
     precision_recall: bool = typer.Option(False, "--precision-recall", help="Also k-NN precision/recall."),
+    set_: list[str] = typer.Option(None, "--set", help="Any evaluation config key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Utility metrics of a run (FID, KID, accuracy, held-out loss) -> RUN_DIR/metrics.json."""
     from privdiff.evaluation import QUICK, EvalConfig, evaluate_run, record_key
 
-    values = {**(QUICK if quick else {}),
-              **{k: v for k, v in {"num_samples": num_samples, "features": features, "eval_seed": eval_seed,
-                                   "num_inference_steps": steps, "guidance_scale": guidance_scale,
-                                   "bootstrap": bootstrap}.items() if v is not None},
-              "precision_recall": precision_recall}
-    result = evaluate_run(run_dir, EvalConfig(**values), show_progress=not quiet)
+    # a flag left out (None; False for the switches) leaves the config file's value; --num-samples beats --quick
+    flags = {**(QUICK if quick else {}), "features": features, "eval_seed": eval_seed, "num_inference_steps": steps,
+             "guidance_scale": guidance_scale, "bootstrap": bootstrap, "precision_recall": precision_recall or None}
+    if num_samples is not None:
+        flags["num_samples"] = num_samples
+    cfg = build_config(config, flags, set_, kind=EvalConfig)
+    result = evaluate_run(run_dir, cfg, show_progress=not quiet)
     for r in result["records"]:
         lo, hi = r["ci"]
         console.print(f"  {record_key(r):<34} {r['value']:.4g}  [{lo:.4g}, {hi:.4g}]", highlight=False)

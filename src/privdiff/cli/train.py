@@ -97,23 +97,21 @@ def _print_privacy(run_dir: Path) -> None:
 def pretrain(
     out: Path = typer.Option(Path("runs/pretrain/tiny-sd-glyphs"), "--out", "-o",
                              help="Folder for the pre-trained pipeline (save_pretrained layout)."),
+    config: Path = typer.Option(None, "--config", "-c",
+                                help="YAML of recipe keys, e.g. vae_steps: 100 (the shipped recipe if omitted)."),
     num_glyphs: int = typer.Option(None, help="Override the recipe: glyph images."),
     vae_steps: int = typer.Option(None, help="Override the recipe: VAE steps."),
     unet_steps: int = typer.Option(None, help="Override the recipe: UNet steps."),
     seed: int = typer.Option(None, help="Override the recipe: seed."),
+    set_: list[str] = typer.Option(None, "--set", help="Any recipe key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Pre-train the tiny base model on public glyphs (the shipped base's recipe by default)."""
-    import dataclasses
-
-    from privdiff.errors import ConfigError
     from privdiff.recipes.glyph_base import PretrainConfig, pretrain as run_pretrain
 
-    changes = {k: v for k, v in {"num_glyphs": num_glyphs, "vae_steps": vae_steps,
-                                 "unet_steps": unet_steps, "seed": seed}.items() if v is not None}
-    if any(v < 1 for k, v in changes.items() if k != "seed"):
-        raise ConfigError("num-glyphs, vae-steps and unet-steps must be >= 1")
-    summary = run_pretrain(out, dataclasses.replace(PretrainConfig(), **changes), show_progress=not quiet)
+    cfg = build_config(config, {"num_glyphs": num_glyphs, "vae_steps": vae_steps, "unet_steps": unet_steps,
+                                "seed": seed}, set_, kind=PretrainConfig)
+    summary = run_pretrain(out, cfg, show_progress=not quiet)
     console.print(f"base model: [bold]{out}[/]  (UNet loss {summary['unet_loss']:.4f}, "
                   f"VAE reconstruction {summary['vae_reconstruction_loss']:.4f})")
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from rich.progress import Progress
 
-from privdiff.config import RunConfig, TrainConfig
+from privdiff.config import ConfigRoot, RunConfig, TrainConfig, choice_checks, raise_first_failure
 from privdiff.data.builtin import load_glyphs
 from privdiff.diffusion.task import build_task, encode_images
 from privdiff.models.load import write_checksums
@@ -31,7 +31,7 @@ from privdiff.training.methods.lora import FullUNet
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(ConfigRoot):
     """The recipe of the shipped base model (`assets/tiny-sd-glyphs/RECIPE.yaml`)."""
 
     seed: int = 0
@@ -45,6 +45,21 @@ class PretrainConfig:
     unet_batch_size: int = 64
     unet_learning_rate: float = 5e-4
     caption_dropout: float = 0.1
+
+    def validate(self) -> "PretrainConfig":
+        """Raises ConfigError on the first invalid value."""
+        raise_first_failure([
+            *choice_checks(self),
+            (min(self.num_glyphs, self.vae_steps, self.unet_steps) >= 1,
+             "num_glyphs, vae_steps and unet_steps must be >= 1"),
+            (min(self.vae_batch_size, self.unet_batch_size) >= 1, "vae_batch_size and unet_batch_size must be >= 1"),
+            (min(self.vae_learning_rate, self.unet_learning_rate) > 0,
+             "vae_learning_rate and unet_learning_rate must be > 0"),
+            (self.vae_kl_weight >= 0, "vae_kl_weight must be >= 0"),
+            (0 <= self.texture_fraction <= 1, "texture_fraction must be in [0, 1]"),
+            (0 <= self.caption_dropout < 1, "caption_dropout must be in [0, 1)"),
+        ])
+        return self
 
 
 def random_textures(n: int, size: int, rng: torch.Generator) -> torch.Tensor:
@@ -88,7 +103,11 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progres
 
     Returns:
         A summary with the final VAE reconstruction loss, the UNet loss and the scaling factor.
+
+    Raises:
+        ConfigError: an invalid recipe.
     """
+    cfg.validate()
     seed_everything(cfg.seed)
     model_cfg = TinySDConfig()
     pipe = build_tiny_pipeline(model_cfg, seed=cfg.seed)
@@ -112,7 +131,7 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progres
     staging = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(str(staging), safe_serialization=True)
-    recipe = {"recipe": asdict(cfg), "model": asdict(model_cfg),
+    recipe = {"recipe": cfg.to_dict(), "model": asdict(model_cfg),
               "data": f"glyphs (privdiff.data.builtin.load_glyphs, n={cfg.num_glyphs}, seed={cfg.seed})",
               "reproduce": "privdiff pretrain --out DIR (defaults are this recipe)"}
     atomic_write_text(staging / "RECIPE.yaml", yaml.safe_dump(recipe, sort_keys=False))

@@ -2,41 +2,53 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, get_args
 
 from privdiff.config import (
     DATASET_PATH,
-    MAX_IMAGE_PIXELS,
     PATH,
+    ConfigRoot,
+    DataConfig,
+    DataSelection,
     ModelConfig,
+    choice_checks,
     load_config,
     raise_first_failure,
 )
 
-DESIGNS = ("backward-free", "vanilla")
+Design = Literal["backward-free", "vanilla"]
+DESIGNS: tuple[str, ...] = get_args(Design)
 
 
 @dataclass
-class SplitDataConfig:
-    name: str = field(default="fill", metadata=DATASET_PATH)  # a built-in dataset with conditions, or an imagefolder
-    image_size: int = 32
-    num_examples: int = 2000      # training triples, sharded over the clients
-    seed: int = 0
-    shard: str = "iid"            # iid (by index) | colour (non-IID: by circle colour, fill only)
+class SplitSelection(DataSelection):
+    """What the split run adds to the selection: how the clients share it, and a held-out test set."""
+
+    shard: Literal["iid", "colour"] = "iid"  # iid (by index) | colour (non-IID: by circle colour, fill only)
     test_examples: int = 256      # held-out triples for condition fidelity (a different seed)
     test_seed: int = 1
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image folder's images above this are refused, unread
+
+
+@dataclass
+class SplitDataConfig(DataConfig, SplitSelection):
+    """The finetune run's `DataConfig` with the split additions and its own defaults.
+
+    Dataclass fields follow the reversed MRO (DataSelection, SplitSelection, DataConfig), so the
+    additions sit before `max_image_pixels`, where a split run's config.yaml has always had them.
+    """
+
+    name: str = field(default="fill", metadata=DATASET_PATH)  # a built-in dataset with conditions, or an imagefolder
+    num_examples: int = 2000      # training triples, sharded over the clients
 
 
 @dataclass
 class ProtocolConfig:
-    design: str = "backward-free"  # backward-free (nothing goes back) | vanilla (gradients go back)
+    design: Design = "backward-free"  # backward-free (nothing goes back) | vanilla (gradients go back)
     t_start: int = 5               # timestep policy: t ~ U{t_start, ..., T-1}
-    activation: str = "symsigmoid"  # identity | symsigmoid, on z_c + x_t (backward-free)
-    precision: str = "fp16"         # fp16 | fp32 wire precision of h (backward-free)
-    send: str = "s0"               # s0 (frozen conv_in(x_t), as the reference) | x_t (33x smaller)
+    activation: Literal["identity", "symsigmoid"] = "symsigmoid"  # on z_c + x_t (backward-free)
+    precision: Literal["fp16", "fp32"] = "fp16"  # wire precision of h (backward-free)
+    send: Literal["s0", "x_t"] = "s0"  # s0 (frozen conv_in(x_t), as the reference) | x_t (33x smaller)
     send_zero_text: bool = False   # true: send the reference's all-zero text tensor (byte parity)
     max_batch: int = 64            # B_max of the validation rules
     max_abs_value: float = 1.0e4
@@ -70,13 +82,13 @@ class SplitEvalConfig:
     num_samples: int = 256         # paired (same conditions and seeds) for trained and untrained
     num_inference_steps: int = 20
     guidance_scale: float = 1.0
-    prompt: str = "real"           # what the UNet gets: real (the reference's inference: the prompt to
+    prompt: Literal["real", "zero"] = "real"  # what the UNet gets: real (the reference's inference: the prompt to
                                    # the UNet, zeros to the ControlNet) | zero (prompt-free, as trained)
     seed: int = 0
 
 
 @dataclass
-class SplitConfig:
+class SplitConfig(ConfigRoot):
     output_dir: str = field(default="runs/split", metadata=PATH)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SplitDataConfig = field(default_factory=SplitDataConfig)
@@ -87,11 +99,8 @@ class SplitConfig:
     def validate(self) -> "SplitConfig":
         p, t, d = self.protocol, self.train, self.data
         checks = [
-            (p.design in DESIGNS, f"protocol.design must be one of {', '.join(DESIGNS)}"),
+            *choice_checks(self),
             (0 <= p.t_start <= 998, "protocol.t_start must be in [0, 998]"),
-            (p.activation in ("identity", "symsigmoid"), "protocol.activation must be identity or symsigmoid"),
-            (p.precision in ("fp16", "fp32"), "protocol.precision must be fp16 or fp32"),
-            (p.send in ("s0", "x_t"), "protocol.send must be s0 or x_t"),
             (p.design == "backward-free" or p.send == "s0", "protocol.send: x_t exists only in the backward-free design"),
             (p.max_batch >= 1, "protocol.max_batch must be >= 1"),
             (p.max_abs_value > 0, "protocol.max_abs_value must be > 0"),
@@ -116,25 +125,20 @@ class SplitConfig:
             (t.learning_rate > 0 and t.client_learning_rate > 0, "learning rates must be > 0"),
             (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
             (t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and log_every must be >= 1"),
-            (d.shard in ("iid", "colour"), "data.shard must be iid or colour"),
             (d.num_examples >= t.clients, "data.num_examples must be >= train.clients"),
             (d.test_examples >= 1, "data.test_examples must be >= 1"),
             (d.max_image_pixels >= 1, "data.max_image_pixels must be >= 1"),
             (d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8"),
             (self.eval.num_samples >= 1 and self.eval.num_inference_steps >= 1, "eval sizes must be >= 1"),
             (self.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1"),
-            (self.eval.prompt in ("zero", "real"), "eval.prompt must be zero or real"),
         ]
         raise_first_failure(checks)
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def load_split_config(path: str | None = None, overrides: list[str] | None = None) -> SplitConfig:
     return load_config(path, overrides, kind=SplitConfig)
 
 
-__all__ = ["DESIGNS", "ProtocolConfig", "SplitConfig", "SplitDataConfig", "SplitEvalConfig",
-           "SplitTrainConfig", "load_split_config"]
+__all__ = ["DESIGNS", "Design", "ProtocolConfig", "SplitConfig", "SplitDataConfig", "SplitEvalConfig",
+           "SplitSelection", "SplitTrainConfig", "load_split_config"]

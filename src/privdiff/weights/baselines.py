@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class UpdateMatchingConfig:
     simulate_lr: float = 1e-2
     iterations: int = 100
     learning_rate: float = 0.05
-    loss: str = "cosine"  # or "l2"
+    loss: Literal["cosine", "l2"] = "cosine"
     draws: int = 2        # (noise, timestep) draws per dummy image in the simulated loss
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import get_args
 
-from privdiff.config import PATH, raise_first_failure
+from privdiff.config import PATH, ConfigRoot, choice_checks, raise_first_failure
 from privdiff.errors import ConfigError
 from privdiff.weights.finetune import FinetuneRecipe, GenerationConfig
-from privdiff.weights.inputs import INPUT_MODES
-from privdiff.weights.paradigm import EncoderTrainingConfig
+from privdiff.weights.paradigm import EncoderTrainingConfig, PostHocDefence
 
-DEFENCE_NAMES = ("weight-noise", "prune", "rank", "dp")
+DEFENCE_NAMES = (*get_args(PostHocDefence), "dp")
 
 
 @dataclass
@@ -57,7 +55,7 @@ class DefenceConfig:
 
 
 @dataclass
-class WeightsAttackConfig:
+class WeightsAttackConfig(ConfigRoot):
     output_dir: str = field(default="runs/weights-attack", metadata=PATH)
     base_model: str | None = field(default=None, metadata=PATH)  # diffusers folder; null = the shipped tiny-sd-identities
     seed: int = 0
@@ -70,6 +68,7 @@ class WeightsAttackConfig:
     def validate(self) -> "WeightsAttackConfig":
         r, t, d = self.recipe, self.training, self.data
         checks = [
+            *choice_checks(self),
             (r.rank >= 1 and r.alpha > 0, "recipe.rank must be >= 1 and recipe.alpha > 0"),
             (r.steps >= 1 and r.learning_rate > 0, "recipe.steps must be >= 1 and recipe.learning_rate > 0"),
             (1 <= r.images_per_identity <= 40, "recipe.images_per_identity must be in [1, 40]"),
@@ -77,13 +76,9 @@ class WeightsAttackConfig:
             (r.text_encoder_rank >= 0 and r.text_encoder_alpha > 0,
              "recipe.text_encoder_rank must be >= 0 (0 = off) and recipe.text_encoder_alpha > 0"),
             ("{}" in r.prompt_template, "recipe.prompt_template must contain {} (the trigger word)"),
-            (t.mode in INPUT_MODES, f"training.mode must be one of {', '.join(INPUT_MODES)}"),
-            (t.pairs in ("every-step", "end-of-run"), "training.pairs must be every-step or end-of-run"),
             (t.budget_steps >= r.steps, "training.budget_steps must be >= recipe.steps (one full shadow run)"),
             (t.learning_rate > 0 and t.encoder_images >= 1, "training.learning_rate > 0 and encoder_images >= 1"),
             (t.concurrent_runs >= 1 and t.pair_batch >= 1, "training.concurrent_runs and pair_batch must be >= 1"),
-            (t.defence is None or t.defence in DEFENCE_NAMES[:3],
-             "training.defence must be weight-noise, prune or rank (post-hoc defences)"),
             (d.victims >= 1 and d.validation_shadows >= 0, "data.victims must be >= 1"),
             (d.shadows is None or d.shadows >= 1, "data.shadows must be >= 1 (or null)"),
             (self.eval.generation.images >= 1 and self.eval.generation.inference_steps >= 1,
@@ -95,6 +90,3 @@ class WeightsAttackConfig:
                                                          f"(choose from: {', '.join(DEFENCE_NAMES)})"),
                                  (knob > 0, f"defences.apply: {name} knob must be > 0")])
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

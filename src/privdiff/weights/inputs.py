@@ -12,14 +12,14 @@ canonical (module-name) order, so a file and a live UNet give the same encoder i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from privdiff.models.lora_math import LoRALayer, canonical_layers, initial_layers
 
 InputMode = Literal["delta", "raw", "canonical"]
-INPUT_MODES: tuple[str, ...] = ("delta", "raw", "canonical")
+INPUT_MODES: tuple[str, ...] = get_args(InputMode)
 
 
 def encoder_inputs(layers: list[LoRALayer], mode: InputMode,

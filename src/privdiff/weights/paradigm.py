@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from rich.progress import (
@@ -62,6 +63,8 @@ from privdiff.weights.inputs import (
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"
+# The defences of `privdiff.defences` an encoder can train against (DP-LoRA changes training, not the file).
+PostHocDefence = Literal["weight-noise", "prune", "rank"]
 
 
 @dataclass(frozen=True)
@@ -88,9 +91,9 @@ class EncoderTrainingConfig:
         seed: seeds the run lengths, noise draws and the encoder's initialisation.
     """
 
-    mode: str = "delta"  # an InputMode
+    mode: InputMode = "delta"
     step_token: bool = True
-    pairs: str = "every-step"  # or "end-of-run"
+    pairs: Literal["every-step", "end-of-run"] = "every-step"
     budget_steps: int = 40_000
     learning_rate: float = 5e-3
     weight_decay: float = 5e-4
@@ -100,7 +103,7 @@ class EncoderTrainingConfig:
     concurrent_runs: int = 8
     pair_batch: int = 8
     conv_channels: int = 32
-    defence: str | None = None
+    defence: PostHocDefence | None = None
     defence_knob: float | None = None
     seed: int = 0
 
