@@ -1,19 +1,7 @@
 """A fine-tuning run end to end, writing the run folder every later command reads, and the
 finished run's dataset, manifest and adapted pipeline loaded back (evaluation, audit, early stopping).
 
-Run folder contract (`privdiff.runs.folder`):
-    config.yaml                        the fully resolved config
-    membership.json                    the membership manifest used
-    checkpoint.pt                      latest training state (resume)
-    history.json                       logged training metrics (training curves)
-    train_log.jsonl                    every step's metrics and per-epoch rows (smp_log.jsonl for MP/SMP)
-    snapshots/step-NNNNNN/             adapters saved during the run (early stopping, frontiers)
-    pytorch_lora_weights.safetensors   the adapter, diffusers LoRA format
-    samples.png                        a grid of generated samples
-    metrics.json, eval/                written by `privdiff evaluate`
-    audit/                             written by `privdiff audit`
-    summary.json                       written last: method, steps, seed, dataset, versions,
-                                       git commit, wall time, metrics {}, privacy {}
+The files it writes, and what each later command adds, are the contract in `privdiff.runs.folder`.
 """
 
 from __future__ import annotations
