@@ -146,3 +146,12 @@ def test_defend_file_refuses_to_write_in_place_and_without_a_seed_draws_fresh_no
     first = read_unet_lora(defend_file(adapter, tmp_path / "a.safetensors", "weight-noise", 0.1))
     second = read_unet_lora(defend_file(adapter, tmp_path / "b.safetensors", "weight-noise", 0.1))
     assert not torch.equal(first[0].down, second[0].down)
+
+
+def test_the_config_choices_name_exactly_the_registered_defences():
+    """`training.defence` is a Literal (checked on load); it must list what the registry applies."""
+    from typing import get_args
+
+    from privdiff.weights.paradigm import PostHocDefence
+
+    assert set(get_args(PostHocDefence)) == set(DEFENCES)
