@@ -161,6 +161,7 @@ def test_specificity_reads_only_what_belongs_to_each_example():
     assert specificity(truth.roll(1, 0), truth)["retrieval"] == 0.0
 
 
+@pytest.mark.slow
 def test_evaluate_attack_engages_the_victim_first(tiny_pipeline_dir, public_models):
     from privdiff.split.attacks.run import evaluate_attack
 
