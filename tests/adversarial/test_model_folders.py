@@ -30,6 +30,7 @@ def test_tokenizer_length_falls_back_to_the_text_encoders_positions(pipeline_wit
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == 16
 
 
+@pytest.mark.slow
 def test_such_a_folder_fine_tunes_and_samples(pipeline_without_max_length: Path, tmp_path: Path, capsys):
     from privdiff.cli import main
 

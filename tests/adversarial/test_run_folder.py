@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from privdiff.cli import main
 from privdiff.runs.lock import LOCK_NAME, lock_run_folder, release_run_folder
 from tests.adversarial.conftest import refused
@@ -29,6 +31,7 @@ def wait_for(condition, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_trains(tmp_path: Path, tiny_pipeline_dir: Path, capsys):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "privdiff", *finetune_args(out, tiny_pipeline_dir, 100000)],

@@ -62,6 +62,7 @@ def test_shadow_masks_are_balanced_and_saved(audited):
         balanced_masks(3, 10, 0)
 
 
+@pytest.mark.slow
 def test_audit_is_deterministic(audited, tmp_path):
     run, first = audited
     again = tmp_path / "again"
@@ -73,6 +74,7 @@ def test_audit_is_deterministic(audited, tmp_path):
         assert first["attacks"][name]["auc"] == second["attacks"][name]["auc"], name
 
 
+@pytest.mark.slow
 def test_control_audits_the_base_model_in_its_own_folder(audited):
     run, result = audited
     control = run_audit(run, AuditConfig(attacks=["loss", "sima"], control=True, **FAST), show_progress=False)
@@ -103,6 +105,7 @@ def test_guesses_take_the_extremes():
     assert guesses(scores, included, 2) == (4, 3)  # IN: 0.9 ✓, 0.8 ✓; OUT: 0.1 ✓, 0.2 ✗
 
 
+@pytest.mark.slow
 def test_canary_audit_end_to_end(audited):
     run, _ = audited
     result = canary_audit(run, num_canaries=16, attack="loss", show_progress=False)
@@ -118,6 +121,7 @@ def test_canary_audit_end_to_end(audited):
     assert included <= trained and not (set(saved["canaries"]) - included) & trained
 
 
+@pytest.mark.slow
 def test_cli_audit_and_report_show_the_audit(audited, tmp_path, capsys):
     run, _ = audited
     assert main(["audit", str(run), "--attacks", "loss,sima", "--bootstrap", "20", "--quiet"]) == 0
@@ -130,6 +134,7 @@ def test_cli_audit_and_report_show_the_audit(audited, tmp_path, capsys):
     assert "unknown attack" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_evaluated_and_audited_run_can_be_overwritten(audited, tmp_path):
     from privdiff.config import load_config
     from privdiff.training.run import run_training

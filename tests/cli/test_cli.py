@@ -37,6 +37,7 @@ def test_finetune_bad_options(args: list[str], message: str, tmp_path: Path, cap
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_finetune_cli_then_sample(tmp_path: Path, tiny_pipeline_dir: Path, capsys):
     out = tmp_path / "run"
     code = main(["finetune", "--pretrained", str(tiny_pipeline_dir), "--out", str(out), "--steps", "2",

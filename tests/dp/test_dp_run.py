@@ -100,6 +100,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_resumed_dp_run_matches_the_uninterrupted_run(tiny_pipeline_dir: Path, tmp_path: Path):
     fixed = {**DP_RUN, "dp.target_epsilon": "null", "dp.noise_multiplier": 1.0, "train.checkpoint_every": 4}
     straight = run_training(tiny_run_config(tmp_path / "a", tiny_pipeline_dir, **fixed), show_progress=False)

@@ -101,6 +101,7 @@ def test_summary_metrics_are_filled(evaluated):
     assert summary["method"] == "lora"  # the rest of the summary is kept
 
 
+@pytest.mark.slow
 def test_metrics_are_identical_across_two_runs_with_the_same_seed(evaluated, tmp_path):
     run, first = evaluated
     again = tmp_path / "again"
@@ -109,6 +110,7 @@ def test_metrics_are_identical_across_two_runs_with_the_same_seed(evaluated, tmp
     assert first["records"] == second["records"]
 
 
+@pytest.mark.slow
 def test_a_different_eval_seed_changes_the_samples(evaluated, tmp_path):
     run, first = evaluated
     other = tmp_path / "other"

@@ -81,6 +81,7 @@ def test_report_renders_in_headless_chromium(report_path: Path, tmp_path: Path):
     assert ((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean() > 0.005
 
 
+@pytest.mark.slow
 def test_run_table_shows_what_a_dp_run_did_not_the_plain_training_fields(tiny_pipeline_dir: Path, tmp_path: Path):
     """Issue 26, finding 6: DP-LoRA's row read train.steps and train.batch_size from the config (6 steps,
     batch 4 here) for a run of ceil(epochs / q) Poisson steps of expected size B."""

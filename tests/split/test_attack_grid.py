@@ -55,6 +55,7 @@ def test_unknown_defence_is_a_one_line_error(tmp_path, capsys):
     assert "unknown defence" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_attack_writes_results_and_refuses_wrong_design(tiny_pipeline_dir, tmp_path, capsys):
     common = ["--set", f"model.pretrained={tiny_pipeline_dir}"] + [a for o in TINY for a in ("--set", o)]
     out = tmp_path / "attack"

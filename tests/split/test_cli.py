@@ -22,6 +22,7 @@ def _tiny(tiny_pipeline_dir, out) -> list[str]:
             "--set", "eval.num_inference_steps=2", "--set", "train.checkpoint_every=2", "--quiet"]
 
 
+@pytest.mark.slow
 def test_simulate_then_resume(tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "split"
     assert main(["split", "simulate", "--steps", "2", *_tiny(tiny_pipeline_dir, out)]) == 0, capsys.readouterr().err

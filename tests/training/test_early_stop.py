@@ -29,6 +29,7 @@ def runs(tiny_pipeline_dir: Path, tmp_path_factory) -> dict[str, Path]:
     return {"plain": plain, "short": short, "other": other, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_the_closest_snapshot_is_chosen_and_written_as_a_run(runs):
     out = early_stop_like(runs["plain"], runs["short"], runs["tmp"] / "early")
     match = json.loads((out / "summary.json").read_text())["early_stopped"]
@@ -43,6 +44,7 @@ def test_the_closest_snapshot_is_chosen_and_written_as_a_run(runs):
     run_pipeline(run)  # the copied adapter loads
 
 
+@pytest.mark.slow
 def test_matching_a_run_to_itself_picks_its_final_adapter(runs):
     out = early_stop_like(runs["plain"], runs["plain"], runs["tmp"] / "self")
     match = json.loads((out / "summary.json").read_text())["early_stopped"]
@@ -63,6 +65,7 @@ def test_refusals(runs):
     assert (busy / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cli_early_stop(runs, capsys):
     assert main(["early-stop", str(runs["plain"]), "--match", str(runs["short"]), "--out",
                  str(runs["tmp"] / "cli")]) == 0
@@ -73,6 +76,7 @@ def test_cli_early_stop(runs, capsys):
     assert err.startswith("error:") and "no snapshots" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_report_shows_the_matched_comparison_with_paired_differences(runs):
     from privdiff.audit.run import AuditConfig, run_audit
     from privdiff.report import write_report

@@ -90,6 +90,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_crash_matches_uninterrupted_run(tiny_pipeline_dir: Path, tmp_path: Path):
     straight = run_training(tiny_run_config(tmp_path / "a", tiny_pipeline_dir), show_progress=False)
 
@@ -120,6 +121,7 @@ def test_existing_run_folder_needs_resume_or_overwrite(finished_run: Path, tiny_
         run_training(cfg, show_progress=False)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tiny_pipeline_dir: Path, tmp_path: Path):
     cfg = tiny_run_config(tmp_path, tiny_pipeline_dir, **{"train.steps": 2})
     run_training(cfg, show_progress=False)

@@ -233,6 +233,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_smp_resume_matches_uninterrupted_run(smp_run: Path, tiny_pipeline_dir: Path, tmp_path: Path):
     cfg = load_config(smp_run / "config.yaml", [f"output_dir={tmp_path / 'b'}"])
 
@@ -278,6 +279,7 @@ def test_missing_aux_nonmembers_is_refused(tiny_pipeline_dir: Path, tmp_path: Pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_audit_retrains_the_proxy_from_scratch(smp_run: Path, monkeypatch):
     """Spec §12.10: the audit never loads the co-trained proxy. Its proxy scores are the same when
     proxy_final.safetensors is replaced by garbage, and no loader ever opens that file."""
@@ -305,6 +307,7 @@ def test_audit_retrains_the_proxy_from_scratch(smp_run: Path, monkeypatch):
     assert not any("proxy_final" in path for path in opened)
 
 
+@pytest.mark.slow
 def test_lira_shadows_of_an_smp_run_are_trained_with_smp(smp_run: Path, tmp_path: Path):
     """Spec §8.1: shadow models are trained with the same method (adaptive attacker)."""
     from privdiff.audit.shadows import train_shadows

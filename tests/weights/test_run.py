@@ -67,6 +67,7 @@ def test_the_report_card_shows_the_weights_attack(tiny_attack_run):
     assert "2 victims. Lower bound (random embedding)" in page
 
 
+@pytest.mark.slow
 def test_one_adapter_is_attacked_with_the_trained_encoder(tiny_attack_run, tmp_path, capsys):
     adapter = sorted((tiny_attack_run / "victims").glob("*.safetensors"))[0]
     out = tmp_path / "one"

@@ -43,6 +43,7 @@ def face_file(tmp_path_factory) -> Path:
     return bench.save_adapter(bench.finetune(attack_split()[1][FRESH_VICTIMS.start]), path)
 
 
+@pytest.mark.slow
 def test_a_face_file_is_attacked_with_the_shipped_encoder(face_file, tmp_path, capsys):
     out = tmp_path / "attack"
     assert main(["attack", "weights", "--adapter", str(face_file), "--out", str(out)]) == 0
