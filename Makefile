@@ -20,12 +20,14 @@ demo: $(STAMP)
 
 # CI runs `make test` (about 7 min on 2 cores with the venv installed); `make test-all` adds the long end-to-end tests (about 50 min).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not long" --durations=25
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not long"
 
 test-all: $(STAMP)
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
