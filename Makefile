@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/privdiff demo
 
-# CI runs `make test` (about 7 min on 2 cores with the venv installed); `make test-all` adds the long end-to-end tests (about 50 min).
+# CI runs `make test` (lint-imports, then about 6 min of tests on 2 cores with the venv installed); `make test-all` adds the long end-to-end tests (about 50 min).
 test: $(STAMP)
 	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not long" --durations=25
