@@ -58,8 +58,7 @@ from privdiff.split.transport import InProcessTransport
 
 if TYPE_CHECKING:
     from privdiff.split.client import VanillaClient
-    from privdiff.split.server import SplitServer
-    from privdiff.split.transport import InProcessTransport, Transport
+    from privdiff.split.transport import Transport
 
 
 def _stages(vae_factor: int) -> int:
