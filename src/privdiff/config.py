@@ -142,6 +142,17 @@ class SampleConfig:
     prompts: list[str] | None = None  # null = captions of the private data, one per image
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class RuntimeConfig:
+    """Where models run (`privdiff.runtime` resolves and checks both against the machine)."""
+
+    device: str = "auto"  # auto (this rank's GPU when CUDA is present, else the CPU) | cpu | cuda | cuda:N | mps
+    precision: Precision = "auto"  # frozen weights only; auto = bf16 on CUDA devices that support it, else fp32
+
+
 @dataclass
 class RunConfig(ConfigRoot):
     output_dir: str = field(default="runs/finetune", metadata=PATH)
@@ -153,6 +164,7 @@ class RunConfig(ConfigRoot):
     dp: DPConfig = field(default_factory=DPConfig)
     smp: SMPConfig = field(default_factory=SMPConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "RunConfig":
         """Raises ConfigError on the first invalid value."""

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privdiff.audit.run import AuditConfig, load_audit, run_audit
-from privdiff.config import RunConfig, load_config
+from privdiff.config import RunConfig, RuntimeConfig, load_config
 from privdiff.evaluation import EvalConfig, evaluate_run
 from privdiff.metrics.estimate import format_estimate
 from privdiff.report import write_report
+from privdiff.runtime import resolve_runtime
 from privdiff.training.early_stop import early_stop_like
 from privdiff.training.run import run_training
 
@@ -95,22 +96,25 @@ def demo_config(out: Path, name: str, steps: int | None = None, extra: list[str]
     return load_config(DEMO_CONFIG, overrides)
 
 
-def run_demo(out: Path, steps: int | None = None, show_progress: bool = True) -> DemoResult:
+def run_demo(out: Path, steps: int | None = None, show_progress: bool = True,
+             runtime: RuntimeConfig = RuntimeConfig()) -> DemoResult:
     """Fine-tunes plain LoRA, DP-LoRA and SMP-LoRA on the same private digits, stops the plain LoRA
     early at SMP-LoRA's utility, evaluates and audits all four (and the base model as the control),
     and writes the report card."""
     began = time.perf_counter()
-    lora_dir = run_training(demo_config(out, "lora", steps), overwrite=True, show_progress=show_progress)
-    paired = [f"membership.manifest={lora_dir / 'membership.json'}"]  # same members, results paired
+    resolved = resolve_runtime(runtime)  # checked before anything is written
+    where = [f"runtime.device={runtime.device}", f"runtime.precision={runtime.precision}"]
+    lora_dir = run_training(demo_config(out, "lora", steps, where), overwrite=True, show_progress=show_progress)
+    paired = [f"membership.manifest={lora_dir / 'membership.json'}", *where]  # same members, results paired
     dp_dir = run_training(demo_config(out, "dp-lora", steps, DP_OVERRIDES + paired), overwrite=True,
                           show_progress=show_progress)
     smp_dir = run_training(demo_config(out, "smp-lora", steps, SMP_OVERRIDES + paired), overwrite=True,
                            show_progress=show_progress)
-    early_dir = early_stop_like(lora_dir, smp_dir, Path(out) / "lora-early", overwrite=True)
+    early_dir = early_stop_like(lora_dir, smp_dir, Path(out) / "lora-early", overwrite=True, runtime=resolved)
     runs = {"lora": lora_dir, "dp-lora": dp_dir, "smp-lora": smp_dir, "lora-early": early_dir}
     for path in runs.values():
-        evaluate_run(path, EvalConfig(**DEMO_EVAL), show_progress=show_progress)
-        run_audit(path, AuditConfig(), show_progress=show_progress)
-    run_audit(lora_dir, AuditConfig(control=True), show_progress=show_progress)
+        evaluate_run(path, EvalConfig(**DEMO_EVAL, runtime=runtime), show_progress=show_progress)
+        run_audit(path, AuditConfig(runtime=runtime), show_progress=show_progress)
+    run_audit(lora_dir, AuditConfig(control=True, runtime=runtime), show_progress=show_progress)
     report = write_report(list(runs.values()), Path(out) / "report.html")
     return DemoResult(run_dirs=runs, report=report, wall_time_s=time.perf_counter() - began)

@@ -61,10 +61,3 @@ def init_distributed() -> World:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def device_for(world: World) -> str:
-    """This process's device: its own GPU under torchrun when CUDA is present, else the CPU."""
-    if world.distributed and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from privdiff.config import ConfigRoot, Scheduler, choice_checks, raise_first_failure
+from privdiff.config import (
+    ConfigRoot,
+    RuntimeConfig,
+    Scheduler,
+    choice_checks,
+    raise_first_failure,
+)
 from privdiff.diffusion.task import encode_images, encode_prompts
 from privdiff.metrics.distances import (
     KernelMatrices,
@@ -39,6 +45,7 @@ from privdiff.models.generation import sample_seeded, save_grid
 from privdiff.runs.files import atomic_replace, atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runs.record import run_record
+from privdiff.runtime import resolve_runtime
 from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 
 REFERENCES = ("members", "nonmember_test")
@@ -60,6 +67,7 @@ class EvalConfig(ConfigRoot):
     heldout_timesteps: int = 8
     precision_recall: bool = False
     batch_size: int = 125
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "EvalConfig":
         """Raises ConfigError on the first invalid value."""
@@ -181,11 +189,12 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, show_pro
     """Computes every utility metric of a run and writes metrics.json; returns its content."""
     began = time.perf_counter()
     cfg = (cfg or EvalConfig()).validate()
+    runtime = resolve_runtime(cfg.runtime)
     run = open_run(run_dir)
     dataset = run_dataset(run)
     manifest = run_manifest(run)
     extractor = load_extractor(cfg.features or default_extractor_spec(dataset.name))
-    pipe = run_pipeline(run)
+    pipe = run_pipeline(run, runtime=runtime)
     domain = dataset.name
     sampler = {"scheduler": cfg.scheduler, "num_inference_steps": cfg.num_inference_steps,
                "guidance_scale": cfg.guidance_scale, "eta": 0.0}

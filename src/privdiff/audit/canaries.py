@@ -24,6 +24,7 @@ from privdiff.diffusion.task import encode_images, encode_prompts
 from privdiff.errors import ConfigError
 from privdiff.runs.files import atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
+from privdiff.runtime import Runtime
 from privdiff.seeding import numpy_rng
 from privdiff.training.run import run_manifest, run_pipeline, train_like
 
@@ -58,7 +59,7 @@ def guesses(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[int, int]
 
 
 def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = "loss", seed: int = 0,
-                 p: float = 0.05, show_progress: bool = True) -> dict:
+                 p: float = 0.05, show_progress: bool = True, runtime: Runtime | None = None) -> dict:
     """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound."""
     if attack not in ATTACKS:
         raise ConfigError(f"canary audit: unknown attack '{attack}' (choose from {', '.join(ATTACKS)})")
@@ -70,8 +71,8 @@ def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = 
     out_dir = run.path / "audit"
     out_dir.mkdir(exist_ok=True)
     canary_run = train_like(run, out_dir / "canary-run", canary_manifest(base, canaries, included, full.content_hash),
-                            ["data.num_examples=null"], show_progress)
-    pipe = run_pipeline(canary_run)
+                            ["data.num_examples=null"], show_progress, runtime)
+    pipe = run_pipeline(canary_run, runtime=runtime)
     model = Denoiser(pipe.unet, pipe.scheduler)
     chosen = ATTACKS[attack](seed)
     aux = encode_candidates(run, pipe, ("member_aux", "nonmember_aux"))

@@ -42,7 +42,7 @@ class Denoiser:
         n = len(x_t)
         steps = torch.full((n,), int(t), dtype=torch.long) if not torch.is_tensor(t) else t.long()
         out = [self.unet(x_t[i:i + self.batch_size], steps[i:i + self.batch_size],
-                         encoder_hidden_states=contexts[i:i + self.batch_size]).sample.float()
+                         encoder_hidden_states=contexts[i:i + self.batch_size]).sample.to(x_t.device, torch.float32)
                for i in range(0, n, self.batch_size)]
         self.queries += n
         return torch.cat(out)

@@ -26,7 +26,12 @@ from privdiff.audit.roc import (
     tpr_interval_at_threshold,
 )
 from privdiff.audit.shadows import train_shadows
-from privdiff.config import ConfigRoot, choice_checks, raise_first_failure
+from privdiff.config import (
+    ConfigRoot,
+    RuntimeConfig,
+    choice_checks,
+    raise_first_failure,
+)
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
@@ -34,6 +39,7 @@ from privdiff.models.load import load_pipeline
 from privdiff.runs.files import atomic_replace, atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runs.record import run_record
+from privdiff.runtime import resolve_runtime
 from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 
 CAVEATS = [
@@ -58,6 +64,7 @@ class AuditConfig(ConfigRoot):
     cp_fpr: float = 0.05        # FPR targeted on aux by the threshold of the Clopper-Pearson bound
     batch_size: int = 256
     control: bool = False       # audit the base model without the adapter (must be at chance)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # the audit's and its shadows' device
 
     def validate(self) -> "AuditConfig":
         """Raises ConfigError on the first invalid value."""
@@ -142,17 +149,19 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
 
     began = time.perf_counter()
     cfg = (cfg or AuditConfig()).validate()
+    runtime = resolve_runtime(cfg.runtime)
     run = open_run(run_dir)
     if cfg.control:
-        pipe = load_pipeline(run.config.model.pretrained)
+        pipe = load_pipeline(run.config.model.pretrained, device=runtime.device, dtype=runtime.dtype)
     else:
-        pipe = run_pipeline(run)
+        pipe = run_pipeline(run, runtime=runtime)
     model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
     data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"))
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None:
-        shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress)
+        shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress,
+                                runtime)
     results = {}
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("auditing", total=len(cfg.attacks))

@@ -12,6 +12,7 @@ from privdiff.audit.model import Denoiser
 from privdiff.data.manifest import Manifest
 from privdiff.runs.files import atomic_write_json
 from privdiff.runs.folder import RunFolder
+from privdiff.runtime import Runtime
 from privdiff.seeding import derive_seed, numpy_rng
 from privdiff.training.run import run_manifest, run_pipeline, train_like
 
@@ -33,7 +34,7 @@ def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
 
 
 def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
-                  show_progress: bool = True) -> ShadowSet:
+                  show_progress: bool = True, runtime: Runtime | None = None) -> ShadowSet:
     """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe."""
     base = run_manifest(run)
     pool = list(base.roles)
@@ -48,8 +49,8 @@ def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
     for j in range(num_shadows):
         ids = {pool[k] for k in np.flatnonzero(masks[j])}
         shadow = train_like(run, out_dir / f"shadow-{j:02d}", shadow_manifest(base, ids),
-                            [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}"], show_progress)
-        pipe = run_pipeline(shadow)
+                            [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}"], show_progress, runtime)
+        pipe = run_pipeline(shadow, runtime=runtime)
         models.append(Denoiser(pipe.unet, pipe.scheduler))
         in_ids.append(ids)
     return ShadowSet(models=models, in_ids=in_ids)

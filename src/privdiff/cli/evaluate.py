@@ -8,7 +8,12 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import build_config
+from privdiff.cli.options import (
+    build_config,
+    device_option,
+    precision_option,
+    runtime_flags,
+)
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 extractor_app = typer.Typer(no_args_is_help=True, help="The shipped feature extractors.")
@@ -28,6 +33,8 @@ def evaluate(
     guidance_scale: float = typer.Option(None, help="Guidance scale (default 3.0)."),
     bootstrap: int = typer.Option(None, help="Bootstrap resamples (default 200)."),
     precision_recall: bool = typer.Option(False, "--precision-recall", help="Also k-NN precision/recall."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any evaluation config key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
@@ -36,7 +43,7 @@ def evaluate(
 
     # a flag left out (None; False for the switches) leaves the config file's value; --num-samples beats --quick
     flags = {**(QUICK if quick else {}), "features": features, "eval_seed": eval_seed, "num_inference_steps": steps,
-             "guidance_scale": guidance_scale, "bootstrap": bootstrap, "precision_recall": precision_recall or None}
+             "guidance_scale": guidance_scale, "bootstrap": bootstrap, "precision_recall": precision_recall or None, **runtime_flags(device, precision)}
     if num_samples is not None:
         flags["num_samples"] = num_samples
     cfg = build_config(config, flags, set_, kind=EvalConfig)

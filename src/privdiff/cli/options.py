@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from privdiff.config import RunConfig, load_config
 
 
@@ -23,3 +25,18 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
+
+
+def device_option() -> Any:
+    return typer.Option(None, "--device", help="auto (this machine's GPU when CUDA is present, else the CPU) | cpu "
+                                               "| cuda | cuda:N | mps.")
+
+
+def precision_option() -> Any:
+    return typer.Option(None, "--precision", help="Frozen weights: auto (bf16 on CUDA that has it, else fp32) | "
+                                                  "fp32 | bf16 | fp16 (not for training).")
+
+
+def runtime_flags(device: str | None, precision: str | None, prefix: str = "runtime.") -> dict[str, str | None]:
+    """--device / --precision as config overrides (`prefix` is where the config keeps them)."""
+    return {f"{prefix}device": device, f"{prefix}precision": precision}

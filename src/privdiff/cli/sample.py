@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
+from privdiff.cli.options import device_option, precision_option
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
@@ -24,11 +25,18 @@ def sample(
     guidance_scale: float = typer.Option(3.0, min=1.0, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, help="Sampling seed."),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Generate a PNG grid with DDIM/DDPM and classifier-free guidance."""
+    from privdiff.config import RuntimeConfig
     from privdiff.models.generation import sample_to_file
+    from privdiff.runtime import resolve_runtime
+
+    runtime = resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto"))
 
     path = sample_to_file(run_dir=run_dir, lora=lora, pretrained=pretrained, prompts=prompt,
                           num_images=num_images, steps=steps, scheduler=scheduler,
-                          guidance_scale=guidance_scale, seed=seed, out=out)
+                          guidance_scale=guidance_scale, seed=seed, out=out, device=runtime.device,
+                          dtype=runtime.dtype)
     console.print(f"samples: [bold]{path}[/]")

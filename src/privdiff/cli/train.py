@@ -8,7 +8,12 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import build_config
+from privdiff.cli.options import (
+    build_config,
+    device_option,
+    precision_option,
+    runtime_flags,
+)
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
@@ -42,6 +47,8 @@ def finetune(
     proxy_lr: float = typer.Option(None, help="smp-lora/mp-lora: proxy Adam learning rate (default 1e-5)."),
     proxy_steps: int = typer.Option(None, help="smp-lora/mp-lora: proxy steps k per LoRA step (default 1)."),
     distributed: bool = typer.Option(False, help="dp-lora under torchrun: data parallel with Opacus DPDDP."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
@@ -67,7 +74,8 @@ def finetune(
         "dp.max_grad_norm": max_grad_norm, "dp.noise_multiplicity": noise_multiplicity,
         "dp.expected_batch_size": expected_batch_size, "dp.physical_batch_size": physical_batch_size,
         "dp.epochs": epochs, "dp.accountant": accountant, "smp.lam": smp_lambda, "smp.beta": smp_beta,
-        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps}, implied + list(set_ or []))
+        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps, **runtime_flags(device, precision)},
+        implied + list(set_ or []))
     try:
         run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
                                distributed=distributed)
@@ -103,15 +111,18 @@ def pretrain(
     vae_steps: int = typer.Option(None, help="Override the recipe: VAE steps."),
     unet_steps: int = typer.Option(None, help="Override the recipe: UNet steps."),
     seed: int = typer.Option(None, help="Override the recipe: seed."),
+    device: str = device_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any recipe key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Pre-train the tiny base model on public glyphs (the shipped base's recipe by default)."""
-    from privdiff.recipes.glyph_base import PretrainConfig, pretrain as run_pretrain
+    from privdiff.recipes.glyph_base import PretrainConfig
+    from privdiff.recipes.glyph_base import pretrain as run_pretrain
+    from privdiff.runtime import resolve_device
 
     cfg = build_config(config, {"num_glyphs": num_glyphs, "vae_steps": vae_steps, "unet_steps": unet_steps,
                                 "seed": seed}, set_, kind=PretrainConfig)
-    summary = run_pretrain(out, cfg, show_progress=not quiet)
+    summary = run_pretrain(out, cfg, show_progress=not quiet, device=resolve_device(device or "auto"))
     console.print(f"base model: [bold]{out}[/]  (UNet loss {summary['unet_loss']:.4f}, "
                   f"VAE reconstruction {summary['vae_reconstruction_loss']:.4f})")
 
@@ -122,13 +133,18 @@ def early_stop(
     match: Path = typer.Option(..., "--match", help="The run whose utility to match (e.g. an SMP-LoRA run)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write the matched snapshot to."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Stop RUN early at MATCH's utility: the snapshot whose held-out loss on the aux non-members is closest."""
     import json
 
+    from privdiff.config import RuntimeConfig
+    from privdiff.runtime import resolve_runtime
     from privdiff.training.early_stop import early_stop_like
 
-    folder = early_stop_like(run, match, out, overwrite=overwrite)
+    runtime = resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto"))
+    folder = early_stop_like(run, match, out, overwrite=overwrite, runtime=runtime)
     chosen = json.loads((folder / "summary.json").read_text())["early_stopped"]
     console.print(f"step {chosen['step']} of {chosen['of_steps']}: held-out loss {chosen['loss']:.4f} "
                   f"(target {chosen['target_loss']:.4f})")

@@ -55,9 +55,10 @@ def noisy_and_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: tor
 
 def squared_error(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                   target: torch.Tensor) -> torch.Tensor:
-    """Element-wise squared error of the UNet's prediction, (B, C, h, w), in float32."""
+    """Element-wise squared error of the UNet's prediction, (B, C, h, w), in float32 on `target`'s device
+    (the UNet may run elsewhere: see `models.load.place_inputs`)."""
     prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
-    return (prediction.float() - target.float()) ** 2
+    return ((prediction.float() - target.to(prediction.device).float()) ** 2).to(target.device)
 
 
 def draw_noise_and_timesteps(shape: torch.Size, num_train_timesteps: int,

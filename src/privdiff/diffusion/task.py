@@ -63,9 +63,9 @@ class DiffusionTask:
 
 @torch.no_grad()
 def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, C, h, w) latents, deterministic (posterior mean)."""
+    """(N, 3, H, W) in [-1, 1] -> (N, C, h, w) latents, deterministic (posterior mean), fp32 on the CPU."""
     factor = pipe.vae.config.scaling_factor
-    chunks = [pipe.vae.encode(images[i:i + batch_size].to(pipe.vae.device)).latent_dist.mean * factor
+    chunks = [pipe.vae.encode(images[i:i + batch_size]).latent_dist.mean.to("cpu", torch.float32) * factor
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
@@ -79,11 +79,13 @@ def tokenize(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 256,
                    text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
-    """Prompts -> (N, L, D) last hidden states of the text encoder (the pipeline's, or `text_encoder`)."""
+    """Prompts -> (N, L, D) last hidden states of the text encoder (the pipeline's, or `text_encoder`),
+    fp32 on the CPU."""
     text_encoder = pipe.text_encoder if text_encoder is None else text_encoder
     out = []
     for i in range(0, len(prompts), batch_size):
-        out.append(text_encoder(tokenize(pipe, prompts[i:i + batch_size]).to(text_encoder.device))[0])
+        states = text_encoder(tokenize(pipe, prompts[i:i + batch_size]).to(text_encoder.device))[0]
+        out.append(states.to("cpu", torch.float32))
     return torch.cat(out)
 
 

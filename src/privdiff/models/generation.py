@@ -105,7 +105,8 @@ def save_grid(images: np.ndarray, path: Path, scale: int = 2) -> None:
 
 def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str | None,
                    prompts: list[str] | None, num_images: int, steps: int, scheduler: str,
-                   guidance_scale: float, seed: int, out: Path) -> Path:
+                   guidance_scale: float, seed: int, out: Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Path:
     """Loads the base (+ adapter from `lora` or `run_dir`) and writes a sample grid to `out`.
 
     Raises:
@@ -134,7 +135,7 @@ def sample_to_file(*, run_dir: Path | None, lora: Path | None, pretrained: str |
         raise ModelError(f"LoRA file not found: {lora}")
     if not prompts:
         raise ConfigError("no prompts: pass --prompt (or a run folder, whose captions are used)")
-    pipe = load_pipeline(pretrained)
+    pipe = load_pipeline(pretrained, device=device, dtype=dtype)
     if run_dir is None:
         image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if lora is not None:

@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline
 
 from privdiff.errors import ModelError
@@ -14,6 +15,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 BASE_MODEL_DIR = ASSETS_DIR / "tiny-sd-glyphs"  # the shipped base: glyphs (the demo's)
 FACE_BASE_DIR = ASSETS_DIR / "tiny-sd-identities"  # the shipped face base (the weights attack's)
 CHECKSUM_FILE = "SHA256SUMS"
+VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")  # what vae.encode / vae.decode call
 
 
 def sha256_file(path: Path) -> str:
@@ -77,10 +79,48 @@ def fix_tokenizer_length(tokenizer, text_encoder) -> None:
     tokenizer.model_max_length = positions
 
 
-def load_pipeline(path: str | Path | None = None, device: str = "cpu") -> StableDiffusionPipeline:
-    """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder onto `device`.
+def _place(value, device: torch.device, dtype: torch.dtype):
+    if torch.is_tensor(value):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, dict):
+        return {k: _place(v, device, dtype) for k, v in value.items()}
+    return value
 
-    The model is on its device before any adapter is added (dp-lora.md §11.1).
+
+def place_inputs(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Moves the tensor inputs of `module`'s forward to its device, floating ones in its `dtype`.
+
+    Data, noise and timesteps live on the CPU in fp32 (drawn there, so that one config draws the
+    same numbers on every device); only the frozen models run on the device, in low precision if
+    asked. Their outputs stay where they were computed: the losses come back to the CPU in fp32
+    (`diffusion.loss.squared_error`).
+    """
+    def hook(_module, args, kwargs):
+        return tuple(_place(a, device, dtype) for a in args), {k: _place(v, device, dtype) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_on(pipe, device: torch.device, dtype: torch.dtype) -> None:
+    """Moves the pipeline's models to `device` in `dtype`, inputs following (`place_inputs`); a
+    no-op on the CPU in fp32."""
+    if device == torch.device("cpu") and dtype == torch.float32:
+        return
+    if pipe.unet.dtype != dtype:  # a pipeline loaded by `load_pipeline` is in its dtype already
+        pipe.to(dtype=dtype)
+    if device != torch.device("cpu"):
+        pipe.to(device)
+    for module in (pipe.unet, pipe.text_encoder, *(getattr(pipe.vae, part, None) for part in VAE_PARTS)):
+        if module is not None:
+            place_inputs(module, device, dtype)
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder onto `device`, its
+    weights in `dtype` (frozen; LoRA adapters added later are kept in fp32 by `models.lora.add_lora`).
+
+    The model is on its device and in its dtype before any adapter is added (dp-lora.md §11.1).
 
     Args:
         path: folder saved by `save_pretrained` (model_index.json, unet/, vae/, text_encoder/,
@@ -100,14 +140,13 @@ def load_pipeline(path: str | Path | None = None, device: str = "cpu") -> Stable
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            requires_safety_checker=False, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load pipeline from {folder}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
     fix_tokenizer_length(pipe.tokenizer, pipe.text_encoder)
-    if device != "cpu":
-        pipe.to(device)
+    run_on(pipe, torch.device(device), dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()

@@ -19,10 +19,16 @@ import torch.nn.functional as F
 import yaml
 from rich.progress import Progress
 
-from privdiff.config import ConfigRoot, RunConfig, TrainConfig, choice_checks, raise_first_failure
+from privdiff.config import (
+    ConfigRoot,
+    RunConfig,
+    TrainConfig,
+    choice_checks,
+    raise_first_failure,
+)
 from privdiff.data.builtin import load_glyphs
 from privdiff.diffusion.task import build_task, encode_images
-from privdiff.models.load import write_checksums
+from privdiff.models.load import run_on, write_checksums
 from privdiff.models.tiny import TinySDConfig, build_tiny_pipeline
 from privdiff.runs.files import atomic_write_text
 from privdiff.seeding import generator, seed_everything
@@ -71,8 +77,9 @@ def random_textures(n: int, size: int, rng: torch.Generator) -> torch.Tensor:
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def train_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: PretrainConfig, show_progress: bool) -> list[float]:
-    """Trains the autoencoder in place; returns the reconstruction-loss history."""
+def train_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: PretrainConfig, show_progress: bool,
+              device: torch.device = torch.device("cpu")) -> list[float]:
+    """Trains the autoencoder in place on `device` (draws on the CPU); returns the reconstruction-loss history."""
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate)
     history = []
@@ -84,8 +91,9 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: PretrainConfig, s
                 batch = random_textures(cfg.vae_batch_size, images.shape[-1], rng)
             else:
                 batch = images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=rng)]
+            batch = batch.to(device)
             posterior = vae.encode(batch).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=rng)
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=rng).to(device)
             recon = vae.decode(latents).sample
             rec = F.mse_loss(recon, batch) + F.l1_loss(recon, batch)
             loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
@@ -98,8 +106,12 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: PretrainConfig, s
     return history
 
 
-def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progress: bool = True) -> dict:
-    """Builds and trains the tiny base; saves it with `save_pretrained`, its recipe and hashes.
+def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progress: bool = True,
+             device: torch.device = torch.device("cpu")) -> dict:
+    """Builds and trains the tiny base on `device`; saves it with `save_pretrained`, its recipe and hashes.
+
+    Every weight is trained, so it runs in fp32 (`--precision` is about frozen weights); random
+    draws are made on the CPU, so the recipe gives the same base on any device up to kernel rounding.
 
     Returns:
         A summary with the final VAE reconstruction loss, the UNet loss and the scaling factor.
@@ -111,9 +123,10 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig(), show_progres
     seed_everything(cfg.seed)
     model_cfg = TinySDConfig()
     pipe = build_tiny_pipeline(model_cfg, seed=cfg.seed)
+    run_on(pipe, device, torch.float32)
     glyphs = load_glyphs(model_cfg.image_size, cfg.num_glyphs, seed=cfg.seed)
     images = glyphs.images_tensor()
-    vae_history = train_vae(pipe.vae, images, cfg, show_progress)
+    vae_history = train_vae(pipe.vae, images, cfg, show_progress, device)
     # Unit-variance latents, as Stable Diffusion's 0.18215 does for its VAE.
     pipe.vae.register_to_config(scaling_factor=1.0)
     std = encode_images(pipe, images[:2048]).std().item()

@@ -30,6 +30,7 @@ def collect_run(path: str | Path) -> dict:
         "settings": run.summary.get("settings") or {},  # what ran, as the run recorded it
         "privacy": run.summary.get("privacy") or {},
         "wall_time_s": run.summary.get("wall_time_s"),
+        "runtime": run.summary.get("runtime") or {},  # device and frozen-weight precision of the training
         "git_commit": run.summary.get("git_commit"),
         "metrics": {record_key(r): r for r in metrics.get("records", [])},
         "eval_config": metrics.get("config"),

@@ -73,6 +73,13 @@ def _training_cell(settings: dict) -> str:
     return f"{settings['steps']} steps, {batches}, lr {fmt(settings['learning_rate'])}, seed {settings['seed']}"
 
 
+def _runtime_note(runtime: dict) -> str:
+    if not runtime:
+        return ""
+    where = runtime.get("device_name") or runtime.get("device", "?")
+    return f'<br><span class="muted">{_e(where)}, {_e(runtime.get("precision", "?"))}</span>'
+
+
 def _runs_table(runs: list[dict]) -> str:
     head = ("<tr><th>run</th><th>method</th><th>data</th><th>training</th><th>LoRA</th>"
             "<th>privacy</th><th>wall time</th></tr>")
@@ -85,7 +92,7 @@ def _runs_table(runs: list[dict]) -> str:
             f"<td>{_e(d.get('name', '?'))} ({members} members of {d.get('num_examples', '?')})</td>"
             f"<td>{_training_cell(s)}</td>"
             f"<td>rank {s.get('lora_rank', '?')}, α {fmt(s.get('lora_alpha'))}</td><td>{_privacy_cell(r['privacy'])}</td>"
-            f"<td class=num>{fmt(r['wall_time_s'])} s</td></tr>")
+            f"<td class=num>{fmt(r['wall_time_s'])} s{_runtime_note(r.get('runtime') or {})}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

@@ -20,6 +20,7 @@ from privdiff.models.lora import LORA_WEIGHT_NAME
 from privdiff.runs.files import atomic_write_json, atomic_write_text
 from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runs.record import run_record
+from privdiff.runtime import Runtime
 from privdiff.training.run import run_dataset, run_manifest, run_pipeline
 
 MATCH_ROLE = "nonmember_aux"
@@ -34,15 +35,15 @@ def snapshot_adapters(run: RunFolder) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def matching_loss(run: RunFolder, adapter: Path, split) -> float:
+def matching_loss(run: RunFolder, adapter: Path, split, runtime: Runtime | None = None) -> float:
     """Mean held-out denoising loss of `adapter` on the auxiliary non-members (8 fixed timesteps)."""
-    pipe = run_pipeline(run, adapter)
+    pipe = run_pipeline(run, adapter, runtime)
     losses, _ = heldout_losses(pipe.unet, pipe.scheduler, split.latents, split.contexts, split.ids, seed=MATCH_SEED)
     return float(losses.mean())
 
 
 def early_stop_like(candidate_dir: str | Path, reference_dir: str | Path, out_dir: str | Path,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, runtime: Runtime | None = None) -> Path:
     """Writes the snapshot of `candidate_dir` matched in utility to `reference_dir` as a run folder.
 
     Raises:
@@ -60,12 +61,12 @@ def early_stop_like(candidate_dir: str | Path, reference_dir: str | Path, out_di
         raise ConfigError(f"{candidate.path} has no snapshots to stop early at: train it with train.snapshots=8")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty: pass --overwrite to replace it")
-    pipe = run_pipeline(reference)
+    pipe = run_pipeline(reference, runtime=runtime)
     split = encode_split(pipe, run_dataset(reference).subset(run_manifest(reference).ids(MATCH_ROLE)))
     if not len(split):
         raise ConfigError(f"{reference.path}: the manifest has no '{MATCH_ROLE}' examples to match utility on")
-    target = matching_loss(reference, reference.path / LORA_WEIGHT_NAME, split)
-    losses = {step: matching_loss(candidate, path, split) for step, path in adapters.items()}
+    target = matching_loss(reference, reference.path / LORA_WEIGHT_NAME, split, runtime)
+    losses = {step: matching_loss(candidate, path, split, runtime) for step, path in adapters.items()}
     chosen = min(losses, key=lambda step: (abs(losses[step] - target), step))
 
     if out.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from privdiff.config import RunConfig, load_config
+from privdiff.config import RunConfig, RuntimeConfig, load_config
 from privdiff.data import (
     ImageDataset,
     Manifest,
@@ -23,12 +23,7 @@ from privdiff.data import (
     load_manifest,
 )
 from privdiff.diffusion.task import build_task
-from privdiff.distributed import (
-    current_world,
-    device_for,
-    init_distributed,
-    launched_by_torchrun,
-)
+from privdiff.distributed import current_world, init_distributed, launched_by_torchrun
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.generation import default_prompts, sample_images, save_grid
 from privdiff.models.load import load_pipeline
@@ -43,6 +38,7 @@ from privdiff.runs.folder import (
 )
 from privdiff.runs.lock import writing_run_folder
 from privdiff.runs.record import run_record
+from privdiff.runtime import Runtime, resolve_runtime
 from privdiff.seeding import seed_everything
 from privdiff.training.loop import StepCallback, TrainResult, train
 from privdiff.training.methods import get_method
@@ -104,22 +100,24 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     for role in method.required_roles:
         if not inputs.manifest.ids(role):
             raise ConfigError(f"--method {method.name} needs '{role}' examples, and the membership manifest has none")
-    pipe = load_pipeline(config.model.pretrained, device=device_for(world))
+    runtime = resolve_runtime(config.runtime, training_method=method.name)
+    pipe = load_pipeline(config.model.pretrained, device=runtime.device, dtype=runtime.dtype)
     method.check_inputs(len(inputs.members), pipe.unet)
     run_dir = Path(config.output_dir)
     if not world.is_main:
         return _train_into(run_dir, config, method, inputs, pipe, resuming=False, show_progress=show_progress,
-                           on_step=on_step, began=began)
+                           on_step=on_step, began=began, runtime=runtime)
     with writing_run_folder(run_dir):
         resuming = prepare_run_dir(run_dir, config, resume, overwrite)
         save_config(config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
         return _train_into(run_dir, config, method, inputs, pipe, resuming=resuming, show_progress=show_progress,
-                           on_step=on_step, began=began)
+                           on_step=on_step, began=began, runtime=runtime)
 
 
 def _train_into(run_dir: Path, config: RunConfig, method: TrainingMethod, inputs: RunInputs, pipe, *,
-                resuming: bool, show_progress: bool, on_step: StepCallback | None, began: float) -> Path | None:
+                resuming: bool, show_progress: bool, on_step: StepCallback | None, began: float,
+                runtime: Runtime) -> Path | None:
     """Trains and, on the main process, writes the run's outputs (its folder is prepared and locked)."""
     world = current_world()
     seed_everything(config.train.seed)
@@ -140,12 +138,12 @@ def _train_into(run_dir: Path, config: RunConfig, method: TrainingMethod, inputs
     save_grid(sample_images(pipe, prompts, config.sample, config.data.image_size), run_dir / "samples.png")
     atomic_write_json(run_dir / "summary.json",
                       {**build_summary(config, inputs, result, method, time.perf_counter() - began, task.unet,
-                                       prompts), **method.run_summary()})
+                                       prompts, runtime), **method.run_summary()})
     return run_dir
 
 
 def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, method: TrainingMethod,
-                  wall_time_s: float, unet: torch.nn.Module, prompts: list[str]) -> dict:
+                  wall_time_s: float, unet: torch.nn.Module, prompts: list[str], runtime: Runtime) -> dict:
     """summary.json: what ran (not what the config's plain-training fields say), where and with what."""
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     return {
@@ -160,6 +158,7 @@ def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, met
                     "image_size": config.data.image_size},
         "membership": inputs.manifest.counts(),
         "pretrained": config.model.pretrained or "privdiff:tiny-sd-glyphs",
+        "runtime": runtime.describe(),
         "num_trainable_params": trainable,
         "final_loss": result.history[-1]["loss_avg"] if result.history else None,
         "resumed_from_step": result.resumed_from,
@@ -169,6 +168,11 @@ def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, met
         "metrics": {},
         "privacy": method.privacy_spent() or {},
     }
+
+
+def runtime_overrides(runtime: Runtime | None) -> list[str]:
+    """`runtime` as config overrides, for a run trained on behalf of another command."""
+    return [] if runtime is None else [f"runtime.device={runtime.device}", f"runtime.precision={runtime.precision}"]
 
 
 def run_manifest(run: RunFolder) -> Manifest:
@@ -183,14 +187,15 @@ def run_dataset(run: RunFolder) -> ImageDataset:
     return dataset
 
 
-def run_pipeline(run: RunFolder, adapter: Path | None = None) -> StableDiffusionPipeline:
+def run_pipeline(run: RunFolder, adapter: Path | None = None, runtime: Runtime | None = None) -> StableDiffusionPipeline:
     """The base pipeline with the run's adapter (or `adapter`, e.g. a snapshot) loaded into its UNet
-    (eval mode).
+    (eval mode), on `runtime` (None: the `auto` device and precision of this machine, not the run's).
 
     Raises:
         ModelError: the adapter file is missing or does not fit the base.
     """
-    pipe = load_pipeline(run.config.model.pretrained)
+    runtime = runtime or resolve_runtime(RuntimeConfig())
+    pipe = load_pipeline(run.config.model.pretrained, device=runtime.device, dtype=runtime.dtype)
     adapter = adapter or run.adapter_path
     if not adapter.is_file():
         raise ModelError(f"{run.path}: no adapter file {LORA_WEIGHT_NAME}")
@@ -200,14 +205,16 @@ def run_pipeline(run: RunFolder, adapter: Path | None = None) -> StableDiffusion
 
 
 def train_like(run: RunFolder, folder: Path, manifest: Manifest, overrides: list[str] | None = None,
-               show_progress: bool = True) -> RunFolder:
+               show_progress: bool = True, runtime: Runtime | None = None) -> RunFolder:
     """Trains the run's recipe on another membership (a LiRA shadow, the canary run) into `folder`,
-    reusing a finished one; its manifest is saved beside the folder. Sampling is cut to one image."""
+    reusing a finished one; its manifest is saved beside the folder. Sampling is cut to one image.
+    `runtime`: where to train (None: the run's own runtime settings)."""
     manifest_path = folder.with_name(folder.name + ".membership.json")
     atomic_write_json(manifest_path, manifest.to_json())
     cfg = load_config(run.path / "config.yaml", [f"output_dir={folder}", f"membership.manifest={manifest_path}",
                                                  "sample.num_images=1", "sample.num_inference_steps=1",
-                                                 "train.snapshots=0", *(overrides or [])])
+                                                 "train.snapshots=0", *runtime_overrides(runtime),
+                                                 *(overrides or [])])
     if not (folder / "summary.json").exists():
         run_training(cfg, overwrite=True, show_progress=show_progress)
     return open_run(folder)

@@ -28,6 +28,7 @@ from privdiff.dp.accounting import (
     opacus_epsilon,
     pld_epsilon,
 )
+from privdiff.dp.noise import CPUNoiseDistributedDPOptimizer, CPUNoiseDPOptimizer
 from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
 from privdiff.dp.poisson import local_share, poisson_rows, secure_generator
 from privdiff.errors import ConfigError, ModelError
@@ -119,7 +120,6 @@ class DPLoRA(LoRA):
         from opacus.distributed import (
             DifferentiallyPrivateDistributedDataParallel as DPDDP,
         )
-        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
         refuse_gradient_checkpointing(task.unet)
         if self.plan is None or self.plan.dataset_size != task.num_examples:
@@ -130,7 +130,7 @@ class DPLoRA(LoRA):
         self.names = [name for name, p in sorted(task.unet.named_parameters()) if p.requires_grad]
         model = DPDDP(task.unet) if self.world.distributed else task.unet  # broadcasts rank 0's weights
         self.engine = ENGINES[dp.engine](model, task.unet, dict(zip(self.names, self.params)), task.scheduler)
-        optimizer_class = DistributedDPOptimizer if self.world.distributed else DPOptimizer
+        optimizer_class = CPUNoiseDistributedDPOptimizer if self.world.distributed else CPUNoiseDPOptimizer
         # Each process divides by B / W and the all-reduce averages over W: the update is Σ / B.
         self.optimizer = optimizer_class(
             torch.optim.AdamW(self.params, lr=self.config.train.learning_rate,
@@ -173,8 +173,7 @@ class DPLoRA(LoRA):
         dp = self.config.dp
         task.unet.train()
         if not dp.secure_rng:  # noise stream keyed by step: a resumed run draws exactly the same noise
-            device = self.params[0].device
-            self.optimizer.generator = torch.Generator(device).manual_seed(
+            self.optimizer.generator = torch.Generator().manual_seed(  # a CPU stream: see dp.noise
                 derive_seed(self.config.train.seed, "dp-noise", self.step_index))
         count = len(batch.indices)
         losses, norms = [], []
