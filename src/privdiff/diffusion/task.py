@@ -9,7 +9,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 from privdiff.data.examples import ImageDataset
-from privdiff.diffusion.conditioning import pack_added_conditioning, time_ids, uses_added_conditioning
+from privdiff.diffusion.conditioning import (
+    pack_added_conditioning,
+    time_ids,
+    uses_added_conditioning,
+)
 
 
 @dataclass

@@ -7,7 +7,12 @@ import json
 import os
 from pathlib import Path
 
-from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from privdiff.errors import ModelError
 
