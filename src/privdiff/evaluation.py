@@ -163,9 +163,11 @@ def _heldout_records(run: RunFolder, pipe, dataset, cfg: EvalConfig) -> list[dic
     records, per_role = [], {}
     for role in HELDOUT_ROLES:
         subset = dataset.subset(manifest.ids(role))
-        losses, steps = heldout_losses(pipe.unet, pipe.scheduler, encode_images(pipe, subset.images_tensor()),
-                                       encode_prompts(pipe, subset.captions()), [e.id for e in subset.examples],
-                                       seed=cfg.eval_seed, count=cfg.heldout_timesteps)
+        images = subset.images_tensor()
+        contexts = encode_prompts(pipe, subset.captions(), resolution=tuple(images.shape[-2:]))
+        losses, steps = heldout_losses(pipe.unet, pipe.scheduler, encode_images(pipe, images), contexts,
+                                       [e.id for e in subset.examples], seed=cfg.eval_seed,
+                                       count=cfg.heldout_timesteps)
         per_example = losses.mean(axis=1)
         per_role[role] = per_example
         records.append({"metric": "heldout_loss", "reference": role, "value": float(per_example.mean()),

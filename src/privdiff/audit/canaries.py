@@ -78,8 +78,10 @@ def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = 
     aux = encode_candidates(run, pipe, ("member_aux", "nonmember_aux"))
     chosen.fit(model, aux["member_aux"], aux["nonmember_aux"])  # fitted on aux only, before any canary
     subset = full.subset(canaries)
-    scores = chosen.score(model, Candidates(canaries, encode_images(pipe, subset.images_tensor()),
-                                            encode_prompts(pipe, subset.captions())))
+    images = subset.images_tensor()
+    scores = chosen.score(model, Candidates(canaries, encode_images(pipe, images),
+                                            encode_prompts(pipe, subset.captions(),
+                                                           resolution=tuple(images.shape[-2:]))))
     k = num_canaries // 8
     r, v = guesses(scores, included, k)
     privacy = run.summary.get("privacy") or {}

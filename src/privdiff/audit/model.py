@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
+from privdiff.diffusion.conditioning import predict
 from privdiff.diffusion.loss import per_example_loss
 from privdiff.diffusion.task import EncodedSplit
 from privdiff.seeding import fixed_noise
@@ -38,11 +39,11 @@ class Denoiser:
 
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: int | torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x_t, t, c) for a batch (one query per example)."""
+        """ε_θ(x_t, t, c) for a batch (one query per example; SDXL's added conditioning rides in c)."""
         n = len(x_t)
         steps = torch.full((n,), int(t), dtype=torch.long) if not torch.is_tensor(t) else t.long()
-        out = [self.unet(x_t[i:i + self.batch_size], steps[i:i + self.batch_size],
-                         encoder_hidden_states=contexts[i:i + self.batch_size]).sample.to(x_t.device, torch.float32)
+        out = [predict(self.unet, x_t[i:i + self.batch_size], steps[i:i + self.batch_size],
+                       contexts[i:i + self.batch_size]).to(x_t.device, torch.float32)
                for i in range(0, n, self.batch_size)]
         self.queries += n
         return torch.cat(out)

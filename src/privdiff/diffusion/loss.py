@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from privdiff.diffusion.conditioning import predict
+
 
 def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,7 @@ def per_example_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: t
         unet: a `UNet2DConditionModel` (adapters, if any, already attached).
         scheduler: the training noise scheduler.
         latents: clean latents z0, shape (B, C, h, w).
-        context: text-encoder hidden states, shape (B, L, D).
+        context: text-encoder hidden states, shape (B, L, D) (SDXL: (B, L + k, D), see `conditioning`).
         noise: the Gaussian noise n, same shape as `latents`.
         timesteps: integer timesteps, shape (B,).
         reduce: mean over latent elements (B,) when True, else the element-wise squared error
@@ -57,7 +59,7 @@ def squared_error(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.T
                   target: torch.Tensor) -> torch.Tensor:
     """Element-wise squared error of the UNet's prediction, (B, C, h, w), in float32 on `target`'s device
     (the UNet may run elsewhere: see `models.load.place_inputs`)."""
-    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+    prediction = predict(unet, noisy, timesteps, context)
     return ((prediction.float() - target.to(prediction.device).float()) ** 2).to(target.device)
 
 

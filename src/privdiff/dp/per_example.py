@@ -33,7 +33,7 @@ class ExampleDraws:
 
     Attributes:
         latents: (n, C, h, w) clean latents.
-        contexts: (n, L, D) caption states.
+        contexts: (n, L, D) caption states (SDXL: (n, L + k, D), added conditioning packed in).
         noise: (n, K, C, h, w) Gaussian noise.
         timesteps: (n, K) integer timesteps.
     """
@@ -152,9 +152,7 @@ class FunctorchEngine(PerExampleEngine):
             return rows.reshape(n, k, *rows.shape[1:])
 
         def example_loss(lora: dict[str, torch.Tensor], x, t, c, y) -> torch.Tensor:
-            def forward(*args, **kwargs):
-                return functional_call(self.unet, lora, args, kwargs)  # frozen weights come from the module
-            return squared_error(forward, x, t, c, y).mean()
+            return squared_error(WithWeights(self.unet, lora), x, t, c, y).mean()
 
         weights = {name: p.detach() for name, p in self.params.items()}
         grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, 0, 0))(
@@ -162,6 +160,17 @@ class FunctorchEngine(PerExampleEngine):
         for name, p in self.params.items():
             p.grad_sample = grads[name].detach()
         return losses.detach()
+
+
+class WithWeights:
+    """`unet` called with `weights` in place of its own tensors of those names (frozen weights come from
+    the module); keeps the UNet's `config`, which `predict` reads (SDXL's added conditioning)."""
+
+    def __init__(self, unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.unet, self.weights, self.config = unet, weights, unet.config
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.unet, self.weights, args, kwargs)
 
 
 ENGINES: dict[str, type[PerExampleEngine]] = {"hooks": HooksEngine, "functorch": FunctorchEngine}

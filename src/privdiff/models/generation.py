@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from PIL import Image
 
 from privdiff.config import SampleConfig
@@ -31,7 +31,7 @@ def default_prompts(captions: list[str], num_images: int) -> list[str]:
 
 
 @torch.no_grad()
-def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], cfg: SampleConfig,
+def sample_images(pipe: DiffusionPipeline, prompts: list[str], cfg: SampleConfig,
                   image_size: int) -> np.ndarray:
     """Generates one image per prompt with the configured sampler and guidance.
 
@@ -51,7 +51,7 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], cfg: Sample
 
 
 @torch.no_grad()
-def sample_seeded(pipe: StableDiffusionPipeline, prompts: list[str], *, seed: int, num_inference_steps: int,
+def sample_seeded(pipe: DiffusionPipeline, prompts: list[str], *, seed: int, num_inference_steps: int,
                   scheduler: str, guidance_scale: float, image_size: int, batch_size: int = 125,
                   description: str = "generating samples", show_progress: bool = True) -> np.ndarray:
     """One image per prompt; image i starts from the latent of stream (seed, "sample", i).

@@ -1,13 +1,19 @@
-"""Loading Stable Diffusion pipelines from local folders only (nothing is ever downloaded)."""
+"""Loading Stable Diffusion (1.x/2.x and XL) pipelines from local folders only (nothing is ever downloaded)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from privdiff.errors import ModelError
 
@@ -16,6 +22,14 @@ BASE_MODEL_DIR = ASSETS_DIR / "tiny-sd-glyphs"  # the shipped base: glyphs (the 
 FACE_BASE_DIR = ASSETS_DIR / "tiny-sd-identities"  # the shipped face base (the weights attack's)
 CHECKSUM_FILE = "SHA256SUMS"
 VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")  # what vae.encode / vae.decode call
+
+# The pipeline kinds privdiff loads, by model_index.json's `_class_name`, and what each is loaded
+# without (Stable Diffusion's safety checker, SDXL's invisible watermark).
+PIPELINE_KINDS: dict[str, tuple[type[DiffusionPipeline], dict]] = {
+    "StableDiffusionPipeline": (StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None,
+                                                          "requires_safety_checker": False}),
+    "StableDiffusionXLPipeline": (StableDiffusionXLPipeline, {"add_watermarker": False}),
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -110,24 +124,49 @@ def run_on(pipe, device: torch.device, dtype: torch.dtype) -> None:
         pipe.to(dtype=dtype)
     if device != torch.device("cpu"):
         pipe.to(device)
-    for module in (pipe.unet, pipe.text_encoder, *(getattr(pipe.vae, part, None) for part in VAE_PARTS)):
+    text_encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))  # SDXL has two
+    for module in (pipe.unet, *text_encoders, *(getattr(pipe.vae, part, None) for part in VAE_PARTS)):
         if module is not None:
             place_inputs(module, device, dtype)
 
 
-def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Loads a Stable Diffusion pipeline (diffusers layout) from a local folder onto `device`, its
-    weights in `dtype` (frozen; LoRA adapters added later are kept in fp32 by `models.lora.add_lora`).
+def pipeline_kind(folder: Path) -> tuple[type[DiffusionPipeline], dict]:
+    """The pipeline class of a folder (model_index.json's `_class_name`) and its loading arguments.
 
-    The model is on its device and in its dtype before any adapter is added (dp-lora.md §11.1).
+    Raises:
+        ModelError: model_index.json is unreadable, or names a kind privdiff does not support.
+    """
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"cannot load pipeline from {folder}: model_index.json is not valid JSON") from None
+    kind = index.get("_class_name") if isinstance(index, dict) else None
+    if not (isinstance(kind, str) and kind in PIPELINE_KINDS):
+        raise ModelError(f"{folder}: unsupported pipeline kind {str(kind)[:60]!r} in model_index.json "
+                         f"(supported: {', '.join(PIPELINE_KINDS)})")
+    return PIPELINE_KINDS[kind]
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Loads a Stable Diffusion 1.x/2.x or SDXL pipeline (diffusers layout) from a local folder onto
+    `device`, its weights in `dtype` (frozen; LoRA adapters added later are kept in fp32 by
+    `models.lora.add_lora`).
+
+    The model is on its device and in its dtype before any adapter is added (dp-lora.md §11.1). An
+    SDXL folder's scheduler is replaced by the DDPM one of the same config: its usual
+    EulerDiscreteScheduler adds noise σ-parameterised, and training, DP and the attacks need
+    x_t = √ᾱ_t·z0 + √(1 − ᾱ_t)·n (diffusers' SDXL training script does the same); sampling picks its
+    own sampler anyway.
 
     Args:
         path: folder saved by `save_pretrained` (model_index.json, unet/, vae/, text_encoder/,
-            tokenizer/, scheduler/); None loads the shipped tiny base model after checking its hashes.
+            tokenizer/, scheduler/; SDXL adds text_encoder_2/, tokenizer_2/); None loads the shipped
+            tiny base model after checking its hashes.
 
     Raises:
-        ModelError: the folder is missing, not in the diffusers layout, or fails to load.
+        ModelError: the folder is missing, not in the diffusers layout, of an unsupported kind
+            (e.g. StableDiffusion3Pipeline, FluxPipeline), or fails to load.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(path) if path is not None else BASE_MODEL_DIR
@@ -135,19 +174,33 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
         raise ModelError(f"pretrained model folder not found: {folder}")
     if not (folder / "model_index.json").exists():
         raise ModelError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline_class, without = pipeline_kind(folder)
     verify_checksums(folder)
     _quiet_hf_loading()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, torch_dtype=dtype)
+        pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **without)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load pipeline from {folder}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
-    fix_tokenizer_length(pipe.tokenizer, pipe.text_encoder)
+    encoders = [(pipe.tokenizer, pipe.text_encoder)]
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for tokenizer, text_encoder in encoders:
+        fix_tokenizer_length(tokenizer, text_encoder)
     run_on(pipe, torch.device(device), dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae, *(encoder for _, encoder in encoders)):
         module.requires_grad_(False)
         module.eval()
     return pipe
+
+
+def require_stable_diffusion(pipe: DiffusionPipeline, purpose: str) -> None:
+    """Refuses an SDXL base where only Stable Diffusion 1.x/2.x is supported.
+
+    Raises:
+        ModelError: `pipe` is not a StableDiffusionPipeline.
+    """
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise ModelError(f"{purpose} supports StableDiffusionPipeline bases only, not {type(pipe).__name__}")

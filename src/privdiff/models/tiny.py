@@ -3,6 +3,8 @@
 Shapes follow Stable Diffusion at a reduced scale: 32x32 RGB images, a VAE with a 4x spatial
 reduction to a 4x8x8 latent (so the per-example error feature of smp-lora.md §4 has 256 elements),
 a UNet2DConditionModel on that latent and a 2-layer CLIP text encoder over the tiny tokenizer.
+`build_tiny_sdxl_pipeline` builds the same at SDXL's layout: two text encoders whose states are
+concatenated, and the UNet's added conditioning (pooled text embedding and size/crop time ids).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from diffusers import (
     ControlNetModel,
     DDPMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from privdiff.models.tokenizer import build_tokenizer
 
@@ -65,13 +68,15 @@ def build_unet(cfg: TinySDConfig) -> UNet2DConditionModel:
         norm_num_groups=cfg.norm_num_groups)
 
 
+def text_encoder_config(width: int, layers: int, vocab_size: int, bos: int, eos: int,
+                        **extra: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=16,
+                          bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **extra)
+
+
 def build_text_encoder(cfg: TinySDConfig, vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=cfg.cross_attention_dim,
-                            intermediate_size=2 * cfg.cross_attention_dim,
-                            num_hidden_layers=cfg.text_layers, num_attention_heads=4,
-                            max_position_embeddings=16, bos_token_id=bos, eos_token_id=eos,
-                            pad_token_id=eos)
-    return CLIPTextModel(config)
+    return CLIPTextModel(text_encoder_config(cfg.cross_attention_dim, cfg.text_layers, vocab_size, bos, eos))
 
 
 def build_tiny_pipeline(cfg: TinySDConfig = TinySDConfig(), seed: int = 0) -> StableDiffusionPipeline:
@@ -83,6 +88,48 @@ def build_tiny_pipeline(cfg: TinySDConfig = TinySDConfig(), seed: int = 0) -> St
                                                             tokenizer.eos_token_id),
         tokenizer=tokenizer, unet=build_unet(cfg), scheduler=build_scheduler(cfg.num_train_timesteps),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class TinySDXLConfig(TinySDConfig):
+    """Sizes of a tiny SDXL-layout model: each text encoder is `cross_attention_dim / 2` wide (their
+    states are concatenated), and the second one's pooled projection is that wide too."""
+
+    addition_time_embed_dim: int = 8
+
+    @property
+    def text_width(self) -> int:
+        return self.cross_attention_dim // 2
+
+
+def build_sdxl_unet(cfg: TinySDXLConfig) -> UNet2DConditionModel:
+    latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    # SDXL's add_embedding reads [pooled text embedding, 6 sinusoidally embedded time ids].
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups, addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.text_width + 6 * cfg.addition_time_embed_dim)
+
+
+def build_tiny_sdxl_pipeline(cfg: TinySDXLConfig = TinySDXLConfig(), seed: int = 0) -> StableDiffusionXLPipeline:
+    """A randomly initialised (seeded) text-to-image pipeline in the SDXL layout (no watermarker)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    ids = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(text_encoder_config(cfg.text_width, cfg.text_layers, *ids))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        text_encoder_config(cfg.text_width, cfg.text_layers, *ids, projection_dim=cfg.text_width))
+    pipe = StableDiffusionXLPipeline(
+        vae=build_vae(cfg), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(), unet=build_sdxl_unet(cfg), scheduler=build_scheduler(cfg.num_train_timesteps),
+        add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

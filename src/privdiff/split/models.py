@@ -14,7 +14,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from privdiff.errors import ModelError
-from privdiff.models.load import load_pipeline
+from privdiff.models.load import load_pipeline, require_stable_diffusion
 from privdiff.split.activation import protect
 
 SPLIT_META_NAME = "privdiff_split.json"
@@ -58,6 +58,7 @@ class PublicModels:
 def load_public_models(pretrained: str | None) -> PublicModels:
     """The frozen components of a local Stable Diffusion folder (None: the shipped tiny base)."""
     pipe = load_pipeline(pretrained)
+    require_stable_diffusion(pipe, "split learning")
     return PublicModels(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                         unet=pipe.unet, scheduler=pipe.scheduler)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from privdiff.config import RunConfig, RuntimeConfig, load_config
 from privdiff.data import (
@@ -187,7 +187,7 @@ def run_dataset(run: RunFolder) -> ImageDataset:
     return dataset
 
 
-def run_pipeline(run: RunFolder, adapter: Path | None = None, runtime: Runtime | None = None) -> StableDiffusionPipeline:
+def run_pipeline(run: RunFolder, adapter: Path | None = None, runtime: Runtime | None = None) -> DiffusionPipeline:
     """The base pipeline with the run's adapter (or `adapter`, e.g. a snapshot) loaded into its UNet
     (eval mode), on `runtime` (None: the `auto` device and precision of this machine, not the run's).
 

@@ -33,7 +33,7 @@ from privdiff.metrics.identity import (
     load_identity_embedder,
 )
 from privdiff.models.inspect import inspect_file, read_header
-from privdiff.models.load import FACE_BASE_DIR, load_pipeline
+from privdiff.models.load import FACE_BASE_DIR, load_pipeline, require_stable_diffusion
 from privdiff.models.lora_math import read_unet_lora
 from privdiff.runs.files import atomic_write_json, save_config
 from privdiff.runs.record import run_record
@@ -82,6 +82,7 @@ class WeightsAttackRun:
         self.out = Path(config.output_dir)
         seed_everything(config.seed)
         self.pipe = load_pipeline(config.base_model or FACE_BASE_DIR)
+        require_stable_diffusion(self.pipe, "the weights attack")
         self.bench = FinetuneBench(self.pipe, config.recipe, seed=config.seed)
         shadow_pool, victim_pool = attack_split()
         d = config.data
@@ -289,6 +290,7 @@ def attack_adapter(encoder_dir: Path | None, adapter: Path, out: Path, *, privat
     header = inspect_file(adapter)
     read_unet_lora(adapter)  # a file that is no UNet LoRA is refused before the base model is loaded
     pipe = load_pipeline(config.base_model or FACE_BASE_DIR)
+    require_stable_diffusion(pipe, "the weights attack")
     bench = FinetuneBench(pipe, dataclasses.replace(config.recipe, prior_images=0), seed=config.seed)
     attack = WeightsAttack.load(encoder_dir, bench, init_seed=config.recipe.init_seed)
     images = attack.reconstruct(adapter, config.eval.generation, generator(config.eval.seed, "adapter-attack"))
