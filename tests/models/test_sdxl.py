@@ -223,3 +223,16 @@ def test_private_methods_fine_tune_an_sdxl_base(method: str, overrides: dict, ti
     assert (run / LORA_WEIGHT_NAME).is_file() and (run / "samples.png").is_file()
     ours = load_pipeline(tiny_sdxl_dir)
     load_lora_into_unet(ours.unet, run / LORA_WEIGHT_NAME)
+
+
+def test_an_sdxl_base_in_bf16_encodes_to_fp32_and_gives_the_fp32_loss(tiny_sdxl_dir: Path, sdxl_digits: DiffusionTask):
+    low = build_task(load_pipeline(tiny_sdxl_dir, dtype=torch.bfloat16),
+                     load_dataset(DataConfig(name="digits", num_examples=len(sdxl_digits.example_ids))))
+    assert low.unet.dtype == torch.bfloat16
+    assert low.latents.dtype == low.contexts.dtype == torch.float32 and low.contexts.shape == sdxl_digits.contexts.shape
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(sdxl_digits.latents.shape, generator=g)
+    t = torch.randint(0, 1000, (len(noise),), generator=g)
+    losses = [per_example_loss(task.unet, task.scheduler, task.latents, task.contexts, noise, t)
+              for task in (sdxl_digits, low)]
+    assert losses[1].dtype == torch.float32 and torch.allclose(losses[1], losses[0], rtol=0.05, atol=1e-3)
