@@ -164,3 +164,15 @@ def test_cpu_and_auto_give_bit_identical_adapters_on_a_cpu_machine(monkeypatch, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((runs[1] / "summary.json").read_text())
     assert summary["runtime"] == {"device": "cpu", "precision": "fp32"}
+
+
+@pytest.mark.parametrize("command", [["split", "simulate"], ["split", "attack", "--attack", "analytic"],
+                                     ["split", "attack-grid"], ["attack", "weights"]])
+def test_split_and_weights_commands_refuse_what_they_do_not_run_on(monkeypatch, tmp_path, capsys, command):
+    no_cuda(monkeypatch)
+    out = tmp_path / "out"
+    assert main([*command, "--device", "cuda", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert main([*command, "--precision", "bf16", "--out", str(out)]) == 2
+    assert "runs on the CPU in fp32" in capsys.readouterr().err
+    assert not out.exists()

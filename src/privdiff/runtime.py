@@ -103,3 +103,15 @@ def resolve_runtime(config: RuntimeConfig, *, training_method: str | None = None
     """The device and dtype of `config`, checked against this machine (see the two resolvers)."""
     device = resolve_device(config.device)
     return Runtime(device, resolve_precision(config.precision, device, training_method=training_method))
+
+
+def require_cpu_fp32(runtime: Runtime, what: str) -> Runtime:
+    """Refuses a GPU or a low precision for `what`, whose device path is not built yet.
+
+    Raises:
+        ConfigError: `runtime` is not the CPU in fp32.
+    """
+    if runtime.device.type != "cpu" or runtime.dtype != torch.float32:
+        raise ConfigError(f"{what} runs on the CPU in fp32 in this release (asked: {runtime.device}, "
+                          f"{runtime.precision}); use --device cpu --precision fp32")
+    return runtime

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import build_config
+from privdiff.cli.options import build_config, device_option, precision_option, runtime_flags
 
 console = Console(soft_wrap=True)
 attack_app = typer.Typer(no_args_is_help=True, help="Attacks on shared artefacts (see also `privdiff audit`).")
@@ -24,6 +24,8 @@ def weights(
     defence: list[str] = typer.Option(None, "--defence", help="NAME=KNOB[,KNOB...]: weight-noise, prune, rank or dp "
                                                               "(repeatable), e.g. --defence prune=0.9,0.99"),
     adaptive: bool = typer.Option(None, help="Also attack each post-hoc defence with an encoder re-trained on defended shadows."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing attack.json."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -37,13 +39,17 @@ def weights(
 
     With --adapter: attack one file with an already trained encoder (what would sharing it show?);
     the shipped encoder fits files fine-tuned from the shipped face base, --encoder takes another."""
+    from privdiff.config import RuntimeConfig
     from privdiff.errors import ConfigError
+    from privdiff.runtime import require_cpu_fp32, resolve_runtime
     from privdiff.weights.config import WeightsAttackConfig
     from privdiff.metrics.estimate import format_estimate
     from privdiff.weights.run import attack_adapter, run_weights_attack
 
     if encoder is not None and adapter is None:
         raise ConfigError("--encoder goes with --adapter (the file to attack)")
+    require_cpu_fp32(resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto")),
+                     "the weights attack")
     if adapter is not None:
         target = Path(out or "runs/weights-attack-adapter")
         result = attack_adapter(encoder, adapter, target, private=private, overwrite=overwrite)
@@ -57,8 +63,10 @@ def weights(
         return
 
     flags = {"output_dir": out, "data.victims": victims, "training.budget_steps": budget,
-             "defences.apply": list(defence) if defence else None, "defences.adaptive": adaptive}
+             "defences.apply": list(defence) if defence else None, "defences.adaptive": adaptive,
+             **runtime_flags(device, precision)}
     cfg = build_config(config, flags, set_, kind=WeightsAttackConfig)
+    require_cpu_fp32(resolve_runtime(cfg.runtime), "the weights attack")
     result = run_weights_attack(cfg, show_progress=not quiet, overwrite=overwrite)
     agg = result["aggregate"]
     console.print(f"weights attack on {agg['victims']} held-out victims (gallery {result['gallery_size']}, "

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import build_config
+from privdiff.cli.options import build_config, device_option, precision_option, runtime_flags
 
 console = Console(soft_wrap=True)
 split_app = typer.Typer(no_args_is_help=True, help="Split-learning ControlNet: clients keep their data, a server trains.")
@@ -19,7 +19,11 @@ app.add_typer(split_app, name="split")
 def _config(config_file: Path | None, flags: dict, extra: list[str] | None):
     from privdiff.split.config import SplitConfig
 
-    return build_config(config_file, flags, extra, kind=SplitConfig)
+    from privdiff.runtime import require_cpu_fp32, resolve_runtime
+
+    cfg = build_config(config_file, flags, extra, kind=SplitConfig)
+    require_cpu_fp32(resolve_runtime(cfg.runtime), "split learning")
+    return cfg
 
 
 def _print_summary(summary: dict, folder: Path) -> None:
@@ -58,6 +62,8 @@ def simulate(
     num_examples: int = typer.Option(None, help="Training triples of the fill dataset, sharded over clients."),
     out: str = typer.Option(None, "--out", "-o", help="Run folder (default runs/split)."),
     transport: str = typer.Option("inprocess", help="inprocess, or flower: a SuperLink and SuperNodes on loopback."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     evaluate: bool = typer.Option(True, help="Measure condition fidelity after training."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
@@ -68,7 +74,7 @@ def simulate(
     from privdiff.errors import ConfigError
 
     cfg = _config(config, {"protocol.design": design, "train.clients": clients, "train.steps": steps,
-                           "data.num_examples": num_examples, "output_dir": out}, set_)
+                           "data.num_examples": num_examples, "output_dir": out, **runtime_flags(device, precision)}, set_)
     if transport == "inprocess":
         from privdiff.split.run import simulate as run_simulation
 
@@ -103,6 +109,8 @@ def server(
     out: str = typer.Option(None, "--out", "-o", help="Run folder (default runs/split)."),
     port: int = typer.Option(9092, help="Port of the SuperLink this command starts."),
     insecure: bool = typer.Option(False, help="No TLS (loopback and tests only)."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
     timeout: float = typer.Option(86400.0, help="Seconds to wait for the run to finish."),
@@ -114,7 +122,7 @@ def server(
     if not insecure:
         raise ConfigError("TLS deployments start flower-superlink with certificates themselves and submit with "
                           "`flwr run` (README, 'Split learning on Flower'); this command runs with --insecure only")
-    cfg = _config(config, {"output_dir": out}, set_)
+    cfg = _config(config, {"output_dir": out, **runtime_flags(device, precision)}, set_)
     summary = serve_on_flower(cfg, keys_file, port=port, overwrite=overwrite, timeout=timeout)
     _print_summary(summary, Path(cfg.output_dir))
 
@@ -163,6 +171,8 @@ def attack(
     run: Path = typer.Option(None, "--run", help="A split run folder: attack the protocol it was trained with."),
     victims: int = typer.Option(64, min=1, help="Held-out triples the victim client sends."),
     out: Path = typer.Option(Path("runs/split-attack"), "--out", "-o", help="Folder for attack.json and the image grid."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an existing attack.json."),
 ) -> None:
@@ -182,7 +192,7 @@ def attack(
             raise ConfigError(f"{run} is not a split run folder (no config.yaml)")
     if (out / "attack.json").exists() and not overwrite:
         raise ConfigError(f"{out / 'attack.json'} exists (use --overwrite or another --out)")
-    cfg = _config(config, {}, set_)
+    cfg = _config(config, runtime_flags(device, precision), set_)
     models = load_public_models(cfg.model.pretrained)
     with console.status(f"{name}: fitting on public data and attacking {victims} victims"):
         outcome = evaluate_attack(name, cfg, models, victims=victims, seed=cfg.train.seed)
@@ -209,12 +219,16 @@ def attack_grid(
     defence: list[str] = typer.Option(None, "--defence", help="Only these defences (repeatable; default all)."),
     victims: int = typer.Option(64, min=1, help="Held-out triples per attack."),
     utility: bool = typer.Option(True, help="Train each configuration and measure its condition fidelity."),
+    device: str = device_option(),
+    precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Config overrides applied to every configuration."),
 ) -> None:
     """Every attack against every defence, with each configuration's utility: the table of the README."""
     from privdiff.split.attacks.grid import markdown_table, run_grid
 
-    grid = run_grid(out, base_overrides=list(set_ or []), defences=list(defence) if defence else None,
+    overrides = [f"{k}={v}" for k, v in runtime_flags(device, precision).items() if v is not None]
+    _config(None, {}, overrides)  # refuses a device split learning does not run on, before anything runs
+    grid = run_grid(out, base_overrides=[*overrides, *(set_ or [])], defences=list(defence) if defence else None,
                     victims=victims, utility=utility)
     console.print(markdown_table(grid))
     console.print(f"results: [bold]{out / 'split_attacks.json'}[/] (add the folder to `privdiff report`)")

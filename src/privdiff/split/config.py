@@ -12,6 +12,7 @@ from privdiff.config import (
     DataConfig,
     DataSelection,
     ModelConfig,
+    RuntimeConfig,
     choice_checks,
     load_config,
     raise_first_failure,
@@ -95,6 +96,7 @@ class SplitConfig(ConfigRoot):
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     train: SplitTrainConfig = field(default_factory=SplitTrainConfig)
     eval: SplitEvalConfig = field(default_factory=SplitEvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # the CPU in fp32 for now (`require_cpu_fp32`)
 
     def validate(self) -> "SplitConfig":
         p, t, d = self.protocol, self.train, self.data

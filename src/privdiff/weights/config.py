@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import get_args
 
-from privdiff.config import PATH, ConfigRoot, choice_checks, raise_first_failure
+from privdiff.config import PATH, ConfigRoot, RuntimeConfig, choice_checks, raise_first_failure
 from privdiff.errors import ConfigError
 from privdiff.weights.finetune import FinetuneRecipe, GenerationConfig
 from privdiff.weights.paradigm import EncoderTrainingConfig, PostHocDefence
@@ -64,6 +64,7 @@ class WeightsAttackConfig(ConfigRoot):
     data: AttackDataConfig = field(default_factory=AttackDataConfig)
     eval: AttackEvalConfig = field(default_factory=AttackEvalConfig)
     defences: DefenceConfig = field(default_factory=DefenceConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # the CPU in fp32 for now (`require_cpu_fp32`)
 
     def validate(self) -> "WeightsAttackConfig":
         r, t, d = self.recipe, self.training, self.data
