@@ -176,3 +176,18 @@ def test_split_and_weights_commands_refuse_what_they_do_not_run_on(monkeypatch, 
     assert main([*command, "--precision", "bf16", "--out", str(out)]) == 2
     assert "runs on the CPU in fp32" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_fp32_adapter_loads_into_a_bf16_diffusers_pipeline(finished_tiny_run, tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    adapter = finished_tiny_run / "pytorch_lora_weights.safetensors"
+    assert all(t.dtype == torch.float32 for t in load_file(str(adapter)).values())  # as saved, whatever the base
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir), torch_dtype=torch.bfloat16,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(adapter))
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    out = pipe.unet(torch.randn(1, 4, 4, 4, dtype=torch.bfloat16), torch.tensor([10]),
+                    encoder_hidden_states=torch.randn(1, 8, pipe.unet.config.cross_attention_dim,
+                                                      dtype=torch.bfloat16)).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
