@@ -13,5 +13,9 @@ class DataError(PrivdiffError):
     """A dataset that cannot be used as given (names the offending file)."""
 
 
+class OutOfMemory(PrivdiffError):
+    """The device ran out of memory; names the option that lowers it."""
+
+
 class ModelError(PrivdiffError):
     """A checkpoint or adapter that cannot be loaded or does not match."""

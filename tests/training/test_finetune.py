@@ -143,3 +143,27 @@ def test_batch_larger_than_members_is_refused(tiny_pipeline_dir: Path, tmp_path:
         run_training(tiny_run_config(tmp_path, tiny_pipeline_dir, **{"train.batch_size": 18}),
                      show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_names_the_batch_option_and_the_run_resumes(tiny_pipeline_dir: Path, tmp_path: Path,
+                                                                    monkeypatch):
+    from privdiff.errors import OutOfMemory, PrivdiffError
+    from privdiff.training.methods.lora import LoRA
+
+    real_step, calls = LoRA.step, []
+
+    def step_until_the_device_is_full(self, *args):
+        calls.append(1)
+        if len(calls) == 5:  # after the checkpoint at step 4
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, *args)
+
+    monkeypatch.setattr(LoRA, "step", step_until_the_device_is_full)
+    cfg = tiny_run_config(tmp_path, tiny_pipeline_dir)
+    with pytest.raises(OutOfMemory, match="physical_batch_size.*--resume") as caught:
+        run_training(cfg, show_progress=False)
+    assert isinstance(caught.value, PrivdiffError) and "\n" not in str(caught.value)
+    assert torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(LoRA, "step", real_step)
+    resumed = run_training(cfg, resume=True, show_progress=False)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 4

@@ -24,6 +24,7 @@ from rich.progress import (
 
 from privdiff.diffusion.task import DiffusionTask
 from privdiff.distributed import current_world
+from privdiff.errors import OutOfMemory
 from privdiff.runs.files import load_checkpoint, save_checkpoint
 from privdiff.seeding import generator
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
@@ -124,7 +125,12 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
             rng = generator(cfg.seed, "step", step)
             indices = method.batch_indices(step, task.num_examples, rng)
             batch = make_batch(task, indices, cfg.caption_dropout, rng)
-            metrics = method.step(task, batch, rng)
+            try:
+                metrics = method.step(task, batch, rng)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(f"out of memory on the device at step {step + 1}: lower dp.physical_batch_size "
+                                  f"(--physical-batch-size; dp-lora) or train.batch_size (--batch-size); the last "
+                                  f"checkpoint is intact, continue with --resume") from None
             log.append(json_safe({"step": step + 1, **metrics}))
             if (step + 1) % per_epoch == 0 or step + 1 == total:
                 epoch = math.ceil((step + 1) / per_epoch)
