@@ -27,6 +27,7 @@ from privdiff.audit.roc import (
 )
 from privdiff.audit.shadows import train_shadows
 from privdiff.config import ConfigRoot, choice_checks, raise_first_failure
+from privdiff.diffusion.cache import EncodingCache, open_encoding_cache
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
@@ -58,6 +59,7 @@ class AuditConfig(ConfigRoot):
     cp_fpr: float = 0.05        # FPR targeted on aux by the threshold of the Clopper-Pearson bound
     batch_size: int = 256
     control: bool = False       # audit the base model without the adapter (must be at chance)
+    cache: bool = True          # read and write encodings in the run's encoding cache (--no-cache: false)
 
     def validate(self) -> "AuditConfig":
         """Raises ConfigError on the first invalid value."""
@@ -77,14 +79,19 @@ class AuditConfig(ConfigRoot):
         return self
 
 
-def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str, Candidates]:
+def audit_cache(run: RunFolder, enabled: bool) -> EncodingCache:
+    """The encoding cache of `run` (its `cache.dir`), or an in-memory one when not `enabled`."""
+    return open_encoding_cache(enabled, run.config.cache.dir)
+
+
+def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...], cache: EncodingCache) -> dict[str, Candidates]:
     dataset, manifest = run_dataset(run), run_manifest(run)
     out = {}
     for role in roles:
         subset = dataset.subset(manifest.ids(role))
         if len(subset) == 0:
             raise ConfigError(f"{run.path}: the manifest has no '{role}' examples to audit")
-        out[role] = encode_split(pipe, subset, Candidates)
+        out[role] = encode_split(pipe, subset, Candidates, cache)
     return out
 
 
@@ -148,11 +155,13 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     else:
         pipe = run_pipeline(run)
     model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
-    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"))
+    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"),
+                             audit_cache(run, cfg.cache))
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None:
-        shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress)
+        shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress,
+                                cache=cfg.cache)
     results = {}
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("auditing", total=len(cfg.attacks))

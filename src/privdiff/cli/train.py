@@ -42,6 +42,7 @@ def finetune(
     proxy_lr: float = typer.Option(None, help="smp-lora/mp-lora: proxy Adam learning rate (default 1e-5)."),
     proxy_steps: int = typer.Option(None, help="smp-lora/mp-lora: proxy steps k per LoRA step (default 1)."),
     distributed: bool = typer.Option(False, help="dp-lora under torchrun: data parallel with Opacus DPDDP."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Encode afresh; read and write no encoding cache."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
@@ -67,7 +68,8 @@ def finetune(
         "dp.max_grad_norm": max_grad_norm, "dp.noise_multiplicity": noise_multiplicity,
         "dp.expected_batch_size": expected_batch_size, "dp.physical_batch_size": physical_batch_size,
         "dp.epochs": epochs, "dp.accountant": accountant, "smp.lam": smp_lambda, "smp.beta": smp_beta,
-        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps}, implied + list(set_ or []))
+        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps,
+        "cache.enabled": False if no_cache else None}, implied + list(set_ or []))
     try:
         run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
                                distributed=distributed)
@@ -122,13 +124,14 @@ def early_stop(
     match: Path = typer.Option(..., "--match", help="The run whose utility to match (e.g. an SMP-LoRA run)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write the matched snapshot to."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Encode afresh; read and write no encoding cache."),
 ) -> None:
     """Stop RUN early at MATCH's utility: the snapshot whose held-out loss on the aux non-members is closest."""
     import json
 
     from privdiff.training.early_stop import early_stop_like
 
-    folder = early_stop_like(run, match, out, overwrite=overwrite)
+    folder = early_stop_like(run, match, out, overwrite=overwrite, cache=not no_cache)
     chosen = json.loads((folder / "summary.json").read_text())["early_stopped"]
     console.print(f"step {chosen['step']} of {chosen['of_steps']}: held-out loss {chosen['loss']:.4f} "
                   f"(target {chosen['target_loss']:.4f})")

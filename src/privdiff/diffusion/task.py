@@ -1,14 +1,29 @@
-"""The diffusion training task: frozen encoders run once, the UNet trains on cached inputs."""
+"""The diffusion training task: frozen encoders run once, the UNet trains on cached inputs.
+
+Datasets are encoded in batches of exactly `ENCODE_BATCH` rows, the last one padded, in contiguous
+memory: CPU and GPU kernels choose their algorithm by batch size and memory layout, so an example's
+latent would otherwise depend on how many others it was encoded with (last-bit differences, measured
+on CPU: a batch of 1, or channels-last batches of 7, 33, 63 vs 64 rows). With a fixed batch size and
+layout an example's row is the same in every subset, which lets the on-disk cache
+(`privdiff.diffusion.cache`) serve any subset bit for bit, and makes the latents an audit scores
+exactly the ones its run trained on.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from privdiff.data.examples import ImageDataset
+from privdiff.data.examples import ImageDataset, to_model_tensor
+from privdiff.diffusion.cache import EncodingCache, encoder_key, tensor_bytes
+
+ENCODE_BATCH = 64  # rows per encoder call of a dataset (latents and caption states)
 
 
 @dataclass
@@ -64,10 +79,12 @@ class DiffusionTask:
 @torch.no_grad()
 def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N, C, h, w) latents, deterministic (posterior mean)."""
-    factor = pipe.vae.config.scaling_factor
-    chunks = [pipe.vae.encode(images[i:i + batch_size].to(pipe.vae.device)).latent_dist.mean * factor
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks)
+    return torch.cat([vae_latents(pipe, images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def vae_latents(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
+    """One VAE call: (n, 3, H, W) in [-1, 1] -> (n, C, h, w), the posterior mean x scaling factor."""
+    return pipe.vae.encode(images.to(pipe.vae.device)).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
 def tokenize(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
@@ -87,18 +104,82 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size
     return torch.cat(out)
 
 
+@torch.no_grad()
+def in_fixed_batches(encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+                     batch_size: int = ENCODE_BATCH) -> torch.Tensor:
+    """`encode` over `inputs` in calls of exactly `batch_size` rows (the last padded with copies of its
+    last row, dropped again), in one memory layout, so that a row's output does not depend on how
+    many rows came with it (CPU kernels differ by batch size and layout; `to_model_tensor` is
+    channels-last, a concatenation with padding is not)."""
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        pad = batch_size - len(batch)
+        if pad:
+            batch = torch.cat([batch, batch[-1:].expand(pad, *batch.shape[1:])])
+        out.append(encode(batch.contiguous())[:batch_size - pad])
+    return torch.cat(out)
+
+
+def dataset_latents(pipe: StableDiffusionPipeline, dataset: ImageDataset, cache: EncodingCache) -> torch.Tensor:
+    """(N, C, h, w) latents of `dataset`'s images, each read from `cache` or encoded (and stored).
+
+    A row's key is the hash of the image's pixels and size; the images of cached rows are never
+    converted to model tensors."""
+    vae = pipe.vae
+    images = [ex.image for ex in dataset.examples]
+    keys = [hashlib.sha256(f"{image.shape}".encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
+            for image in images]
+    height, width = images[0].shape[:2]
+    scale = pipe.vae_scale_factor
+    row_shape = (vae.config.latent_channels, height // scale, width // scale)
+
+    def encode(rows: list[int]) -> torch.Tensor:
+        return in_fixed_batches(lambda batch: vae_latents(pipe, batch),
+                                to_model_tensor(np.stack([images[i] for i in rows])))
+
+    encoder = encoder_key("latents", vae, vae.config.scaling_factor, ENCODE_BATCH)
+    return cache.rows(encoder, keys, row_shape, vae.dtype, encode).to(vae.device)
+
+
+def caption_states(pipe: StableDiffusionPipeline, prompts: list[str], cache: EncodingCache) -> torch.Tensor:
+    """(N, L, D) text-encoder states of `prompts`, each read from `cache` or encoded (and stored).
+
+    A row's key is the hash of the prompt's token ids, the text encoder's exact input."""
+    text_encoder = pipe.text_encoder
+    ids = tokenize(pipe, prompts)  # (N, L)
+    keys = [hashlib.sha256(tensor_bytes(row)).hexdigest() for row in ids]
+    row_shape = (ids.shape[1], text_encoder.config.hidden_size)
+
+    def encode(rows: list[int]) -> torch.Tensor:
+        return in_fixed_batches(lambda batch: text_encoder(batch.to(text_encoder.device))[0], ids[rows])
+
+    encoder = encoder_key("contexts", text_encoder, ENCODE_BATCH)
+    return cache.rows(encoder, keys, row_shape, text_encoder.dtype, encode).to(text_encoder.device)
+
+
 def encode_split(pipe: StableDiffusionPipeline, dataset: ImageDataset,
-                 kind: type[EncodedSplit] = EncodedSplit) -> EncodedSplit:
-    """`dataset` in model space, as `kind` (EncodedSplit or a subclass such as the audit's Candidates)."""
-    return kind([ex.id for ex in dataset.examples], encode_images(pipe, dataset.images_tensor()),
-                encode_prompts(pipe, dataset.captions()))
+                 kind: type[EncodedSplit] = EncodedSplit, cache: EncodingCache | None = None) -> EncodedSplit:
+    """`dataset` in model space, as `kind` (EncodedSplit or a subclass such as the audit's Candidates).
+
+    Args:
+        cache: where rows are read and stored (default: in memory for this call only).
+    """
+    cache = EncodingCache() if cache is None else cache
+    return kind([ex.id for ex in dataset.examples], dataset_latents(pipe, dataset, cache),
+                caption_states(pipe, dataset.captions(), cache))
 
 
 def build_task(pipe: StableDiffusionPipeline, dataset: ImageDataset,
-               splits: dict[str, ImageDataset] | None = None) -> DiffusionTask:
-    """Encodes `dataset` (the members) and any extra `splits` once with the frozen VAE and text encoder."""
-    members = encode_split(pipe, dataset)
+               splits: dict[str, ImageDataset] | None = None, cache: EncodingCache | None = None) -> DiffusionTask:
+    """Encodes `dataset` (the members) and any extra `splits` once with the frozen VAE and text encoder.
+
+    Args:
+        cache: where rows are read and stored (default: in memory for this call only).
+    """
+    cache = EncodingCache() if cache is None else cache
+    members = encode_split(pipe, dataset, cache=cache)
     return DiffusionTask(unet=pipe.unet, scheduler=pipe.scheduler, latents=members.latents,
-                         contexts=members.contexts, null_context=encode_prompts(pipe, [""]),
+                         contexts=members.contexts, null_context=caption_states(pipe, [""], cache),
                          example_ids=members.ids,
-                         splits={role: encode_split(pipe, data) for role, data in (splits or {}).items()})
+                         splits={role: encode_split(pipe, data, cache=cache) for role, data in (splits or {}).items()})
