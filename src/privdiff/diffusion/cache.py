@@ -28,7 +28,7 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from privdiff.runs.files import atomic_replace
@@ -36,6 +36,9 @@ from privdiff.runs.files import atomic_replace
 CACHE_ENV = "PRIVDIFF_CACHE"
 FORMAT = "privdiff-encodings/1"  # bump when what a row holds changes (the scaling, the padding rule)
 ROWS = "rows"  # the one tensor of a shard
+# What reading a damaged shard raises: safetensors' own error (bad header, truncated data), JSON and
+# metadata errors, an OS error other than a vanished file.
+DAMAGE = (SafetensorError, OSError, ValueError, KeyError, TypeError)
 
 log = logging.getLogger("privdiff.cache")
 
@@ -193,7 +196,7 @@ def shard_keys(path: Path) -> list[str]:
             keys = json.loads((handle.metadata() or {})["keys"])
     except FileNotFoundError:
         raise
-    except Exception as err:  # safetensors raises its own errors for every kind of damage
+    except DAMAGE as err:
         raise CacheEntryError(f"unreadable ({type(err).__name__})") from None
     if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
         raise CacheEntryError("malformed keys")
@@ -215,7 +218,7 @@ def load_shard(path: Path, encoder: str, row_shape: tuple[int, ...], dtype: torc
         keys = json.loads(metadata["keys"])
     except FileNotFoundError:
         raise
-    except Exception as err:
+    except DAMAGE as err:
         raise CacheEntryError(f"unreadable ({type(err).__name__})") from None
     if metadata.get("format") != FORMAT or metadata.get("encoder") != encoder:
         raise CacheEntryError("written for another format or encoder")

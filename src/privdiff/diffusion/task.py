@@ -1,7 +1,7 @@
 """The diffusion training task: frozen encoders run once, the UNet trains on cached inputs.
 
-Datasets are encoded in batches of exactly `ENCODE_BATCH` rows, the last one padded, in contiguous
-memory: CPU and GPU kernels choose their algorithm by batch size and memory layout, so an example's
+Datasets are encoded in batches of exactly `ENCODE_BATCH` rows, the last one padded, in one memory
+layout: CPU and GPU kernels choose their algorithm by batch size and memory layout, so an example's
 latent would otherwise depend on how many others it was encoded with (last-bit differences, measured
 on CPU: a batch of 1, or channels-last batches of 7, 33, 63 vs 64 rows). With a fixed batch size and
 layout an example's row is the same in every subset, which lets the on-disk cache
@@ -109,15 +109,16 @@ def in_fixed_batches(encode: Callable[[torch.Tensor], torch.Tensor], inputs: tor
                      batch_size: int = ENCODE_BATCH) -> torch.Tensor:
     """`encode` over `inputs` in calls of exactly `batch_size` rows (the last padded with copies of its
     last row, dropped again), in one memory layout, so that a row's output does not depend on how
-    many rows came with it (CPU kernels differ by batch size and layout; `to_model_tensor` is
-    channels-last, a concatenation with padding is not)."""
+    many rows came with it (CPU kernels differ by batch size and layout, and a padded concatenation
+    would otherwise lose `to_model_tensor`'s channels-last layout)."""
     out = []
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start:start + batch_size]
         pad = batch_size - len(batch)
         if pad:
             batch = torch.cat([batch, batch[-1:].expand(pad, *batch.shape[1:])])
-        out.append(encode(batch.contiguous())[:batch_size - pad])
+        layout = torch.channels_last if batch.dim() == 4 else torch.contiguous_format
+        out.append(encode(batch.contiguous(memory_format=layout))[:batch_size - pad])
     return torch.cat(out)
 
 
