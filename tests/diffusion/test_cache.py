@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from privdiff.audit.run import audit_cache, encode_candidates
+from privdiff.audit.shadows import train_shadows
 from privdiff.config import DataConfig, load_config
 from privdiff.data import load_dataset
 from privdiff.data.examples import Example, ImageDataset
@@ -24,12 +27,18 @@ from privdiff.diffusion.cache import (
     shard_name,
     tensor_bytes,
 )
-from privdiff.diffusion.task import ENCODE_BATCH, build_task, encode_split, in_fixed_batches
+from privdiff.diffusion.task import (
+    ENCODE_BATCH,
+    build_task,
+    encode_split,
+    in_fixed_batches,
+)
+from privdiff.errors import ConfigError
 from privdiff.models.load import load_pipeline
 from privdiff.runs.files import save_config
-from privdiff.errors import ConfigError
-from privdiff.runs.folder import prepare_run_dir
+from privdiff.runs.folder import open_run, prepare_run_dir
 from privdiff.runs.lock import writing_run_folder
+from privdiff.training.run import run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +121,21 @@ def test_subsets_of_encoded_examples_hit_the_cache(pipe, digits, calls, tmp_path
         split = encode_split(pipe, digits.subset(list(subset)), cache=EncodingCache(tmp_path))
         assert split.ids == list(subset)
     assert calls == {"vae": [], "text": []}
+
+
+@pytest.mark.slow
+def test_lira_shadows_and_a_second_audit_read_the_run_s_encodings(finished_tiny_run: Path, monkeypatch,
+                                                                    tmp_path: Path):
+    run = open_run(finished_tiny_run)
+    roles = ("member_aux", "member_test", "nonmember_aux", "nonmember_test")
+    encode_candidates(run, run_pipeline(run), roles, audit_cache(run, True))  # the non-members the run never saw
+    calls = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda vae, images, *a, **k: calls.append(len(images))
+                        or encode(vae, images, *a, **k))
+    encode_candidates(run, run_pipeline(run), roles, audit_cache(run, True))
+    train_shadows(run, 2, 0, tmp_path / "shadows", show_progress=False)
+    assert calls == []
 
 
 def test_encoder_calls_have_a_fixed_batch_size(pipe, digits, calls):

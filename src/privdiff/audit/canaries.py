@@ -60,7 +60,7 @@ def guesses(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[int, int]
 def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = "loss", seed: int = 0,
                  p: float = 0.05, show_progress: bool = True, cache: bool = True) -> dict:
     """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound
-    (reading and writing the run's encoding cache unless `cache` is false)."""
+    (reading and writing the run's encoding cache if `cache`, whatever the run itself did)."""
     if attack not in ATTACKS:
         raise ConfigError(f"canary audit: unknown attack '{attack}' (choose from {', '.join(ATTACKS)})")
     run: RunFolder = open_run(run_dir)
@@ -71,7 +71,7 @@ def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = 
     out_dir = run.path / "audit"
     out_dir.mkdir(exist_ok=True)
     canary_run = train_like(run, out_dir / "canary-run", canary_manifest(base, canaries, included, full.content_hash),
-                            ["data.num_examples=null", *([] if cache else ["cache.enabled=false"])],
+                            ["data.num_examples=null", f"cache.enabled={str(cache).lower()}"],
                             show_progress)
     pipe = run_pipeline(canary_run)
     model = Denoiser(pipe.unet, pipe.scheduler)

@@ -34,8 +34,8 @@ def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
 
 def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
                   show_progress: bool = True, cache: bool = True) -> ShadowSet:
-    """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe
-    (reading and writing the run's encoding cache unless `cache` is false)."""
+    """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe,
+    reading and writing the run's encoding cache if `cache` (whatever the run itself did)."""
     base = run_manifest(run)
     pool = list(base.roles)
     masks = balanced_masks(num_shadows, len(pool), seed)
@@ -50,7 +50,7 @@ def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
         ids = {pool[k] for k in np.flatnonzero(masks[j])}
         shadow = train_like(run, out_dir / f"shadow-{j:02d}", shadow_manifest(base, ids),
                             [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}",
-                             *([] if cache else ["cache.enabled=false"])], show_progress)
+                             f"cache.enabled={str(cache).lower()}"], show_progress)
         pipe = run_pipeline(shadow)
         models.append(Denoiser(pipe.unet, pipe.scheduler))
         in_ids.append(ids)

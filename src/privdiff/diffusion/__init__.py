@@ -1,6 +1,6 @@
 """Diffusion arithmetic shared by training, DP clipping and every attack: the per-example loss (`loss`),
 the noise schedule's √ᾱ_t terms (`schedule`, the only place outside the scheduler that computes them),
-and the encoded datasets (`task`) they run on."""
+and the encoded datasets (`task`) they run on, with their on-disk cache (`cache`)."""
 
 from privdiff.diffusion.loss import (
                                      draw_noise_and_timesteps,
