@@ -134,7 +134,8 @@ def test_lira_shadows_and_a_second_audit_read_the_run_s_encodings(finished_tiny_
     monkeypatch.setattr(AutoencoderKL, "encode", lambda vae, images, *a, **k: calls.append(len(images))
                         or encode(vae, images, *a, **k))
     encode_candidates(run, run_pipeline(run), roles, audit_cache(run, True))
-    train_shadows(run, 2, 0, tmp_path / "shadows", show_progress=False)
+    shadows = train_shadows(run, 2, 0, tmp_path / "shadows", show_progress=False)
+    assert len(shadows.models) == 2 and (tmp_path / "shadows" / "shadow-01" / "summary.json").is_file()
     assert calls == []
 
 
