@@ -59,6 +59,19 @@ def pytest_configure(config: pytest.Config) -> None:
     socket.socket.connect_ex = _guarded_connect_ex
 
 
+@pytest.fixture(autouse=True, scope="session")
+def encoding_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Commands under test cache their encodings in a temporary folder, never in the user's cache
+    (child processes, e.g. torchrun ranks, inherit it)."""
+    before = os.environ.get("PRIVDIFF_CACHE")
+    os.environ["PRIVDIFF_CACHE"] = str(tmp_path_factory.mktemp("encodings"))
+    yield
+    if before is None:
+        os.environ.pop("PRIVDIFF_CACHE", None)
+    else:
+        os.environ["PRIVDIFF_CACHE"] = before
+
+
 # Smaller than the shipped base so that a fine-tuning step takes milliseconds.
 TEST_MODEL = TinySDConfig(vae_channels=(8, 16, 16), unet_channels=(16, 32), cross_attention_dim=16,
                           attention_head_dim=4, text_layers=1)

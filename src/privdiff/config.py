@@ -12,7 +12,7 @@ import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -37,6 +37,10 @@ class ConfigRoot:
     Choices are `Literal` fields: a file or override outside them is refused while loading, and
     `validate` refuses one set in code through `choice_checks`.
     """
+
+    # Top-level sections that change how a result is computed but never the result (the encoding
+    # cache): a resumed run may change them.
+    RESULT_NEUTRAL: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> Any:
         """Raises ConfigError on the first invalid value; returns the config."""
@@ -154,6 +158,15 @@ class RuntimeConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The on-disk cache of VAE latents and caption states (`privdiff.diffusion.cache`): results are
+    bit-identical with and without it."""
+
+    enabled: bool = True  # false: encode everything afresh, read and write nothing (--no-cache)
+    dir: str | None = field(default=None, metadata=PATH)  # null = $PRIVDIFF_CACHE or ~/.cache/privdiff/encodings
+
+
+@dataclass
 class RunConfig(ConfigRoot):
     output_dir: str = field(default="runs/finetune", metadata=PATH)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +178,9 @@ class RunConfig(ConfigRoot):
     smp: SMPConfig = field(default_factory=SMPConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    RESULT_NEUTRAL = ("cache",)
 
     def validate(self) -> "RunConfig":
         """Raises ConfigError on the first invalid value."""

@@ -79,3 +79,12 @@ def test_bench_weights_quick_writes_json(tmp_path: Path):
     assert variants["ablation (end-of-run pair)"]["pairs"] == 1
     assert result["shadow_finetune_s"] > 0 and result["encoder_pairs_per_s"] > 0
     assert "pairs/s" in stdout
+
+
+@pytest.mark.slow
+def test_bench_encoding_cache_quick_writes_json(tmp_path: Path):
+    result, stdout = run_quick("bench_encoding_cache.py", tmp_path / "bench.json")
+    assert set(result["seconds"]) == {"no cache", "cold cache (encode + write)", "warm cache (read + check)",
+                                      "warm cache, random half"}
+    assert result["bit_identical"]["cached half == fresh half"] and result["disk_mib"] > 0
+    assert "images/s" in stdout

@@ -213,3 +213,25 @@ def test_error_text_with_brackets_is_printed_verbatim(tmp_path: Path, capsys):
     assert "train.steps must be >= 1" in _one_line_error(capsys)
     assert main(["inspect", str(tmp_path / "[red]missing.safetensors")]) == 2
     assert "[red]missing.safetensors: no such file" in _one_line_error(capsys)
+
+
+def test_no_cache_reaches_the_config_of_finetune_audit_and_early_stop(tmp_path: Path, monkeypatch, capsys):
+    from privdiff.audit.run import AuditConfig
+    from privdiff.errors import ConfigError
+
+    run = str(tmp_path / "run")
+    finetune = "privdiff.training.run.run_training"
+    assert _built_config(monkeypatch, finetune, ["finetune", "--out", run]).cache.enabled is True
+    assert _built_config(monkeypatch, finetune, ["finetune", "--out", run, "--no-cache"]).cache.enabled is False
+    assert _built_config(monkeypatch, "privdiff.audit.run.run_audit", ["audit", run, "--no-cache"]) == \
+        AuditConfig(cache=False)
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs["cache"])
+        raise ConfigError("captured")
+
+    monkeypatch.setattr("privdiff.training.early_stop.early_stop_like", capture)
+    for flags in ([], ["--no-cache"]):
+        assert main(["early-stop", run, "--match", run, "--out", str(tmp_path / "early"), *flags]) == 2
+    assert seen == [True, False]

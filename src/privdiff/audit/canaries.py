@@ -17,10 +17,10 @@ import numpy as np
 from privdiff.audit.attacks import ATTACKS
 from privdiff.audit.bounds import one_run_eps
 from privdiff.audit.model import Candidates, Denoiser
-from privdiff.audit.run import encode_candidates
+from privdiff.audit.run import audit_cache, encode_candidates
 from privdiff.data import load_dataset
 from privdiff.data.manifest import Manifest
-from privdiff.diffusion.task import encode_images, encode_prompts
+from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.runs.files import atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
@@ -59,8 +59,10 @@ def guesses(scores: np.ndarray, included: np.ndarray, k: int) -> tuple[int, int]
 
 
 def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = "loss", seed: int = 0,
-                 p: float = 0.05, show_progress: bool = True, runtime: Runtime | None = None) -> dict:
-    """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound."""
+                 p: float = 0.05, show_progress: bool = True, runtime: Runtime | None = None,
+                 cache: bool = True) -> dict:
+    """Trains the canary run (reused when finished), scores the canaries, returns the one-run bound
+    (reading and writing the run's encoding cache if `cache`, whatever the run itself did)."""
     if attack not in ATTACKS:
         raise ConfigError(f"canary audit: unknown attack '{attack}' (choose from {', '.join(ATTACKS)})")
     run: RunFolder = open_run(run_dir)
@@ -71,17 +73,15 @@ def canary_audit(run_dir: str | Path, *, num_canaries: int = 128, attack: str = 
     out_dir = run.path / "audit"
     out_dir.mkdir(exist_ok=True)
     canary_run = train_like(run, out_dir / "canary-run", canary_manifest(base, canaries, included, full.content_hash),
-                            ["data.num_examples=null"], show_progress, runtime)
+                            ["data.num_examples=null", f"cache.enabled={str(cache).lower()}"],
+                            show_progress, runtime)
     pipe = run_pipeline(canary_run, runtime=runtime)
     model = Denoiser(pipe.unet, pipe.scheduler)
     chosen = ATTACKS[attack](seed)
-    aux = encode_candidates(run, pipe, ("member_aux", "nonmember_aux"))
+    encodings = audit_cache(run, cache)
+    aux = encode_candidates(run, pipe, ("member_aux", "nonmember_aux"), encodings)
     chosen.fit(model, aux["member_aux"], aux["nonmember_aux"])  # fitted on aux only, before any canary
-    subset = full.subset(canaries)
-    images = subset.images_tensor()
-    scores = chosen.score(model, Candidates(canaries, encode_images(pipe, images),
-                                            encode_prompts(pipe, subset.captions(),
-                                                           resolution=tuple(images.shape[-2:]))))
+    scores = chosen.score(model, encode_split(pipe, full.subset(canaries), Candidates, encodings))
     k = num_canaries // 8
     r, v = guesses(scores, included, k)
     privacy = run.summary.get("privacy") or {}

@@ -26,12 +26,8 @@ from privdiff.audit.roc import (
     tpr_interval_at_threshold,
 )
 from privdiff.audit.shadows import train_shadows
-from privdiff.config import (
-    ConfigRoot,
-    RuntimeConfig,
-    choice_checks,
-    raise_first_failure,
-)
+from privdiff.config import ConfigRoot, RuntimeConfig, choice_checks, raise_first_failure
+from privdiff.diffusion.cache import EncodingCache, open_encoding_cache
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
@@ -65,6 +61,7 @@ class AuditConfig(ConfigRoot):
     batch_size: int = 256
     control: bool = False       # audit the base model without the adapter (must be at chance)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # the audit's and its shadows' device
+    cache: bool = True          # read and write encodings in the run's encoding cache (--no-cache: false)
 
     def validate(self) -> "AuditConfig":
         """Raises ConfigError on the first invalid value."""
@@ -84,14 +81,19 @@ class AuditConfig(ConfigRoot):
         return self
 
 
-def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...]) -> dict[str, Candidates]:
+def audit_cache(run: RunFolder, enabled: bool) -> EncodingCache:
+    """The encoding cache of `run` (its `cache.dir`), or an in-memory one when not `enabled`."""
+    return open_encoding_cache(enabled, run.config.cache.dir)
+
+
+def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...], cache: EncodingCache) -> dict[str, Candidates]:
     dataset, manifest = run_dataset(run), run_manifest(run)
     out = {}
     for role in roles:
         subset = dataset.subset(manifest.ids(role))
         if len(subset) == 0:
             raise ConfigError(f"{run.path}: the manifest has no '{role}' examples to audit")
-        out[role] = encode_split(pipe, subset, Candidates)
+        out[role] = encode_split(pipe, subset, Candidates, cache)
     return out
 
 
@@ -156,12 +158,13 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     else:
         pipe = run_pipeline(run, runtime=runtime)
     model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
-    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"))
+    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"),
+                             audit_cache(run, cfg.cache))
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None:
         shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress,
-                                runtime)
+                                runtime, cache=cfg.cache)
     results = {}
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("auditing", total=len(cfg.attacks))

@@ -34,8 +34,9 @@ def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
 
 
 def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
-                  show_progress: bool = True, runtime: Runtime | None = None) -> ShadowSet:
-    """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe."""
+                  show_progress: bool = True, runtime: Runtime | None = None, cache: bool = True) -> ShadowSet:
+    """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe,
+    reading and writing the run's encoding cache if `cache` (whatever the run itself did)."""
     base = run_manifest(run)
     pool = list(base.roles)
     masks = balanced_masks(num_shadows, len(pool), seed)
@@ -49,7 +50,8 @@ def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
     for j in range(num_shadows):
         ids = {pool[k] for k in np.flatnonzero(masks[j])}
         shadow = train_like(run, out_dir / f"shadow-{j:02d}", shadow_manifest(base, ids),
-                            [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}"], show_progress, runtime)
+                            [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}",
+                             f"cache.enabled={str(cache).lower()}"], show_progress, runtime)
         pipe = run_pipeline(shadow, runtime=runtime)
         models.append(Denoiser(pipe.unet, pipe.scheduler))
         in_ids.append(ids)

@@ -33,6 +33,8 @@ def audit(
                                              "at chance) -> RUN_DIR/audit/control/."),
     device: str = device_option(),
     precision: str = precision_option(),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Encode afresh (audit, shadows, canaries); read and "
+                                                            "write no encoding cache."),
     set_: list[str] = typer.Option(None, "--set", help="Any audit config key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
@@ -44,9 +46,10 @@ def audit(
     from privdiff.runtime import resolve_runtime
 
     names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else None
-    # a flag left out (None; False for --control) leaves the config file's value
+    # a flag left out (None; False for --control and --no-cache) leaves the config file's value
     cfg = build_config(config, {"attacks": names, "audit_seed": seed, "shadows": shadows, "bootstrap": bootstrap,
-                                "control": control or None, **runtime_flags(device, precision)}, set_, kind=AuditConfig)
+                                "control": control or None, "cache": False if no_cache else None,
+                                **runtime_flags(device, precision)}, set_, kind=AuditConfig)
     result = run_audit(run_dir, cfg, show_progress=not quiet)
     n1, n0 = result["n_members_test"], result["n_nonmembers_test"]
     console.print(f"test split: {n1} members, {n0} non-members (null AUC sd {result['null_auc_sd']:.3f})",
@@ -60,7 +63,8 @@ def audit(
     if canaries and not cfg.control:
         one_run = canary_audit(run_dir, num_canaries=canaries, attack=canary_attack or
                                (result["best_attack"] if result["best_attack"] in DEFAULT_ATTACKS else "loss"),
-                               seed=cfg.audit_seed, show_progress=not quiet, runtime=resolve_runtime(cfg.runtime))
+                               seed=cfg.audit_seed, show_progress=not quiet, runtime=resolve_runtime(cfg.runtime),
+                               cache=cfg.cache)
         console.print(f"one-run canary audit: {one_run['v']}/{one_run['r']} guesses correct on "
                       f"{one_run['m']} canaries -> ε lower bound {one_run['eps']:.2f} (p = {one_run['p']})",
                       highlight=False)

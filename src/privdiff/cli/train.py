@@ -49,6 +49,7 @@ def finetune(
     distributed: bool = typer.Option(False, help="dp-lora under torchrun: data parallel with Opacus DPDDP."),
     device: str = device_option(),
     precision: str = precision_option(),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Encode afresh; read and write no encoding cache."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: section.key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
@@ -74,8 +75,8 @@ def finetune(
         "dp.max_grad_norm": max_grad_norm, "dp.noise_multiplicity": noise_multiplicity,
         "dp.expected_batch_size": expected_batch_size, "dp.physical_batch_size": physical_batch_size,
         "dp.epochs": epochs, "dp.accountant": accountant, "smp.lam": smp_lambda, "smp.beta": smp_beta,
-        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps, **runtime_flags(device, precision)},
-        implied + list(set_ or []))
+        "smp.proxy_lr": proxy_lr, "smp.proxy_steps": proxy_steps, **runtime_flags(device, precision),
+        "cache.enabled": False if no_cache else None}, implied + list(set_ or []))
     try:
         run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=not quiet,
                                distributed=distributed)
@@ -135,6 +136,7 @@ def early_stop(
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
     device: str = device_option(),
     precision: str = precision_option(),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Encode afresh; read and write no encoding cache."),
 ) -> None:
     """Stop RUN early at MATCH's utility: the snapshot whose held-out loss on the aux non-members is closest."""
     import json
@@ -144,7 +146,7 @@ def early_stop(
     from privdiff.training.early_stop import early_stop_like
 
     runtime = resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto"))
-    folder = early_stop_like(run, match, out, overwrite=overwrite, runtime=runtime)
+    folder = early_stop_like(run, match, out, overwrite=overwrite, runtime=runtime, cache=not no_cache)
     chosen = json.loads((folder / "summary.json").read_text())["early_stopped"]
     console.print(f"step {chosen['step']} of {chosen['of_steps']}: held-out loss {chosen['loss']:.4f} "
                   f"(target {chosen['target_loss']:.4f})")

@@ -1,7 +1,7 @@
 """Diffusion arithmetic shared by training, DP clipping and every attack: the per-example loss (`loss`),
 the noise schedule's √ᾱ_t terms (`schedule`, the only place outside the scheduler that computes them),
 the one UNet call with SDXL's added conditioning packed into the context (`conditioning`), and the
-encoded datasets (`task`) they run on."""
+encoded datasets (`task`) they run on, with their on-disk cache (`cache`)."""
 
 from privdiff.diffusion.conditioning import predict
 from privdiff.diffusion.loss import (

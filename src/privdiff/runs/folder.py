@@ -50,6 +50,10 @@ GRID_FILE = "split_attacks.json"
 WEIGHTS_ATTACK_FILE = "attack.json"
 
 
+def _without(values: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in values.items() if k not in keys}
+
+
 def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
                     known_files: tuple[str, ...] = FINETUNE_OUTPUTS, checkpoint: str = CHECKPOINT_FILE) -> bool:
     """Creates or checks a run folder and takes its writer lock; returns whether training resumes
@@ -65,7 +69,8 @@ def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
         saved = run_dir / "config.yaml"
         if not saved.exists():
             raise ConfigError(f"cannot resume: {run_dir} has no config.yaml")
-        if yaml.safe_load(saved.read_text()) != config.to_dict():
+        neutral = getattr(config, "RESULT_NEUTRAL", ())
+        if _without(yaml.safe_load(saved.read_text()), neutral) != _without(config.to_dict(), neutral):
             raise ConfigError(f"cannot resume: the config differs from the one saved in {saved}")
         return (run_dir / checkpoint).exists()
     if existing and not overwrite:

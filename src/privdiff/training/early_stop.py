@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from privdiff.diffusion.cache import open_encoding_cache
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
 from privdiff.metrics.heldout import heldout_losses
@@ -43,8 +44,11 @@ def matching_loss(run: RunFolder, adapter: Path, split, runtime: Runtime | None 
 
 
 def early_stop_like(candidate_dir: str | Path, reference_dir: str | Path, out_dir: str | Path,
-                    overwrite: bool = False, runtime: Runtime | None = None) -> Path:
+                    overwrite: bool = False, runtime: Runtime | None = None, cache: bool = True) -> Path:
     """Writes the snapshot of `candidate_dir` matched in utility to `reference_dir` as a run folder.
+
+    Args:
+        cache: read and write encodings in the reference run's encoding cache (false: --no-cache).
 
     Raises:
         ConfigError: different manifests or base models, no snapshots, or an occupied `out_dir`.
@@ -62,7 +66,8 @@ def early_stop_like(candidate_dir: str | Path, reference_dir: str | Path, out_di
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty: pass --overwrite to replace it")
     pipe = run_pipeline(reference, runtime=runtime)
-    split = encode_split(pipe, run_dataset(reference).subset(run_manifest(reference).ids(MATCH_ROLE)))
+    split = encode_split(pipe, run_dataset(reference).subset(run_manifest(reference).ids(MATCH_ROLE)),
+                         cache=open_encoding_cache(cache, reference.config.cache.dir))
     if not len(split):
         raise ConfigError(f"{reference.path}: the manifest has no '{MATCH_ROLE}' examples to match utility on")
     target = matching_loss(reference, reference.path / LORA_WEIGHT_NAME, split, runtime)

@@ -22,6 +22,7 @@ from privdiff.data import (
     load_dataset,
     load_manifest,
 )
+from privdiff.diffusion.cache import open_encoding_cache
 from privdiff.diffusion.task import build_task
 from privdiff.distributed import current_world, init_distributed, launched_by_torchrun
 from privdiff.errors import ConfigError, ModelError
@@ -121,7 +122,8 @@ def _train_into(run_dir: Path, config: RunConfig, method: TrainingMethod, inputs
     """Trains and, on the main process, writes the run's outputs (its folder is prepared and locked)."""
     world = current_world()
     seed_everything(config.train.seed)
-    task = build_task(pipe, inputs.members, inputs.splits(method.extra_roles))
+    task = build_task(pipe, inputs.members, inputs.splits(method.extra_roles),
+                      cache=open_encoding_cache(config.cache.enabled, config.cache.dir))
 
     def save_snapshot(step: int) -> None:
         save_lora(snapshot_path(run_dir, step), pipe.unet, config.lora, method.adapter_metadata())
