@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
+import diffusers
 import numpy as np
 import psutil
 import torch
@@ -266,6 +267,7 @@ MEASUREMENTS: dict[str, Callable] = {
 
 def measure(args) -> dict:
     """Runs in the child: setup, one warm-up call, `repeat` timed calls; memory over all the calls."""
+    diffusers.utils.logging.set_verbosity_error()  # `.to(dtype)` on a diffusers model warns about from_pretrained
     device = torch.device(args.device)
     began = time.perf_counter()
     call = MEASUREMENTS[args.child](args)
