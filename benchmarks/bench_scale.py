@@ -322,7 +322,8 @@ def run_child(args, kind: str, batch: int, overrides: dict) -> dict:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    info = {"cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)), "memory_gib": psutil.virtual_memory().total / 2**30}
+    info = {"cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)), "memory_gib": psutil.virtual_memory().total / 2**30,
+            "load_average_1_5_15_min": os.getloadavg()}  # other jobs on the machine slow every figure down
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
@@ -361,6 +362,7 @@ def main() -> None:
         measured = run_child(args, kind, batch, overrides)
         result["measurements"].append({"name": name, "kind": kind, "batch": batch, **measured})
     result["total_s"] = time.perf_counter() - began
+    result["load_average_at_end"] = os.getloadavg()
 
     cuda = args.device.startswith("cuda")
     print(f"\n{args.size} at {args.image_size} px, {args.device}, {args.precision} "
