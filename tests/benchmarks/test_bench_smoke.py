@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,3 +89,33 @@ def test_bench_encoding_cache_quick_writes_json(tmp_path: Path):
                                       "warm cache, random half"}
     assert result["bit_identical"]["cached half == fresh half"] and result["disk_mib"] > 0
     assert "images/s" in stdout
+
+
+@pytest.mark.long
+def test_bench_scale_quick_measures_every_operation_in_its_own_process(tmp_path: Path):
+    result, stdout = run_quick("bench_scale.py", tmp_path / "bench.json")
+    kinds = [(m["kind"], m["batch"]) for m in result["measurements"]]
+    assert kinds == [("lora", 1), ("dp-lora", 1), ("dp-lora", 2), ("audit", 1), ("split", 1), ("export", 1)]
+    assert all(m["median_call_s"] > 0 and m["rss_peak_during_calls_mib"] > 0 for m in result["measurements"])
+    assert result["measurements"][-1]["outputs"]["tensors"] > 0 and "load_lora_weights" in stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_the_whole_check_on_the_cpu(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
+                           str(tmp_path / "gpu.json")], check=False, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [t["precision"] for t in result["timing"]] == ["bf16", "fp32"]
+    assert all(t["dp_over_lora"] > 0 for t in result["timing"]) and len(result["memory"]) == 8
+    assert "dp / lora" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_without_cuda_exits_2_with_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no CUDA" in proc.stderr
