@@ -1,4 +1,4 @@
-"""Split learning over Flower on loopback (spec §13 items 5 and 11): a SuperLink, two client SuperNodes
+"""Split learning over Flower on loopback (split-controlnet.md §13 items 5 and 11): a SuperLink, two client SuperNodes
 and an intruder SuperNode with an unknown key, all started and stopped by the test; the ControlNet
 trained through them beats the untrained one on condition fidelity, the intruder is refused, and
 neither the recorded messages nor the bytes on the loopback wire hold a prompt, image or condition."""

@@ -1,4 +1,4 @@
-"""Attack × defence grid (spec §9.5, issue 8): which protocol configurations resist which attacks,
+"""Attack × defence grid (split-controlnet.md §9.5, issue 8): which protocol configurations resist which attacks,
 measured, with the utility of each configuration measured beside it.
 
 Each defence is a set of protocol overrides. For each: every applicable attack is run and scored
