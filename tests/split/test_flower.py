@@ -18,7 +18,7 @@ from tests.split.wire_checks import byte_leaks, numeric_leaks, secret_byte_strin
 
 pytestmark = pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep")
 
-# The recipe measured in-process to raise condition fidelity (README), with Flower's round trip
+# The recipe measured in-process to raise condition fidelity (docs/split.md), with Flower's round trip
 # (seconds per message) amortised: 64 examples per request, 16 per step, each round used twice.
 FLOWER_RECIPE = ["data.num_examples=1000", "train.request_size=64", "train.batch_size=16", "train.passes=2",
                  "train.learning_rate=3e-3", "train.steps=600", "train.checkpoint_every=200",
