@@ -71,6 +71,19 @@ def dp_memory(data: dict) -> Rows:
         [name, f"{mib:.0f}", f"{ratio[name]:.2f}"] for name, mib in memory.items()]
 
 
+def dp_utility(data: dict) -> Rows:
+    """Plain LoRA and DP-LoRA at each ε on the demo's data, each figure with its 95 % interval."""
+    rows = [["run", "ε (PRV)", "KID vs members", "FID vs members", "digit accuracy", "held-out loss, test members"]]
+    for name, run in data["utility"].items():
+        metrics, privacy = run["metrics"], run["privacy"]
+        accuracy = metrics.get("accuracy/digit")
+        rows.append([name, "none" if not privacy else f"{privacy['epsilon']:.2f}",
+                     _with_ci(metrics.get("kid/members")), _with_ci(metrics.get("fid/members")),
+                     (_with_ci(accuracy, ".3g", 100) + " %") if accuracy else "–",
+                     _with_ci(metrics.get("heldout_loss/member_test"))])
+    return rows
+
+
 def audit_attacks(data: dict) -> Rows:
     return [["attack", "queries/example", "examples/s", "fit on aux (s)", "access"]] + [
         [name, str(r["queries_per_example"]), f"{r['examples_per_second']:.1f}", f"{r['fit_seconds']:.1f}",
@@ -111,6 +124,7 @@ def weights_variants(data: dict) -> Rows:
 RENDERERS: dict[str, Callable[[dict], Rows]] = {
     "bench_dp.timing": dp_timing,
     "bench_dp.memory": dp_memory,
+    "bench_dp.utility": dp_utility,
     "bench_audit.attacks": audit_attacks,
     "bench_finetune.steps": finetune_steps,
     "bench_evaluate.stages": evaluate_stages,

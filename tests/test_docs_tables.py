@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,22 @@ def test_every_marked_table_has_a_body_and_the_results_are_used():
     assert len(names) == len(set(names)), "a table is shown twice"
     unused = set(results) - {name.partition(".")[0] for name in names}
     assert not unused, f"results files no page shows: {sorted(unused)}"
+
+
+@pytest.mark.parametrize("page", render_docs.pages(ROOT), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_table_with_measured_intervals_is_written_by_hand(page: Path):
+    outside = render_docs.BLOCK.sub("", page.read_text())
+    interval = re.compile(r"\[[-+−]?\d[\d.]*, [-+−]?\d[\d.]*\]")
+    by_hand = [line for line in outside.splitlines() if line.startswith("|") and interval.search(line)]
+    assert not by_hand, f"{page.relative_to(ROOT)}: measured rows outside a generated block: {by_hand[:3]}"
+
+
+def test_the_dp_utility_table_renders_from_the_benchmark_schema():
+    run = {"privacy": {"epsilon": 8.0}, "metrics": {"kid/members": {"value": 20.7, "ci": [14.1, 29.0]},
+                                                   "accuracy/digit": {"value": 0.094, "ci": [0.061, 0.136]}}}
+    rows = render_docs.dp_utility({"utility": {"dp-lora eps=8": run, "lora": {"privacy": None, "metrics": {}}}})
+    assert rows[1] == ["dp-lora eps=8", "8.00", "20.7 [14.1, 29]", "–", "9.4 [6.1, 13.6] %", "–"]
+    assert rows[2][:2] == ["lora", "none"]
 
 
 def test_a_table_without_a_results_file_fails():
