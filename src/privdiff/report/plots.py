@@ -138,6 +138,6 @@ def privacy_utility(points: list[dict], control: dict | None, utility_label: str
         ax.set_ylabel(label)
         ax.set_ylim(0 if key == "tpr" else 0.3, 1.02)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     return _png(fig)
