@@ -127,4 +127,4 @@ def test_bench_demo_quick_writes_phases_and_claims(tmp_path: Path):
     run = result["runs"][0]
     assert run["wall_time_s"] > run["in_process_s"] > 0 and run["phases_s"]["train lora"] > 0
     assert set(run["claims"]) == {"lora caught", "dp-lora at chance", "control at chance"}
-    assert "total wall time" in stdout
+    assert "total wall time / CPU" in stdout
