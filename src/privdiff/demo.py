@@ -2,7 +2,7 @@
 
 `run_demo` fine-tunes a plain LoRA and a DP-LoRA on the same private digits, evaluates and audits both
 (and the base model as the control) and writes the report card. `full=True` adds the SMP-LoRA defence
-and the plain LoRA stopped early at its utility (about 5 minutes more). Each phase's wall time and the
+and the plain LoRA stopped early at its utility (about 3 minutes more). Each phase's wall time and the
 claims the demo makes are written to demo.json beside the report.
 """
 

@@ -19,7 +19,7 @@ def demo(
     steps: int = typer.Option(None, help="Override the fine-tuning steps (quick looks)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
     full: bool = typer.Option(False, "--full", help="Also SMP-LoRA and the plain LoRA stopped early at its "
-                              "utility (about 5 minutes more on 2 CPU cores)."),
+                              "utility (about 3 minutes more on 2 CPU cores)."),
     device: str = device_option(),
     precision: str = precision_option(),
 ) -> None:
