@@ -145,8 +145,8 @@ def demo_config(out: Path, name: str, steps: int | None = None, extra: list[str]
 
 @contextmanager
 def _phase(phases: dict[str, float], cpu: dict[str, float], name: str) -> Iterator[None]:
-    """Records the phase's wall time and its CPU time (all threads: on a shared machine the wall time
-    grows with other people's load, the CPU time much less)."""
+    """Records the phase's wall time and its CPU time (all threads). Neither is a clean figure on a
+    loaded machine: with the load at 4-5x the cores, both grew about 7x here."""
     began, began_cpu = time.perf_counter(), time.process_time()
     yield
     phases[name] = round(time.perf_counter() - began, 2)
