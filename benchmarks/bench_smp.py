@@ -8,7 +8,7 @@
 
 Prints tables and writes JSON (default: benchmarks/results/bench_smp.json).
 
-    python benchmarks/bench_smp.py --demo-dir runs/demo   # after `privdiff demo` (reuses its runs)
+    python benchmarks/bench_smp.py --demo-dir runs/demo   # after `privdiff demo --full` (reuses its runs)
     python benchmarks/bench_smp.py --quick                # smoke run: few steps, tiny evaluation
 """
 
@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (tiny sizes)")
     parser.add_argument("--demo-dir", type=Path, default=None,
-                        help="a finished `privdiff demo` folder: its lora and smp-lora runs are reused and "
+                        help="a finished `privdiff demo --full` folder: its lora and smp-lora runs are reused and "
                              "mp-lora is written beside them (default: train all three in a temporary folder)")
     parser.add_argument("--mp-lambda", type=float, nargs="+", default=[1.0, 10.0],
                         help="MP-LoRA weights λ to train (default: 1, the reference's, and 10)")

@@ -120,3 +120,12 @@ def test_gpu_check_without_cuda_exits_2_with_one_line():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], check=False,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no CUDA" in proc.stderr
+
+
+@pytest.mark.long
+def test_bench_demo_quick_writes_phases_and_claims(tmp_path: Path):
+    result, stdout = run_quick("bench_demo.py", tmp_path / "bench.json")
+    run = result["runs"][0]
+    assert run["wall_time_s"] > run["in_process_s"] > 0 and run["phases_s"]["train lora"] > 0
+    assert set(run["claims"]) == {"lora caught", "dp-lora at chance", "control at chance"}
+    assert "total wall time / CPU" in stdout

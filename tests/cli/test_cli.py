@@ -147,6 +147,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert "demo finished" in printed and f"report card: {out / 'report.html'}" in printed
     page = (out / "report.html").read_text()
     assert "kid/members" in page and "https://" not in page and "Membership audit" in page
+    assert page.index("<h2>Headline") < page.index("<h2>Runs</h2>")
     audit = json.loads((out / "lora" / "audit" / "audit.json").read_text())
     assert set(audit["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy"}
     # Signal (membership-audit.md §9.8): the over-fitted demo LoRA is caught, by the attack chosen on aux (0.906 measured).
@@ -167,6 +168,19 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     dp_audit = json.loads((out / "dp-lora" / "audit" / "audit.json").read_text())
     assert dp_audit["claimed_epsilon"] == privacy["epsilon"]
     assert "guarantee: (" in printed and "dp-lora" in page
+    # demo.json: every phase timed, and the three claims hold (the benchmark reads them there).
+    record = json.loads((out / "demo.json").read_text())
+    assert not record["full"] and set(record["claims"]) == {"lora caught", "dp-lora at chance", "control at chance"}
+    assert all(claim["holds"] for claim in record["claims"].values()), record["claims"]
+    assert {"train lora", "train dp-lora", "audit control", "report"} <= set(record["phases_s"])
+    assert not (out / "smp-lora").exists() and "Matched utility" not in page  # behind --full
+
+
+@pytest.mark.long
+def test_demo_full_adds_smp_lora_and_the_early_stopped_lora(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--full", "--out", str(out), "--quiet"]) == 0
+    page = (out / "report.html").read_text()
     # SMP-LoRA on the same members with the plain recipe, and the plain LoRA stopped at its utility.
     smp = json.loads((out / "smp-lora" / "summary.json").read_text())
     assert smp["method"] == "smp-lora" and smp["steps"] == 1000 and smp["smp"]["diverged"] is False
@@ -177,6 +191,8 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert early["matched_to"] == str(out / "smp-lora") and early["of_steps"] == 1000
     assert (out / "lora-early" / "audit" / "audit.json").is_file()
     assert "Matched utility" in page and "Training against the proxy attacker" in page
+    record = json.loads((out / "demo.json").read_text())
+    assert record["full"] and all(claim["holds"] for claim in record["claims"].values())
 
 
 def test_demo_summary_reads_a_run_with_no_loss_on_record(tmp_path: Path):

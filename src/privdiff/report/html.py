@@ -10,6 +10,12 @@ from pathlib import Path
 from privdiff import __version__
 from privdiff.metrics.estimate import format_estimate
 from privdiff.report import plots
+from privdiff.report.verdict import (
+    CAUGHT_NULL_SD,
+    CHANCE_NULL_SD,
+    guarantee_text,
+    verdict,
+)
 from privdiff.split.attacks.grid import (
     attacks_in,
     grid_figure,
@@ -30,7 +36,13 @@ text-align:left;vertical-align:top}th{background:#f3f5f7}td.num{text-align:right
 .ci{color:#666;font-size:.9em}.muted{color:#666;font-size:.85em}.grid{display:flex;flex-wrap:wrap;gap:1.2em}
 .card{border:1px solid #e3e3e3;border-radius:6px;padding:.6em}.card img{image-rendering:pixelated;max-width:480px}
 .dp{color:#0a6;font-weight:600}.nodp{color:#b50}
+ul.verdicts{font-size:1.05em;line-height:1.6}.caught{color:#b00;font-weight:600}.chance{color:#0a6;font-weight:600}
 """
+
+# The headline's x axis: the first of these that an evaluated run has (its interval is plotted too).
+UTILITY_MEASURES = (("heldout_loss/nonmember_test", "held-out denoising loss on test non-members (lower is better)"),
+                    ("kid/members", "KID against the members (lower is better)"),
+                    ("fid/members", "FID against the members (lower is better)"))
 
 
 def _e(value: object) -> str:
@@ -88,7 +100,7 @@ def _runs_table(runs: list[dict]) -> str:
         d, m, s = r["dataset"], r["membership"], r["settings"]
         members = m.get("member_aux", 0) + m.get("member_test", 0)
         rows.append(
-            f"<tr><td><b>{_e(r['name'])}</b></td><td>{_e(r['method'])}</td>"
+            f"<tr data-run=\"{_e(r['name'])}\"><td><b>{_e(r['name'])}</b></td><td>{_e(r['method'])}</td>"
             f"<td>{_e(d.get('name', '?'))} ({members} members of {d.get('num_examples', '?')})</td>"
             f"<td>{_training_cell(s)}</td>"
             f"<td>rank {s.get('lora_rank', '?')}, α {fmt(s.get('lora_alpha'))}</td><td>{_privacy_cell(r['privacy'])}</td>"
@@ -365,6 +377,48 @@ def _weights_attacks_section(results: list[dict]) -> str:
     return "".join(parts)
 
 
+def _verdict_line(name: str, privacy: dict, audit: dict | None, note: str = "") -> str:
+    said = verdict(audit)
+    style = {"caught": "caught", "at chance": "chance"}.get(said["kind"], "")
+    guarantee = guarantee_text(privacy) if privacy is not None else ""
+    cls = "dp" if privacy and privacy.get("epsilon") is not None else "nodp"
+    return (f"<li><b>{_e(name)}</b>{note} — " + (f'<span class="{cls}">{_e(guarantee)}</span>; ' if guarantee else "")
+            + f'<span class="{style}">{_e(said["text"])}</span></li>')
+
+
+def _headline(runs: list[dict]) -> str:
+    """The first section: one verdict line per run (and the control), and the privacy-utility chart."""
+    lines = [_verdict_line(r["name"], r["privacy"], r["audit"]) for r in runs]
+    control_run = next((r for r in runs if r.get("control_audit")), None)
+    control = None
+    if control_run:
+        audit = control_run["control_audit"]
+        lines.append(_verdict_line("control", None, audit, f" (the base model without {_e(control_run['name'])}'s "
+                                                            "adapter, on its members)"))
+        best = audit["attacks"][audit["best_attack"]]
+        control = {"auc": best["auc"], "tpr": best["tpr_at_fpr"].get("0.01")}
+    parts = [f"<ul class=verdicts>{''.join(lines)}</ul>"]
+    key, label = next(((k, lab) for k, lab in UTILITY_MEASURES if any(k in r["metrics"] for r in runs)), (None, None))
+    points = []
+    for r in runs:
+        if not r["audit"] or key not in r["metrics"]:
+            continue
+        best = r["audit"]["attacks"][r["audit"]["best_attack"]]
+        epsilon = r["privacy"].get("epsilon") if r["privacy"] else None
+        points.append({"label": r["name"] + (f" (ε = {epsilon:.3g})" if epsilon is not None else ""),
+                       "utility": r["metrics"][key], "auc": best["auc"], "tpr": best["tpr_at_fpr"]["0.01"]})
+    if points:
+        parts.append(_img(plots.privacy_utility(points, control, label), "privacy against utility"))
+    parts.append(f'<p class="muted">Caught: the best attack (chosen on the auxiliary split) has the lower end of '
+                 f"its 95 % interval above 0.5 + {CAUGHT_NULL_SD} null sd. At chance: every attack's test AUC is "
+                 f"within {CHANCE_NULL_SD} null sd of 0.5 (null sd: an attack without information on this test "
+                 "split). (ε, δ)-DP: the run's accounted guarantee per example. TPR at 1 % FPR is resolution-limited "
+                 "when the test split has fewer than 100 non-members."
+                 + (f" x axis: {_e(label)}, 95 % interval." if points else
+                    " No chart: no run is both evaluated and audited.") + "</p>")
+    return "<h2>Headline: who is caught, at what utility</h2>" + "".join(parts)
+
+
 def render(report: dict) -> str:
     """The HTML page for `report` (the output of `collect`)."""
     runs, keys = report["runs"], report["metric_keys"]
@@ -379,7 +433,7 @@ def render(report: dict) -> str:
     if not runs:
         return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>privdiff report</title>"
                 f"<style>{STYLE}</style></head><body>{''.join(head + split)}</body></html>")
-    body = head + ["<h2>Runs</h2>", _runs_table(runs), "<h2>Utility</h2>"]
+    body = head + [_headline(runs), "<h2>Runs</h2>", _runs_table(runs), "<h2>Utility</h2>"]
     if keys:
         body += [_metrics_table(runs, keys), _eval_notes(runs)]
         figure = plots.metric_comparison(runs, keys)

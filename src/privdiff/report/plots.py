@@ -112,3 +112,32 @@ def heldout_by_timestep(runs: list[dict]) -> bytes | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def privacy_utility(points: list[dict], control: dict | None, utility_label: str) -> bytes:
+    """The headline chart: per run, the best attack's AUC (left) and TPR at 1 % FPR (right), each with
+    its interval, against a utility measure with its interval. `points`: {"label", "utility", "auc",
+    "tpr"} with Estimates in JSON form; `control`: the base model's {"auc", "tpr"} or None. Chance is
+    the dotted line, the control the dashed one with its interval shaded."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = (("auc", "best attack's AUC", 0.5), ("tpr", "best attack's TPR at 1 % FPR", 0.01))
+    for ax, (key, label, chance) in zip(axes, panels):
+        ax.axhline(chance, color="grey", lw=1, ls=":", label=f"chance ({chance:g})")
+        if control and control.get(key):
+            low, high = control[key]["ci"]
+            ax.axhline(control[key]["value"], color="black", lw=1, ls="--",
+                       label=f"control, base model ({control[key]['value']:.3g})")
+            ax.axhspan(low, high, color="black", alpha=0.06)
+        for i, point in enumerate(points):
+            x, y = point["utility"], point[key]
+            ax.errorbar([x["value"]], [y["value"]],
+                        xerr=[[x["value"] - x["ci"][0]], [x["ci"][1] - x["value"]]],
+                        yerr=[[y["value"] - y["ci"][0]], [y["ci"][1] - y["value"]]],
+                        fmt="o", ms=6, capsize=3, color=COLOURS[i % len(COLOURS)], label=point["label"])
+        ax.set_xlabel(utility_label)
+        ax.set_ylabel(label)
+        ax.set_ylim(0 if key == "tpr" else 0.3, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _png(fig)
