@@ -106,11 +106,37 @@ def test_the_c10d_rendezvous_of_a_multi_node_launch_works_on_loopback(tiny_pipel
     adapters_close(one, two)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_launch(pid: int) -> None:
+    """SIGKILL to torchrun and every worker at once: a preemption, no process gets to clean up."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_after_checkpoint(args: list[str], out: Path, after_step: int) -> int:
     """Starts a 2-process run and kills it (SIGKILL to the whole launch) once its checkpoint has
     reached `after_step`; returns the checkpoint's step at the kill."""
     launched = subprocess.Popen(launch(args, 2), env=environment(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL)
     checkpoint = out / "checkpoint.pt"
     try:
         deadline = time.monotonic() + 240
@@ -118,12 +144,12 @@ def kill_after_checkpoint(args: list[str], out: Path, after_step: int) -> int:
             if checkpoint.exists():
                 step = torch.load(checkpoint, weights_only=True)["step"]
                 if step >= after_step:
-                    os.killpg(launched.pid, signal.SIGKILL)
+                    kill_launch(launched.pid)
                     break
             time.sleep(0.02)
     finally:
         if launched.poll() is None:
-            os.killpg(launched.pid, signal.SIGKILL)
+            kill_launch(launched.pid)
         launched.wait()
     return torch.load(checkpoint, weights_only=True)["step"]
 
@@ -132,7 +158,7 @@ def kill_after_checkpoint(args: list[str], out: Path, after_step: int) -> int:
 @needs_torchrun
 @pytest.mark.parametrize("method", ["lora", "dp-lora"])
 def test_a_killed_two_process_run_resumes_bit_for_bit(method, tiny_pipeline_dir, tmp_path):
-    steps = 8
+    steps = 6
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = run(finetune_args(method, tiny_pipeline_dir, straight, steps), 2)
     assert done.returncode == 0, done.stderr[-3000:]
