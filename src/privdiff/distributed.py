@@ -101,7 +101,8 @@ def require_same_config(config: dict[str, Any]) -> None:
     """Compares a hash of `config` across the processes (collective; nothing when alone).
 
     Raises:
-        ConfigError: a process was started with another config (names the first such rank).
+        ConfigError: a process was started with another config (names the first such rank;
+            `FailedOnMainProcess` on the other processes, so that the line is printed once).
     """
     world = current_world()
     if not world.distributed:
@@ -111,7 +112,8 @@ def require_same_config(config: dict[str, Any]) -> None:
     dist.all_gather_object(digests, digest)
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differing:
-        raise ConfigError(f"the processes were started with different configs: rank {differing[0]}'s differs "
+        refusal = ConfigError if world.is_main else FailedOnMainProcess
+        raise refusal(f"the processes were started with different configs: rank {differing[0]}'s differs "
                           f"from rank 0's (config hash {digests[differing[0]][:12]} vs {digests[0][:12]})")
 
 

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from privdiff.cli import attack, audit, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each adds its commands)
 from privdiff.cli.app import app
-from privdiff.errors import ConfigError, PrivdiffError
+from privdiff.errors import FailedOnMainProcess, PrivdiffError
 
 err_console = Console(stderr=True)
 
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_process_error(err: PrivdiffError) -> None:
-    """One line, on the main process of a torchrun launch: the other processes had the same inputs
-    (configs are compared at start) and exit non-zero quietly, except for their own failures."""
+    """One line. In a torchrun launch, a refusal the main process decided and printed
+    (`FailedOnMainProcess`) is not printed again by the others; their own failures name their rank."""
     rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
     if rank == "0":
         _print_error("error", _one_line(err))
-    elif not isinstance(err, ConfigError):  # FailedOnMainProcess is one
+    elif not isinstance(err, FailedOnMainProcess):
         _print_error(f"error on rank {rank}", _one_line(err))
 
 
