@@ -16,10 +16,16 @@ import numpy as np
 
 from privdiff.audit.attacks.base import ShadowSet
 from privdiff.audit.model import Denoiser
-from privdiff.distributed import barrier, current_world, decided_on_main, my_share, training_alone
 from privdiff.data.manifest import Manifest
-from privdiff.runs.files import atomic_write_json
+from privdiff.distributed import (
+    barrier,
+    current_world,
+    decided_on_main,
+    my_share,
+    training_alone,
+)
 from privdiff.errors import ConfigError
+from privdiff.runs.files import atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runtime import Runtime
 from privdiff.seeding import derive_seed, numpy_rng

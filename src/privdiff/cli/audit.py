@@ -44,7 +44,12 @@ def audit(
     from privdiff.audit.attacks import DEFAULT_ATTACKS
     from privdiff.audit.canaries import canary_audit
     from privdiff.audit.run import AuditConfig, run_audit
-    from privdiff.distributed import init_distributed, launched_by_torchrun, shutdown_distributed, training_alone
+    from privdiff.distributed import (
+        init_distributed,
+        launched_by_torchrun,
+        shutdown_distributed,
+        training_alone,
+    )
     from privdiff.errors import ConfigError
     from privdiff.metrics.estimate import format_estimate
     from privdiff.runtime import resolve_runtime

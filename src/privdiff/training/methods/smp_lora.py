@@ -23,7 +23,12 @@ import torch.nn.functional as F
 
 from privdiff.diffusion import draw_noise_and_timesteps, noisy_and_target, squared_error
 from privdiff.diffusion.task import DiffusionTask, EncodedSplit
-from privdiff.distributed import all_reduce_gradients, broadcast_parameters, global_sum, require_identical_replicas
+from privdiff.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    global_sum,
+    require_identical_replicas,
+)
 from privdiff.errors import ConfigError
 from privdiff.metrics.heldout import heldout_losses
 from privdiff.proxy import ProxyMLP
