@@ -134,9 +134,10 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
                                   f"(--physical-batch-size; dp-lora) or train.batch_size (--batch-size); the last "
                                   f"checkpoint is intact, continue with --resume") from None
             except (dist.DistError, RuntimeError) as err:
-                if not world.distributed:
-                    raise
                 # gloo reports a dead peer as a RuntimeError from the collective the survivors wait in
+                if not (world.distributed and (isinstance(err, dist.DistError) or "gloo" in str(err)
+                                               or "NCCL" in str(err))):
+                    raise
                 raise ProcessGroupError(f"another process of the launch failed at step {step + 1} "
                                         f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
                                         f"the last checkpoint is intact, continue with --resume") from err
