@@ -67,11 +67,6 @@ def in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def is_secondary_process() -> bool:
-    """A rank other than 0 of a torchrun launch (read from the environment: the group may be gone)."""
-    return launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
-
-
 def init_distributed() -> World:
     """Joins the process group that `torchrun` set up (gloo on CPU, nccl when CUDA is present).
 
