@@ -3,7 +3,7 @@ all done by torch.distributed (gloo on CPU, nccl on GPUs).
 
 privdiff has no communication layer of its own: DP training goes through Opacus' DPDDP and
 DistributedDPOptimizer, the other methods all-reduce their LoRA (and proxy) gradients here,
-and shadow farms split their shadows by rank (`my_share`).
+and shadow farms split their shadows by rank (`run_farm`).
 """
 
 from __future__ import annotations
@@ -146,6 +146,21 @@ def my_share(count: int) -> list[int]:
 def barrier() -> None:
     if current_world().distributed:
         dist.barrier()
+
+
+def run_farm(count: int, job: Callable[[int], None], *, finished: Callable[[int], bool]) -> bool:
+    """A farm of `count` independent jobs (shadow fine-tunes): this process runs its share (job j
+    on rank j mod W), each as if it were the only process, skipping the finished ones, and
+    returns once every process's share is done: True on the main process, which then gathers
+    the results from the jobs' folders, in index order (so they do not depend on W).
+    """
+    world, mine = current_world(), my_share(count)
+    with training_alone():
+        for j in mine:
+            if not finished(j):
+                job(j)
+    barrier()  # every share finished (a process that failed ends the launch instead)
+    return world.is_main
 
 
 # -- data parallel arithmetic ------------------------------------------------------------------

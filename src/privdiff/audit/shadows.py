@@ -9,7 +9,6 @@ on the number of processes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,8 @@ import numpy as np
 from privdiff.audit.attacks.base import ShadowSet
 from privdiff.audit.model import Denoiser
 from privdiff.data.manifest import Manifest
-from privdiff.distributed import (
-    barrier,
-    current_world,
-    decided_on_main,
-    my_share,
-    training_alone,
-)
-from privdiff.errors import ConfigError
-from privdiff.runs.files import atomic_write_json
+from privdiff.distributed import current_world, decided_on_main, run_farm
+from privdiff.runs.farm import claim_farm_folder
 from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runtime import Runtime
 from privdiff.seeding import derive_seed, numpy_rng
@@ -63,25 +55,17 @@ def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
     pool = list(base.roles)
     masks = balanced_masks(num_shadows, len(pool), seed)
     record = {"pool": pool, "seed": seed, "masks": masks.astype(int).tolist()}
-    record_path = out_dir / "masks.json"
-
-    def check_and_record_masks() -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if record_path.exists() and json.loads(record_path.read_text()) != record:
-            raise ConfigError(f"{out_dir} holds shadows with other masks; remove it to retrain")
-        atomic_write_json(record_path, record)
-
-    decided_on_main(check_and_record_masks)
+    decided_on_main(lambda: claim_farm_folder(out_dir / "masks.json", record, "shadows"))
     in_ids = [{pool[k] for k in np.flatnonzero(masks[j])} for j in range(num_shadows)]
     folders = [out_dir / f"shadow-{j:02d}" for j in range(num_shadows)]
-    is_main, mine = current_world().is_main, my_share(num_shadows)
-    with training_alone():
-        for j in mine:
-            train_like(run, folders[j], shadow_manifest(base, in_ids[j]),
-                       [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}", f"cache.enabled={str(cache).lower()}"],
-                       show_progress and is_main, runtime)
-    barrier()  # every share finished (a process that failed ends the launch instead)
-    if not is_main:
+    is_main = current_world().is_main
+
+    def train_shadow(j: int) -> None:
+        train_like(run, folders[j], shadow_manifest(base, in_ids[j]),
+                   [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}", f"cache.enabled={str(cache).lower()}"],
+                   show_progress and is_main, runtime)
+
+    if not run_farm(num_shadows, train_shadow, finished=lambda j: (folders[j] / "summary.json").exists()):
         return None
     models = []
     for folder in folders:
