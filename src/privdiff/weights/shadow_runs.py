@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from rich.progress import Progress
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from privdiff.diffusion.task import DiffusionTask
@@ -102,8 +103,8 @@ def save_pairs(path: Path, pairs: list[Pair]) -> None:
 
 
 def load_pairs(path: Path) -> list[Pair]:
-    with open(path, "rb") as fh:  # the header: 8 bytes of length, then JSON with the metadata
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))["__metadata__"]
+    with safe_open(str(path), "pt") as handle:
+        header = handle.metadata()
     tensors = load_file(str(path))
     if json.loads(header["latents_channels_last"]):
         tensors["latents"] = tensors["latents"].contiguous(memory_format=torch.channels_last)
