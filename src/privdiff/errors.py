@@ -19,3 +19,11 @@ class OutOfMemory(PrivdiffError):
 
 class ModelError(PrivdiffError):
     """A checkpoint or adapter that cannot be loaded or does not match."""
+
+
+class FailedOnMainProcess(ConfigError):
+    """The main process of a torchrun launch refused the run and printed why; the others exit quietly."""
+
+
+class ProcessGroupError(PrivdiffError):
+    """Another process of a torchrun launch failed (or its connection broke) during a collective step."""

@@ -93,12 +93,12 @@ def test_the_batched_update_has_the_gradient_of_the_mean_pair_loss(bench):
 def test_end_of_run_pairs_use_full_runs_and_one_update_each(bench):
     trainer = EncoderTrainer(bench, EncoderTrainingConfig(budget_steps=8, pairs="end-of-run", step_token=False),
                              SHADOWS[:2])
-    assert trainer.run_lengths() == [4, 4]
+    assert [run.steps for run in trainer.planned_runs()] == [4, 4]
     summary = trainer.train(show_progress=False)
     assert summary["pairs"] == 2 and summary["finetune_steps"] == 8
     assert [r["pairs"] for r in trainer.runs] == [1, 1]
     paradigm = EncoderTrainer(bench, EncoderTrainingConfig(budget_steps=8), SHADOWS[:2])
-    lengths = paradigm.run_lengths()
+    lengths = [run.steps for run in paradigm.planned_runs()]
     assert sum(lengths) == 8 and all(1 <= s <= 4 for s in lengths)  # equal compute, s' ~ U{1..S}
 
 

@@ -29,6 +29,7 @@ from privdiff.audit.shadows import train_shadows
 from privdiff.config import ConfigRoot, RuntimeConfig, choice_checks, raise_first_failure
 from privdiff.diffusion.cache import EncodingCache, open_encoding_cache
 from privdiff.diffusion.task import encode_split
+from privdiff.distributed import current_world
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
 from privdiff.models.load import load_pipeline
@@ -145,14 +146,24 @@ def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates]
 
 
 def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progress: bool = True,
-              shadows: ShadowSet | None = None) -> dict:
-    """Audits a finished run; writes RUN_DIR/audit/{audit.json, scores.npz, roc_loglog.png}."""
+              shadows: ShadowSet | None = None) -> dict | None:
+    """Audits a finished run; writes RUN_DIR/audit/{audit.json, scores.npz, roc_loglog.png}.
+
+    Under torchrun (a process group joined) the LiRA shadows are a farm: every process trains its
+    share, and only the main process audits and writes (the others return None).
+    """
     from rich.progress import Progress
 
     began = time.perf_counter()
     cfg = (cfg or AuditConfig()).validate()
     runtime = resolve_runtime(cfg.runtime)
     run = open_run(run_dir)
+    needs_shadows = any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None
+    if not current_world().is_main:
+        if needs_shadows:
+            train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", False, runtime,
+                          cache=cfg.cache)
+        return None
     if cfg.control:
         pipe = load_pipeline(run.config.model.pretrained, device=runtime.device, dtype=runtime.dtype)
     else:
@@ -162,7 +173,7 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
                              audit_cache(run, cfg.cache))
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None:
+    if needs_shadows:
         shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress,
                                 runtime, cache=cfg.cache)
     results = {}

@@ -1,8 +1,14 @@
-"""Shadow LoRAs for LiRA: the target's recipe on balanced random halves of the manifest pool."""
+"""Shadow LoRAs for LiRA: the target's recipe on balanced random halves of the manifest pool.
+
+A shadow farm: under torchrun every process trains its share of the shadows (shadow j on rank
+j mod W, each alone), and the main process loads them all. A shadow's folder is finished when its
+summary.json exists (written last, atomically), so a farm that was stopped skips the finished
+shadows and retrains the others; shadow j's seed depends on j only, so the results do not depend
+on the number of processes.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +16,9 @@ import numpy as np
 from privdiff.audit.attacks.base import ShadowSet
 from privdiff.audit.model import Denoiser
 from privdiff.data.manifest import Manifest
-from privdiff.runs.files import atomic_write_json
-from privdiff.runs.folder import RunFolder
+from privdiff.distributed import current_world, decided_on_main, run_farm
+from privdiff.runs.farm import claim_farm_folder
+from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runtime import Runtime
 from privdiff.seeding import derive_seed, numpy_rng
 from privdiff.training.run import run_manifest, run_pipeline, train_like
@@ -34,25 +41,34 @@ def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:
 
 
 def train_shadows(run: RunFolder, num_shadows: int, seed: int, out_dir: Path,
-                  show_progress: bool = True, runtime: Runtime | None = None, cache: bool = True) -> ShadowSet:
+                  show_progress: bool = True, runtime: Runtime | None = None, cache: bool = True) -> ShadowSet | None:
     """Trains (or reuses, when already finished with the same masks) N shadows with the run's recipe,
-    reading and writing the run's encoding cache if `cache` (whatever the run itself did)."""
+    reading and writing the run's encoding cache if `cache` (whatever the run itself did).
+
+    Under torchrun (a process group joined), every process trains its share; the main process
+    returns every shadow, the others None.
+
+    Raises:
+        ConfigError: `out_dir` holds shadows trained with other masks.
+    """
     base = run_manifest(run)
     pool = list(base.roles)
     masks = balanced_masks(num_shadows, len(pool), seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = {"pool": pool, "seed": seed, "masks": masks.astype(int).tolist()}
-    record_path = out_dir / "masks.json"
-    if record_path.exists() and json.loads(record_path.read_text()) != record:
-        raise ValueError(f"{out_dir} holds shadows with other masks; remove it to retrain")
-    atomic_write_json(record_path, record)
-    models, in_ids = [], []
-    for j in range(num_shadows):
-        ids = {pool[k] for k in np.flatnonzero(masks[j])}
-        shadow = train_like(run, out_dir / f"shadow-{j:02d}", shadow_manifest(base, ids),
-                            [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}",
-                             f"cache.enabled={str(cache).lower()}"], show_progress, runtime)
-        pipe = run_pipeline(shadow, runtime=runtime)
+    decided_on_main(lambda: claim_farm_folder(out_dir / "masks.json", record, "shadows"))
+    in_ids = [{pool[k] for k in np.flatnonzero(masks[j])} for j in range(num_shadows)]
+    folders = [out_dir / f"shadow-{j:02d}" for j in range(num_shadows)]
+    is_main = current_world().is_main
+
+    def train_shadow(j: int) -> None:
+        train_like(run, folders[j], shadow_manifest(base, in_ids[j]),
+                   [f"train.seed={derive_seed(seed, 'shadow', j) % 2**31}", f"cache.enabled={str(cache).lower()}"],
+                   show_progress and is_main, runtime)
+
+    if not run_farm(num_shadows, train_shadow, finished=lambda j: (folders[j] / "summary.json").exists()):
+        return None
+    models = []
+    for folder in folders:
+        pipe = run_pipeline(open_run(folder), runtime=runtime)
         models.append(Denoiser(pipe.unet, pipe.scheduler))
-        in_ids.append(ids)
     return ShadowSet(models=models, in_ids=in_ids)

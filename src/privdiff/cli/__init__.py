@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from privdiff.cli import attack, audit, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each adds its commands)
 from privdiff.cli.app import app
-from privdiff.errors import PrivdiffError
+from privdiff.errors import FailedOnMainProcess, PrivdiffError
 
 err_console = Console(stderr=True)
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
     except PrivdiffError as err:
-        _print_error("error", _one_line(err))
+        _print_process_error(err)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted (a run can be continued with --resume)")
@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
             return err.exit_code
         return _internal_error(err)
     return code if isinstance(code, int) else 0
+
+
+def _print_process_error(err: PrivdiffError) -> None:
+    """One line. In a torchrun launch, a refusal the main process decided and printed
+    (`FailedOnMainProcess`) is not printed again by the others; their own failures name their rank."""
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    if rank == "0":
+        _print_error("error", _one_line(err))
+    elif not isinstance(err, FailedOnMainProcess):
+        _print_error(f"error on rank {rank}", _one_line(err))
 
 
 def _one_line(err: BaseException, limit: int = 500) -> str:

@@ -40,19 +40,30 @@ def weights(
     encoder: Path = typer.Option(None, help="With --adapter: the encoder folder of an earlier run (RUN/encoder) "
                                             "instead of the shipped one."),
     private: Path = typer.Option(None, help="With --adapter: an image folder of the identity, to score the images."),
+    distributed: bool = typer.Option(False, help="Under torchrun: a shadow farm (every process fine-tunes its share "
+                                                 "of the shadows; the main process runs the rest)."),
 ) -> None:
     """Train the weights-to-image encoder on shadow fine-tunes and attack held-out victims' LoRA files.
 
     With --adapter: attack one file with an already trained encoder (what would sharing it show?);
     the shipped encoder fits files fine-tuned from the shipped face base, --encoder takes another."""
+    from privdiff.distributed import (
+        init_distributed,
+        launched_by_torchrun,
+        shutdown_distributed,
+    )
     from privdiff.errors import ConfigError
+    from privdiff.metrics.estimate import format_estimate
     from privdiff.runtime import require_cpu_fp32, resolve_runtime
     from privdiff.weights.config import WeightsAttackConfig
-    from privdiff.metrics.estimate import format_estimate
     from privdiff.weights.run import attack_adapter, run_weights_attack
 
     if encoder is not None and adapter is None:
         raise ConfigError("--encoder goes with --adapter (the file to attack)")
+    if distributed and adapter is not None:
+        raise ConfigError("--distributed farms the shadow fine-tunes; attacking one --adapter trains none")
+    if launched_by_torchrun() and not distributed:
+        raise ConfigError("started by torchrun: pass --distributed (otherwise every process runs the attack)")
     require_cpu_fp32(resolve_runtime(runtime_config(device, precision)),
                      "the weights attack")
     if adapter is not None:
@@ -72,7 +83,14 @@ def weights(
              **runtime_flags(device, precision)}
     cfg = build_config(config, flags, set_, kind=WeightsAttackConfig)
     require_cpu_fp32(resolve_runtime(cfg.runtime), "the weights attack")
-    result = run_weights_attack(cfg, show_progress=not quiet, overwrite=overwrite)
+    try:
+        if distributed:
+            init_distributed()
+        result = run_weights_attack(cfg, show_progress=not quiet, overwrite=overwrite)
+    finally:
+        shutdown_distributed()
+    if result is None:
+        return  # a non-main process of a shadow farm
     agg = result["aggregate"]
     console.print(f"weights attack on {agg['victims']} held-out victims (gallery {result['gallery_size']}, "
                   f"chance retrieval {result['chance_retrieval']:.3f}):")

@@ -37,11 +37,20 @@ def audit(
                                                             "write no encoding cache."),
     set_: list[str] = typer.Option(None, "--set", help="Any audit config key: key=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    distributed: bool = typer.Option(False, help="Under torchrun: a shadow farm (every process trains its share "
+                                                 "of the LiRA shadows; the main process audits)."),
 ) -> None:
     """Run membership-inference attacks -> RUN_DIR/audit/audit.json, scores.npz, roc_loglog.png."""
     from privdiff.audit.attacks import DEFAULT_ATTACKS
     from privdiff.audit.canaries import canary_audit
     from privdiff.audit.run import AuditConfig, run_audit
+    from privdiff.distributed import (
+        init_distributed,
+        launched_by_torchrun,
+        shutdown_distributed,
+        training_alone,
+    )
+    from privdiff.errors import ConfigError
     from privdiff.metrics.estimate import format_estimate
     from privdiff.runtime import resolve_runtime
 
@@ -50,7 +59,23 @@ def audit(
     cfg = build_config(config, {"attacks": names, "audit_seed": seed, "shadows": shadows, "bootstrap": bootstrap,
                                 "control": control or None, "cache": False if no_cache else None,
                                 **runtime_flags(device, precision)}, set_, kind=AuditConfig)
-    result = run_audit(run_dir, cfg, show_progress=not quiet)
+    if launched_by_torchrun() and not distributed:
+        raise ConfigError("started by torchrun: pass --distributed (otherwise every process audits the run)")
+    one_run = None
+    try:
+        if distributed:
+            init_distributed()
+        result = run_audit(run_dir, cfg, show_progress=not quiet)
+        if result is not None and canaries and not cfg.control:
+            with training_alone():  # the canary run is one run, on the main process
+                one_run = canary_audit(run_dir, num_canaries=canaries, attack=canary_attack or (
+                    result["best_attack"] if result["best_attack"] in DEFAULT_ATTACKS else "loss"),
+                    seed=cfg.audit_seed, show_progress=not quiet, runtime=resolve_runtime(cfg.runtime),
+                    cache=cfg.cache)
+    finally:
+        shutdown_distributed()
+    if result is None:
+        return  # a non-main process of a shadow farm
     n1, n0 = result["n_members_test"], result["n_nonmembers_test"]
     console.print(f"test split: {n1} members, {n0} non-members (null AUC sd {result['null_auc_sd']:.3f})",
                   highlight=False)
@@ -60,11 +85,7 @@ def audit(
     cp = result["eps_lower_bound"]["cp"]
     console.print(f"best attack (by aux AUC): {result['best_attack']}; indicative ε lower bound "
                   f"(Clopper-Pearson) {cp['eps']:.2f}", highlight=False)
-    if canaries and not cfg.control:
-        one_run = canary_audit(run_dir, num_canaries=canaries, attack=canary_attack or
-                               (result["best_attack"] if result["best_attack"] in DEFAULT_ATTACKS else "loss"),
-                               seed=cfg.audit_seed, show_progress=not quiet, runtime=resolve_runtime(cfg.runtime),
-                               cache=cfg.cache)
+    if one_run is not None:
         console.print(f"one-run canary audit: {one_run['v']}/{one_run['r']} guesses correct on "
                       f"{one_run['m']} canaries -> ε lower bound {one_run['eps']:.2f} (p = {one_run['p']})",
                       highlight=False)

@@ -47,7 +47,7 @@ def finetune(
     smp_beta: float = typer.Option(None, help="smp-lora: β in L / (β + λ·CE_m + 1e-5) (default 1)."),
     proxy_lr: float = typer.Option(None, help="smp-lora/mp-lora: proxy Adam learning rate (default 1e-5)."),
     proxy_steps: int = typer.Option(None, help="smp-lora/mp-lora: proxy steps k per LoRA step (default 1)."),
-    distributed: bool = typer.Option(False, help="dp-lora under torchrun: data parallel with Opacus DPDDP."),
+    distributed: bool = typer.Option(False, help="Under torchrun: data parallel (every method; dp-lora through Opacus DPDDP)."),
     device: str = device_option(),
     precision: str = precision_option(),
     no_cache: bool = typer.Option(False, "--no-cache", help="Encode afresh; read and write no encoding cache."),

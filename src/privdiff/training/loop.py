@@ -2,7 +2,8 @@
 
 Methods plug in through `TrainingMethod`; the loop never branches on which method it runs.
 Every step's randomness is derived from (seed, step), so a run resumed from a checkpoint at step
-s continues exactly as the uninterrupted run would have.
+s continues exactly as the uninterrupted run would have. Under torchrun only the main process
+writes checkpoints, and every process resumes from the main process's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,7 +26,7 @@ from rich.progress import (
 
 from privdiff.diffusion.task import DiffusionTask
 from privdiff.distributed import current_world
-from privdiff.errors import OutOfMemory
+from privdiff.errors import OutOfMemory, ProcessGroupError
 from privdiff.runs.files import load_checkpoint, save_checkpoint
 from privdiff.seeding import generator
 from privdiff.training.methods.base import TrainBatch, TrainingMethod
@@ -131,6 +133,14 @@ def train(task: DiffusionTask, method: TrainingMethod, run_dir: Path, *, resume:
                 raise OutOfMemory(f"out of memory on the device at step {step + 1}: lower dp.physical_batch_size "
                                   f"(--physical-batch-size; dp-lora) or train.batch_size (--batch-size); the last "
                                   f"checkpoint is intact, continue with --resume") from None
+            except (dist.DistError, RuntimeError) as err:
+                # gloo reports a dead peer as a RuntimeError from the collective the survivors wait in
+                if not (world.distributed and (isinstance(err, dist.DistError) or "gloo" in str(err)
+                                               or "NCCL" in str(err))):
+                    raise
+                raise ProcessGroupError(f"another process of the launch failed at step {step + 1} "
+                                        f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
+                                        f"the last checkpoint is intact, continue with --resume") from err
             log.append(json_safe({"step": step + 1, **metrics}))
             if (step + 1) % per_epoch == 0 or step + 1 == total:
                 epoch = math.ceil((step + 1) / per_epoch)

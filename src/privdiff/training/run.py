@@ -24,7 +24,14 @@ from privdiff.data import (
 )
 from privdiff.diffusion.cache import open_encoding_cache
 from privdiff.diffusion.task import build_task
-from privdiff.distributed import current_world, init_distributed, launched_by_torchrun
+from privdiff.distributed import (
+    current_world,
+    decided_on_main,
+    in_process_group,
+    init_distributed,
+    launched_by_torchrun,
+    require_same_config,
+)
 from privdiff.errors import ConfigError, ModelError
 from privdiff.models.generation import default_prompts, sample_images, save_grid
 from privdiff.models.load import load_pipeline
@@ -42,7 +49,7 @@ from privdiff.runs.record import run_record
 from privdiff.runtime import Runtime, resolve_runtime
 from privdiff.seeding import seed_everything
 from privdiff.training.loop import StepCallback, TrainResult, train
-from privdiff.training.methods import get_method
+from privdiff.training.methods import METHODS, get_method
 from privdiff.training.methods.base import TrainingMethod
 
 
@@ -79,24 +86,25 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     """Fine-tunes per `config` and writes the run folder; returns its path.
 
     Args:
-        distributed: this process is one of a `torchrun` launch (data parallel; dp-lora only).
-            Every process trains its share; only the main process writes the run folder (the
-            others return None).
+        distributed: this process is one of a `torchrun` launch (data parallel). Every process
+            trains its share of each global batch; only the main process writes the run folder and
+            its checkpoints (the others return None); with `resume`, every process loads the main
+            process's checkpoint.
 
     Raises:
-        PrivdiffError: invalid data, config or model, before anything is written.
+        PrivdiffError: invalid data, config or model, or processes started with different configs,
+            before anything is written.
     """
     began = time.perf_counter()
     config.validate()
-    if launched_by_torchrun() and not distributed:
+    if launched_by_torchrun() and not distributed and not in_process_group():
         raise ConfigError("started by torchrun: pass --distributed (otherwise every process writes the run)")
     world = init_distributed() if distributed else current_world()
+    require_same_config(config.to_dict())
     method = get_method(config.train.method)(config)
     if world.distributed and not method.data_parallel:
-        raise ConfigError(f"--distributed is not supported for --method {method.name} (only for dp-lora, "
-                          f"through Opacus DPDDP)")
-    if world.distributed and resume:
-        raise ConfigError("--resume is not supported with --distributed")
+        parallel = ", ".join(name for name in METHODS if METHODS.get(name).data_parallel)
+        raise ConfigError(f"--distributed is not supported for --method {method.name} (only for {parallel})")
     inputs = prepare_inputs(config)
     for role in method.required_roles:
         if not inputs.manifest.ids(role):
@@ -105,11 +113,12 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     pipe = load_pipeline(config.model.pretrained, device=runtime.device, dtype=runtime.dtype)
     method.check_inputs(len(inputs.members), pipe.unet)
     run_dir = Path(config.output_dir)
-    if not world.is_main:
-        return _train_into(run_dir, config, method, inputs, pipe, resuming=False, show_progress=show_progress,
+    if not world.is_main:  # the main process checks the folder; every process resumes if it does
+        resuming = decided_on_main(lambda: False)
+        return _train_into(run_dir, config, method, inputs, pipe, resuming=resuming, show_progress=show_progress,
                            on_step=on_step, began=began, runtime=runtime)
     with writing_run_folder(run_dir):
-        resuming = prepare_run_dir(run_dir, config, resume, overwrite)
+        resuming = decided_on_main(lambda: prepare_run_dir(run_dir, config, resume, overwrite))
         save_config(config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "membership.json", inputs.manifest.to_json())
         return _train_into(run_dir, config, method, inputs, pipe, resuming=resuming, show_progress=show_progress,
@@ -162,6 +171,7 @@ def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, met
         "pretrained": config.model.pretrained or "privdiff:tiny-sd-glyphs",
         "runtime": runtime.describe(),
         "num_trainable_params": trainable,
+        "parallel": parallel_summary(method),
         "final_loss": result.history[-1]["loss_avg"] if result.history else None,
         "resumed_from_step": result.resumed_from,
         "sample_prompts": prompts,
@@ -170,6 +180,17 @@ def build_summary(config: RunConfig, inputs: RunInputs, result: TrainResult, met
         "metrics": {},
         "privacy": method.privacy_spent() or {},
     }
+
+
+def parallel_summary(method: TrainingMethod) -> dict:
+    """How many processes shared each step, the global (effective) batch and the learning rate."""
+    batching, world = method.batching(), current_world()
+    batch = batching.get("batch_size", batching.get("expected_batch_size"))
+    return {"world_size": world.size, "effective_batch_size": batch,
+            "per_process_batch_size": batch / world.size if batch is not None else None,
+            "learning_rate": method.config.train.learning_rate,
+            "note": "each step is the step of one process on the global batch (gradients summed across "
+                    "processes, means over the global batch): the learning rate is not scaled"}
 
 
 def runtime_overrides(runtime: Runtime | None) -> list[str]:

@@ -28,6 +28,7 @@ from privdiff.weights.paradigm import (
     save_encoder,
 )
 from privdiff.weights.scoring import negative_context, victim_model
+from privdiff.weights.shadow_runs import ShadowSource
 
 
 class WeightsAttack:
@@ -55,10 +56,13 @@ class WeightsAttack:
     def trained(self) -> TrainedEncoder:
         return self.encoder, self.training
 
-    def fit(self, shadows: list[int], *, show_progress: bool = True) -> dict:
-        """Trains the encoder on fine-tunes of the `shadows` identities; returns the training summary."""
+    def fit(self, shadows: list[int], *, show_progress: bool = True, source: ShadowSource | None = None) -> dict:
+        """Trains the encoder on fine-tunes of the `shadows` identities; returns the training summary.
+
+        `source`: a shadow farm's reader (default: each shadow run is fine-tuned here when needed).
+        """
         self.trainer = EncoderTrainer(self.bench, self.training, shadows)
-        summary = self.trainer.train(show_progress=show_progress)
+        summary = self.trainer.train(show_progress=show_progress, source=source)
         self.encoder = self.trainer.encoder
         return summary
 

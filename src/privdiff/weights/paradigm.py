@@ -40,7 +40,6 @@ from safetensors.torch import load_file, save_file
 from privdiff.data.identities import attack_split
 from privdiff.defences import defend_layers
 from privdiff.diffusion import draw_noise_and_timesteps
-from privdiff.diffusion.task import DiffusionTask
 from privdiff.errors import ModelError
 from privdiff.models.lora import add_lora
 from privdiff.models.lora_math import (
@@ -59,6 +58,13 @@ from privdiff.weights.inputs import (
     batch_inputs,
     encoder_inputs,
     matrix_shapes,
+)
+from privdiff.weights.shadow_runs import (
+    Pair,
+    ShadowRun,
+    ShadowSource,
+    fine_tune_shadow,
+    plan_shadow_runs,
 )
 
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -168,16 +174,6 @@ def build_encoder(bench: FinetuneBench, config: EncoderTrainingConfig,
     return encoder
 
 
-@dataclass
-class Pair:
-    """One supervised pair of the paradigm: a shadow's adapter after fine-tune step r."""
-
-    step: int                  # r
-    layers: list[LoRALayer]    # theta_r
-    latents: torch.Tensor      # the shadow's instance latents (the denoising targets)
-    context: torch.Tensor      # its true prompt embedding (only the alignment term reads it)
-
-
 class EncoderTrainer:
     """Runs shadow fine-tunes and updates the encoder from their intermediate adapters.
 
@@ -260,19 +256,18 @@ class EncoderTrainer:
         return mean_loss
 
     def shadow_run(self, identity: int, steps: int) -> list[Pair]:
-        """Fine-tunes `identity` for `steps` steps; returns its pairs (every step, or the last only)."""
-        pairs: list[Pair] = []
-        every = self.config.pairs == "every-step"
+        """Fine-tunes `identity` for `steps` steps as the next run; returns its pairs (every step, or the last only)."""
+        return self.take_run(ShadowRun(len(self.runs), identity, steps), self.fine_tune)
 
-        def on_step(r: int, unet: torch.nn.Module, task: DiffusionTask) -> None:
-            if every or r == steps:
-                pairs.append(Pair(r, live_layers(unet), task.latents, task.contexts[:1]))
+    def fine_tune(self, run: ShadowRun) -> tuple[list[Pair], float]:
+        return fine_tune_shadow(self.bench, run, every_step=self.config.pairs == "every-step")
 
-        began = time.perf_counter()
-        self.bench.finetune(identity, steps, on_step=on_step, seed_key=("shadow", len(self.runs), identity))
-        self.finetune_seconds += time.perf_counter() - began
-        self.finetune_steps += steps
-        self.runs.append({"identity": identity, "steps": steps, "pairs": len(pairs)})
+    def take_run(self, run: ShadowRun, source: ShadowSource) -> list[Pair]:
+        """The pairs of `run` from `source` (fine-tuned here, or read back from a farm), counted."""
+        pairs, seconds = source(run)
+        self.finetune_seconds += seconds
+        self.finetune_steps += run.steps
+        self.runs.append({"identity": run.identity, "steps": run.steps, "pairs": len(pairs)})
         return pairs
 
     def train_on(self, pairs: list[Pair]) -> None:
@@ -282,15 +277,10 @@ class EncoderTrainer:
         for start in range(0, len(order), batch):
             self.update([pairs[i] for i in order[start:start + batch]])
 
-    def run_lengths(self) -> list[int]:
-        """The shadow runs' lengths: s' ~ U{1..S} (every-step) or S (end-of-run), summing to the budget."""
-        S, budget = self.bench.recipe.steps, self.config.budget_steps
-        rng = generator(self.config.seed, "run-lengths")
-        lengths = []
-        while sum(lengths) < budget:
-            draw = int(torch.randint(1, S + 1, (1,), generator=rng)) if self.config.pairs == "every-step" else S
-            lengths.append(min(draw, budget - sum(lengths)))
-        return lengths
+    def planned_runs(self) -> list[ShadowRun]:
+        """The shadow runs of the budget (`plan_shadow_runs`)."""
+        return plan_shadow_runs(self.shadows, self.bench.recipe.steps, self.config.budget_steps,
+                                every_step=self.config.pairs == "every-step", seed=self.config.seed)
 
     @property
     def trained(self) -> TrainedEncoder:
@@ -298,23 +288,29 @@ class EncoderTrainer:
         return self.encoder, self.config
 
     def train(self, *, show_progress: bool = True,
-              on_run: Callable[[int, "EncoderTrainer"], None] | None = None) -> dict:
-        """Runs the whole budget; returns a summary (pairs, pairs/s, seconds)."""
-        lengths = self.run_lengths()
+              on_run: Callable[[int, "EncoderTrainer"], None] | None = None,
+              source: ShadowSource | None = None) -> dict:
+        """Runs the whole budget; returns a summary (pairs, pairs/s, seconds).
+
+        Args:
+            source: where the shadow runs' pairs come from (default: fine-tuned here, in order;
+                a farm's reader gives the same pairs).
+        """
+        runs = self.planned_runs()
         self.encoder.train()
         began = time.perf_counter()
         columns = (TextColumn("[bold]training the encoder"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("L_enc {task.fields[loss]:.4f}"), TimeRemainingColumn())
         pool: list[Pair] = []
         with Progress(*columns, disable=not show_progress) as progress:
-            bar = progress.add_task("encoder", total=sum(lengths), loss=float("nan"))
-            for index, steps in enumerate(lengths):
-                pool += self.shadow_run(self.shadows[index % len(self.shadows)], steps)
-                if (index + 1) % self.config.concurrent_runs == 0 or index + 1 == len(lengths):
+            bar = progress.add_task("encoder", total=sum(run.steps for run in runs), loss=float("nan"))
+            for index, run in enumerate(runs):
+                pool += self.take_run(run, source or self.fine_tune)
+                if (index + 1) % self.config.concurrent_runs == 0 or index + 1 == len(runs):
                     self.train_on(pool)
                     pool = []
                     progress.update(bar, loss=self.updates[-1]["loss"])
-                progress.update(bar, advance=steps)
+                progress.update(bar, advance=run.steps)
                 if on_run is not None:
                     on_run(index + 1, self)
         self.encoder.eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,12 @@ from privdiff.config import load_config
 from privdiff.data.folder import load_image_folder
 from privdiff.data.identities import attack_split, trigger_word
 from privdiff.defences import defend_file
+from privdiff.distributed import (
+    current_world,
+    decided_on_main,
+    in_process_group,
+    training_alone,
+)
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
 from privdiff.metrics.identity import (
@@ -53,6 +60,11 @@ from privdiff.weights.scoring import (
     image_grid,
     negative_context,
     victim_model,
+)
+from privdiff.weights.shadow_runs import (
+    ShadowSource,
+    farm_shadow_runs,
+    plan_shadow_runs,
 )
 from privdiff.weights.shipped import shipped_encoder_dir
 
@@ -94,9 +106,32 @@ class WeightsAttackRun:
             raise ConfigError(f"data.victims {d.victims} is more than the {len(victim_pool)} held-out identities")
         self.gallery = victim_pool
         self.victims = victim_pool[: d.victims]
-        self.judge = IdentityJudge(self.gallery, config.recipe.images_per_identity)
-        self.prompt_stats = self.bench.prompt_statistics(self.shadows[:256])
         self.timings: dict[str, float] = {}
+        self.shadow_sources: dict[str, ShadowSource] = {}  # pairs mode -> a farm's reader
+
+    @cached_property
+    def judge(self) -> IdentityJudge:
+        return IdentityJudge(self.gallery, self.config.recipe.images_per_identity)
+
+    @cached_property
+    def prompt_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bench.prompt_statistics(self.shadows[:256])
+
+    def farm_shadows(self) -> bool:
+        """Fine-tunes the shadow runs of every encoder the run trains as farms, in OUT/shadows/PAIRS/
+        (the adaptive encoders train on the main encoder's runs; the ablation on full-length ones).
+        Collective; returns whether this is the main process (the others are done)."""
+        c = self.config
+        settings = {"base_model": c.base_model, "recipe": dataclasses.asdict(c.recipe), "seed": c.seed}
+        for pairs in dict.fromkeys([c.training.pairs, *(["end-of-run"] if c.eval.ablation else [])]):
+            every_step = pairs == "every-step"
+            runs = plan_shadow_runs(self.shadows, c.recipe.steps, c.training.budget_steps, every_step=every_step,
+                                    seed=c.training.seed)
+            source = farm_shadow_runs(self.bench, self.out / "shadows" / pairs, runs, every_step=every_step,
+                                      settings=settings, show_progress=self.show_progress)
+            if source is not None:
+                self.shadow_sources[pairs] = source
+        return current_world().is_main
 
     def fine_tune_victims(self, folder: Path, dp_epsilon: float | None = None) -> dict[int, Path]:
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +152,8 @@ class WeightsAttackRun:
     def train_encoder(self, training: EncoderTrainingConfig, name: str) -> tuple[WeightsAttack, dict]:
         """Fits the attack's encoder on the shadows and saves it in OUT/name; returns it and its summary."""
         attack = WeightsAttack(self.bench, training, init_seed=self.config.recipe.init_seed)
-        summary = attack.fit(self.shadows, show_progress=self.show_progress)
+        summary = attack.fit(self.shadows, show_progress=self.show_progress,
+                             source=self.shadow_sources.get(training.pairs))
         attack.save(self.out / name)
         return attack, summary
 
@@ -136,20 +172,37 @@ class WeightsAttackRun:
                                 conditions=conditions, keep_images=keep_images)
 
 
-def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = True, overwrite: bool = False) -> dict:
+def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = True,
+                       overwrite: bool = False) -> dict | None:
     """Runs the experiment of `config` into `config.output_dir`; returns the content of attack.json.
+
+    Under torchrun (a process group joined) the shadow fine-tunes are a farm (`farm_shadow_runs`):
+    every process fine-tunes its share into OUT/shadows/, a rerun keeps the finished ones, and the
+    main process then runs the rest alone; the other processes return None.
 
     Raises:
         ConfigError: the folder already holds a result (without `overwrite`), or a bad setting.
     """
     out = Path(config.output_dir)
-    if (out / RESULT_FILE).exists() and not overwrite:
-        raise ConfigError(f"{out / RESULT_FILE} exists (use --overwrite or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+
+    def claim_folder() -> None:
+        if (out / RESULT_FILE).exists() and not overwrite:
+            raise ConfigError(f"{out / RESULT_FILE} exists (use --overwrite or another --out)")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+
+    decided_on_main(claim_folder)
     began = time.perf_counter()
-    run = WeightsAttackRun(config, show_progress=show_progress)
-    seed = config.eval.seed
+    world = current_world()
+    run = WeightsAttackRun(config, show_progress=show_progress and world.is_main)
+    if in_process_group() and not run.farm_shadows():
+        return None
+    with training_alone():  # the main process alone from here (victims, encoders, scoring)
+        return _run_experiment(run, world.size, began)
+
+
+def _run_experiment(run: WeightsAttackRun, processes: int, began: float) -> dict:
+    config, out, seed = run.config, run.out, run.config.eval.seed
 
     adapters = run.fine_tune_victims(out / "victims")
     metadata = {str(v): metadata_trigger(path, trigger_word(v)) for v, path in adapters.items()}
@@ -190,6 +243,7 @@ def run_weights_attack(config: WeightsAttackConfig, *, show_progress: bool = Tru
 
     result["timings"] = {**run.timings, "encoder_pairs_per_s": training_summary["pairs_per_s"],
                          "shadow_finetune_s_per_step": training_summary["finetune_s_per_step"],
+                         "shadow_farm_processes": processes if run.shadow_sources else 0,
                          "wall_time_s": time.perf_counter() - began}
     result["run"] = run_record()
     atomic_write_json(out / RESULT_FILE, result)

@@ -75,6 +75,7 @@ class DreamBoothLoRA(SeededInit, LoRA):
     """AdamW on the LoRA adapter; loss = instance MSE + prior_weight x prior MSE (one prior row per step)."""
 
     name = "dreambooth-lora"
+    data_parallel = False  # one identity's few images per fine-tune: farms split the runs, not a batch
     required_roles = ("prior",)
 
     def __init__(self, config: RunConfig, *, init_seed: int = DEFAULT_INIT_SEED, prior_weight: float = 1.0,

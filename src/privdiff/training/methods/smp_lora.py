@@ -23,6 +23,12 @@ import torch.nn.functional as F
 
 from privdiff.diffusion import draw_noise_and_timesteps, noisy_and_target, squared_error
 from privdiff.diffusion.task import DiffusionTask, EncodedSplit
+from privdiff.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    global_sum,
+    require_identical_replicas,
+)
 from privdiff.errors import ConfigError
 from privdiff.metrics.heldout import heldout_losses
 from privdiff.proxy import ProxyMLP
@@ -74,6 +80,7 @@ class SMPLoRA(LoRA):
         self.scheduler = task.scheduler
         with seeded(seed, "smp-proxy-init"):
             self.proxy = ProxyMLP(task.latents[0].numel()).to(self.device)
+        broadcast_parameters(list(self.proxy.parameters()))  # replicated: every process holds one proxy
         self.proxy_optimizer = torch.optim.Adam(self.proxy.parameters(), lr=smp.proxy_lr,
                                                 weight_decay=smp.proxy_weight_decay)
         self.steps_done = 0
@@ -88,23 +95,40 @@ class SMPLoRA(LoRA):
     # -- the two terms and one step -------------------------------------------------------------
 
     def draws(self, shape: torch.Size, rng: torch.Generator) -> tuple[Draw, Draw]:
-        """(t1, n1) for the adaptation loss and an independent (t2, n2) for the proxy feature."""
+        """(t1, n1) for the adaptation loss and an independent (t2, n2) for the proxy feature
+        (this process's rows of the global batch's draws)."""
         steps = self.num_train_timesteps
-        return draw_noise_and_timesteps(shape, steps, rng), draw_noise_and_timesteps(shape, steps, rng)
+        return self.draw_for_batch(shape, steps, rng), self.draw_for_batch(shape, steps, rng)
+
+    def proxy_logits(self, features: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+        """Proxy logits of this process's rows `positions` of a `total`-row batch. Across processes
+        the rows sit at their global places among zeros, so the proxy's dropout masks (drawn for
+        the batch's shape) are the one-process masks; the rows do not interact."""
+        if not self.world.distributed:
+            return self.proxy(features)
+        placed = features.new_zeros((total, features.shape[1])).index_copy(0, positions.to(features.device), features)
+        return self.proxy(placed)[positions.to(features.device)]
+
+    def global_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, total: int) -> torch.Tensor:
+        """Mean cross-entropy over a `total`-row batch spread over the processes (alone: the plain mean)."""
+        if not self.world.distributed:
+            return F.cross_entropy(logits, labels)
+        return global_sum(F.cross_entropy(logits, labels, reduction="sum")) / total
 
     def terms(self, task: DiffusionTask, latents: torch.Tensor, contexts: torch.Tensor, first: Draw,
               second: Draw, dropout_key: object = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_ada, CE_m) on one batch of members: both draws go through one UNet call of 2B rows."""
+        """(L_ada, CE_m) on one batch of members: both draws go through one UNet call of 2B rows.
+        Across processes: this process's rows, both terms global-batch means."""
         n = len(latents)
         noise = torch.cat([first[0], second[0]]).to(self.device)
         steps = torch.cat([first[1], second[1]]).to(self.device)
         noisy, target = noisy_and_target(task.scheduler, torch.cat([latents, latents]), noise, steps)
         error = squared_error(task.unet, noisy, steps, torch.cat([contexts, contexts]), target)
-        loss = error[:n].mean()
+        loss = self.global_mean(error[:n].flatten(1).mean(1)) if self.world.distributed else error[:n].mean()
         with seeded(self.config.train.seed, "smp-dropout", dropout_key) if dropout_key is not None else nullcontext():
-            logits = self.proxy(error[n:].flatten(1))
+            logits = self.proxy_logits(error[n:].flatten(1), self.positions, self.global_batch_size)
         member = torch.ones(n, dtype=torch.long, device=self.device)
-        return loss, F.cross_entropy(logits, member)
+        return loss, self.global_cross_entropy(logits, member, self.global_batch_size)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -120,6 +144,7 @@ class SMPLoRA(LoRA):
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         self.proxy.zero_grad(set_to_none=True)  # J must not train the attacker
+        all_reduce_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm or float("inf"))
         finite = bool(torch.isfinite(objective)) and bool(torch.isfinite(grad_norm))
         if finite:
@@ -169,16 +194,23 @@ class SMPLoRA(LoRA):
         return batch, labels
 
     @torch.no_grad()
-    def features(self, task: DiffusionTask, examples: EncodedSplit, draw_rng: torch.Generator) -> torch.Tensor:
-        """(n, d) element-wise squared errors of the current model at fresh (t, n), no gradient."""
+    def features(self, task: DiffusionTask, examples: EncodedSplit, draw_rng: torch.Generator,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, d) element-wise squared errors of the current model at fresh (t, n), no gradient;
+        only of the rows `positions` when given (the draws are those of all rows, in any case)."""
         out = []
         for start in range(0, len(examples), PROBE_CHUNK):
             latents = examples.latents[start:start + PROBE_CHUNK]
+            contexts = examples.contexts[start:start + PROBE_CHUNK]
             noise, steps = draw_noise_and_timesteps(latents.shape, self.num_train_timesteps, draw_rng)
+            if positions is not None:
+                mine = positions[(positions >= start) & (positions < start + len(latents))] - start
+                if not len(mine):
+                    continue
+                latents, contexts, noise, steps = latents[mine], contexts[mine], noise[mine], steps[mine]
             noise, steps = noise.to(self.device), steps.to(self.device)
             noisy, target = noisy_and_target(task.scheduler, latents, noise, steps)
-            out.append(squared_error(task.unet, noisy, steps, examples.contexts[start:start + PROBE_CHUNK],
-                                     target).flatten(1))
+            out.append(squared_error(task.unet, noisy, steps, contexts, target).flatten(1))
         return torch.cat(out)
 
     def train_proxy(self, task: DiffusionTask) -> float:
@@ -189,11 +221,17 @@ class SMPLoRA(LoRA):
             proxy_step = self.steps_done * smp.proxy_steps + j
             batch, labels = self.proxy_batch(task, proxy_step)
             self.proxy_seen_ids.update(batch.ids)
-            features = self.features(task, batch, generator(seed, "smp-proxy-draw", proxy_step))
+            # Across processes each computes the features of its share of the batch (the UNet
+            # passes), and the proxy's gradients are summed: every process steps the same proxy.
+            mine = torch.arange(self.world.rank, len(batch), self.world.size) if self.world.distributed else None
+            features = self.features(task, batch, generator(seed, "smp-proxy-draw", proxy_step), mine)
             with seeded(seed, "smp-proxy-dropout", proxy_step):
-                loss = F.cross_entropy(self.proxy(features), labels)
+                logits = self.proxy_logits(features, mine, len(batch))
+            loss = self.global_cross_entropy(logits, labels if mine is None else labels[mine.to(labels.device)],
+                                             len(batch))
             self.proxy_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_gradients(list(self.proxy.parameters()))
             self.proxy_optimizer.step()
             losses.append(loss.item())
         return sum(losses) / len(losses)
@@ -233,7 +271,9 @@ class SMPLoRA(LoRA):
         return out
 
     def finish(self, task: DiffusionTask) -> None:
-        """Times plain-LoRA forward+backward passes on the last batch, for the cost ratio."""
+        """Checks the replicas agree (across processes); times plain-LoRA forward+backward passes on
+        the last batch, for the cost ratio."""
+        require_identical_replicas([*self.params, *self.proxy.parameters()], "the LoRA weights or the proxy")
         if self.last_batch is None:
             return
         timings = []
