@@ -55,7 +55,7 @@ class CheckThresholds:
     max_tpr_at_1_fpr: float = 0.05  # ... or when its TPR@1%FPR (resolved only) is <= this
     max_epsilon: float | None = None  # when set: the header must carry a DP guarantee with epsilon <= this
 
-    def validate(self) -> "CheckThresholds":
+    def validate(self) -> CheckThresholds:
         """Raises ConfigError on the first invalid value."""
         if self.header_fail_on not in ("medium", "high"):
             raise ConfigError(f"check: header_fail_on must be medium or high, got {self.header_fail_on!r}")
@@ -228,13 +228,14 @@ def check_card(result: dict) -> str:
     m = axes["membership"]
     guarantee = axes["dp"]["guarantee"]
     rows = [
-        ("header", axes["header"]["verdict"], f"{axes['header']['failing_findings']} failing finding(s) of "
-                                              f"{len(axes['header']['findings'])}; rule: {axes['header']['rule']}"),
-        ("membership", m["verdict"], f"best attack {m['best_attack']}: AUC {m['auc']['value']:.3f} "
-                                     f"[{m['auc']['ci'][0]:.3f}, {m['auc']['ci'][1]:.3f}], TPR@1%FPR "
-                                     f"{m['tpr_at_1_fpr']['value']:.3f}"
-                                     f"{'' if m['tpr_at_1_fpr_resolved'] else ' (unresolved)'}, "
-                                     f"{m['n_members_test']} members / {m['n_nonmembers_test']} non-members; {m['why']}"),
+        ("header", axes["header"]["verdict"], (f"{axes['header']['failing_findings']} failing finding(s) of "
+                                               f"{len(axes['header']['findings'])}; rule: {axes['header']['rule']}")),
+        ("membership", m["verdict"], (f"best attack {m['best_attack']}: AUC {m['auc']['value']:.3f} "
+                                      f"[{m['auc']['ci'][0]:.3f}, {m['auc']['ci'][1]:.3f}], TPR@1%FPR "
+                                      f"{m['tpr_at_1_fpr']['value']:.3f}"
+                                      f"{'' if m['tpr_at_1_fpr_resolved'] else ' (unresolved)'}, "
+                                      f"{m['n_members_test']} members / {m['n_nonmembers_test']} non-members; "
+                                      f"{m['why']}")),
         ("identity", axes["identity"]["verdict"], axes["identity"].get("rule", "")),
         ("DP guarantee", axes["dp"]["verdict"], "none in the header" if guarantee is None else
          f"(ε = {guarantee['epsilon']}, δ = {guarantee['delta']}) per {guarantee['unit'] or 'example'}"),
@@ -251,4 +252,4 @@ def check_card(result: dict) -> str:
             f"{result['wall_time_s']:.0f} s.</p>")
 
 
-__all__ = ["CheckConfig", "CheckThresholds", "THOROUGH_ATTACKS", "check_card", "dp_guarantee", "run_check"]
+__all__ = ["THOROUGH_ATTACKS", "CheckConfig", "CheckThresholds", "check_card", "dp_guarantee", "run_check"]

@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privdiff.audit.attacks import QuantileRegressionAttack, RMIAOffline, RMIAOnline, ShadowSet
+from privdiff.audit.attacks import (
+    QuantileRegressionAttack,
+    RMIAOffline,
+    RMIAOnline,
+    ShadowSet,
+)
 from privdiff.audit.attacks.base import reference_set
 from privdiff.audit.model import Candidates, Denoiser
 from privdiff.audit.roc import auc, fpr_resolution, min_nonmembers, null_auc_sd

@@ -27,7 +27,12 @@ from privdiff.audit.roc import (
     tpr_interval_at_threshold,
 )
 from privdiff.audit.shadows import train_shadows
-from privdiff.config import ConfigRoot, RuntimeConfig, choice_checks, raise_first_failure
+from privdiff.config import (
+    ConfigRoot,
+    RuntimeConfig,
+    choice_checks,
+    raise_first_failure,
+)
 from privdiff.diffusion.cache import EncodingCache, open_encoding_cache
 from privdiff.diffusion.task import encode_split
 from privdiff.errors import ConfigError
@@ -65,7 +70,7 @@ class AuditConfig(ConfigRoot):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # the audit's and its shadows' device
     cache: bool = True          # read and write encodings in the run's encoding cache (--no-cache: false)
 
-    def validate(self) -> "AuditConfig":
+    def validate(self) -> AuditConfig:
         """Raises ConfigError on the first invalid value."""
         # attacks stay a list of names, not Literals: the registry in `privdiff.audit.attacks` is the truth
         unknown = next((a for a in self.attacks if a not in ATTACKS), None)

@@ -21,9 +21,9 @@ class ShadowSet:
     models: list[Denoiser]
     in_ids: list[set[str]]
     phi_cache: dict = field(default_factory=dict)
-    parent: "ShadowSet | None" = None  # set by `first`: the statistics are computed once, on all shadows
+    parent: ShadowSet | None = None  # set by `first`: the statistics are computed once, on all shadows
 
-    def phi(self, statistic: "Attack", examples: Candidates) -> np.ndarray:
+    def phi(self, statistic: Attack, examples: Candidates) -> np.ndarray:
         """(num_shadows, N) statistics (a fitted gray-box attack's scores) of every shadow on `examples`."""
         if self.parent is not None:
             return self.parent.phi(statistic, examples)[:len(self.models)]
@@ -36,7 +36,7 @@ class ShadowSet:
         """(num_shadows, N) whether each shadow trained on each example."""
         return np.array([[i in ids for i in examples.ids] for ids in self.in_ids])
 
-    def first(self, count: int) -> "ShadowSet":
+    def first(self, count: int) -> ShadowSet:
         """The first `count` shadows, their statistics shared with this set: with the audit's
         complementary-pair masks every even prefix is balanced."""
         if not 1 <= count <= len(self.models):

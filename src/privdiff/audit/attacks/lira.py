@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from privdiff.audit.attacks.base import Attack, ShadowSet, reference_set, register_attack
+from privdiff.audit.attacks.base import (
+    Attack,
+    ShadowSet,
+    reference_set,
+    register_attack,
+)
 from privdiff.audit.attacks.gray_box import LossThreshold
 from privdiff.audit.model import Candidates, Denoiser
 from privdiff.errors import ConfigError

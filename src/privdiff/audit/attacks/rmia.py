@@ -24,7 +24,13 @@ from typing import ClassVar
 import numpy as np
 from scipy.special import logsumexp
 
-from privdiff.audit.attacks.base import Attack, GridAttack, ShadowSet, reference_set, register_attack
+from privdiff.audit.attacks.base import (
+    Attack,
+    GridAttack,
+    ShadowSet,
+    reference_set,
+    register_attack,
+)
 from privdiff.audit.attacks.gray_box import PIA, LossThreshold, SimA
 from privdiff.audit.model import Candidates, Denoiser
 from privdiff.audit.roc import auc
@@ -39,6 +45,7 @@ class _RMIA(Attack):
     online: ClassVar[bool]
     gamma = 1.0
     references: int | None = None  # None: every shadow (online) / every OUT shadow (offline)
+    refit_signals = True  # False: keep statistics already fitted on this target (several RMIA variants, one fit)
     offline_a: ClassVar[tuple[float, ...]] = tuple(np.round(np.linspace(0, 1, 11), 2))
 
     def __init__(self, seed: int = 0):
@@ -57,7 +64,8 @@ class _RMIA(Attack):
         labels = np.r_[np.ones(len(aux_members)), np.zeros(len(aux_nonmembers))]
         self.temperature, aux_auc = {}, {}
         for name, statistic in self.signals.items():
-            statistic.fit(model, aux_members, aux_nonmembers)  # its timestep, chosen on aux as for the attack
+            if self.refit_signals or "t" not in statistic.fitted:
+                statistic.fit(model, aux_members, aux_nonmembers)  # its timestep, chosen on aux as for the attack
             self.temperature[name] = max(float(np.abs(statistic.score(model, aux)).mean()), 1e-12)
             for a in ((None,) if self.online else self.offline_a):
                 self.choice = (name, a)
