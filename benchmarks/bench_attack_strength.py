@@ -36,8 +36,10 @@ from privdiff.training.run import run_training
 def variants(num_shadows: int) -> dict[str, tuple[str, int | None]]:
     """label -> (registered attack, references)."""
     out = {"loss": ("loss", None), "quantile": ("quantile", None)}
+    if num_shadows == 0:  # the shadow-free comparison only
+        return out
     out |= {f"lira-online-{num_shadows}": ("lira-online", None), f"lira-offline-{num_shadows}": ("lira-offline", None)}
-    out |= {f"rmia-{n}": ("rmia", n) for n in (2, 8) if n <= num_shadows}
+    out |= {f"rmia-{n}": ("rmia", n) for n in (2, 4, 8) if n <= num_shadows}
     out |= {f"rmia-offline-{n}": ("rmia-offline", n) for n in (1,) if 2 * n <= num_shadows}
     return out
 
@@ -64,7 +66,7 @@ def evaluate(label_attacks: dict, target, cfg: AuditConfig, shadows, keep: Path)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the run and its shadows (reused)")
-    parser.add_argument("--shadows", type=int, default=8)
+    parser.add_argument("--shadows", type=int, default=8, help="0: only the shadow-free quantile vs loss comparison")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 4 shadows, 50 resamples")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_attack_strength.json")
     args = parser.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
         run_training(load_config(DEMO_CONFIG, overrides), overwrite=True, show_progress=False)
     run = open_run(args.work / "lora")
     trained = time.perf_counter()
-    shadows = train_shadows(run, shadows_n, 0, run.path / "audit" / "shadows", show_progress=False)
+    shadows = train_shadows(run, shadows_n, 0, run.path / "audit" / "shadows", show_progress=False) if shadows_n else None
     shadow_s = time.perf_counter() - trained
     cfg = AuditConfig(attacks=["loss", "quantile"], bootstrap=resamples).validate()
     target = audit_target(run, cfg)
@@ -85,13 +87,15 @@ def main() -> None:
     control_target = audit_target(run, control_cfg)
     print("control (base model, no adapter):")
     control = evaluate({k: v for k, v in variants(shadows_n).items()
-                        if k in ("loss", "quantile", "rmia-2")},
+                        if k in ("quantile", "rmia-2")},
                        control_target, control_cfg, shadows, args.work / "scores" / "control")
 
     labels = results["loss"]["labels"]
     lira = f"lira-online-{shadows_n}"
-    pairs = {"rmia-2 - " + lira: ("rmia-2", lira), f"rmia-2 - lira-offline-{shadows_n}": ("rmia-2", f"lira-offline-{shadows_n}"),
-             "quantile - loss": ("quantile", "loss")}
+    pairs = {"quantile - loss": ("quantile", "loss")}
+    if shadows_n:
+        pairs |= {"rmia-2 - " + lira: ("rmia-2", lira),
+                  f"rmia-2 - lira-offline-{shadows_n}": ("rmia-2", f"lira-offline-{shadows_n}")}
     paired = {}
     for key, (a, b) in pairs.items():
         sa, sb = results[a]["scores"], results[b]["scores"]
