@@ -238,7 +238,7 @@ def check_card(result: dict) -> str:
                                       f"{m['why']}")),
         ("identity", axes["identity"]["verdict"], axes["identity"].get("rule", "")),
         ("DP guarantee", axes["dp"]["verdict"], "none in the header" if guarantee is None else
-         f"(ε = {guarantee['epsilon']}, δ = {guarantee['delta']}) per {guarantee['unit'] or 'example'}"),
+         f"(ε = {guarantee['epsilon']:.3g}, δ = {guarantee['delta']:.3g}) per {guarantee['unit'] or 'example'}"),
     ]
     body = "".join(f"<tr><td>{_cell(name)}</td><td style='color:{colours.get(v, '#000')};font-weight:bold'>"
                    f"{_cell(v.upper())}</td><td>{_cell(text)}</td></tr>" for name, v, text in rows)

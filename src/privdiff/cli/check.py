@@ -60,7 +60,7 @@ def check(
                     f"identity similarity {axes['identity']['identity_similarity']:.3f} vs random-embedding upper "
                     f"{axes['identity']['lower_bound']['ci'][1]:.3f}",
         "dp": "no DP guarantee in the header" if axes["dp"]["guarantee"] is None else
-              f"ε = {axes['dp']['guarantee']['epsilon']}, δ = {axes['dp']['guarantee']['delta']}",
+              f"ε = {axes['dp']['guarantee']['epsilon']:.3g}, δ = {axes['dp']['guarantee']['delta']:.3g} (from the header)",
     }
     for name, text in lines.items():
         verdict = axes[name]["verdict"]
