@@ -1,7 +1,8 @@
 """Membership-attack cost on this machine: queries per example and examples scored per second.
 
 Fine-tunes a short LoRA run on the demo data (utility and leakage do not matter here), trains the
-LiRA shadows with the same short recipe, and audits with every attack. Prints a table and writes
+LiRA/RMIA shadows with the same short recipe, and audits with every registered attack (RMIA online
+and offline and the shadow-free quantile attack included). Prints a table and writes
 JSON (default: benchmarks/results/bench_audit.json). Shadow training time is reported separately:
 a shadow costs one fine-tuning run of the target's recipe.
 

@@ -30,26 +30,31 @@ def world():
                      Denoiser(OptimalDenoiser(torch.cat([members.latents[10:], others.latents[10:]]),
                                               scheduler.alphas_cumprod), scheduler)]
     shadows = ShadowSet(models=shadow_models, in_ids=[half, rest])
-    return model, aux_members, aux_nonmembers, examples, shadows
+    base = Denoiser(OptimalDenoiser(others.latents, scheduler.alphas_cumprod), scheduler)  # "before fine-tuning"
+    return model, aux_members, aux_nonmembers, examples, shadows, base
 
 
 def fitted_attack(name: str, world, seed: int = 0):
-    model, aux_members, aux_nonmembers, _, shadows = world
+    model, aux_members, aux_nonmembers, _, shadows, base = world
     attack = ATTACKS.get(name)(seed=seed)
     if name == "proxy":
         attack.max_epochs = 3  # the contract, not the attack's strength
-    attack.fit(model, aux_members, aux_nonmembers, shadows=shadows if attack.needs_shadows else None)
+    attack.fit(model, aux_members, aux_nonmembers, shadows=shadows if attack.needs_shadows else None,
+               base=base if attack.needs_base else None)
     return attack
 
 
-def test_the_registry_holds_every_attack_and_lira_needs_its_shadows():
-    assert set(ATTACKS) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline"}
-    assert {name for name in ATTACKS if ATTACKS.get(name).needs_shadows} == {"lira-online", "lira-offline"}
+def test_the_registry_holds_every_attack_and_what_each_needs():
+    assert set(ATTACKS) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline", "rmia",
+                            "rmia-offline", "quantile"}
+    assert {name for name in ATTACKS if ATTACKS.get(name).needs_shadows} == {"lira-online", "lira-offline", "rmia",
+                                                                            "rmia-offline"}
+    assert {name for name in ATTACKS if ATTACKS.get(name).needs_base} == {"quantile"}
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_scores_are_finite_deterministic_and_independent_of_order(name: str, world):
-    model, _, _, examples, _ = world
+    model, _, _, examples, _, _ = world
     attack = fitted_attack(name, world)
     scores = attack.score(model, examples)
     assert scores.shape == (len(examples),) and np.isfinite(scores).all()
@@ -60,7 +65,14 @@ def test_scores_are_finite_deterministic_and_independent_of_order(name: str, wor
     assert np.allclose(shuffled, scores[order], rtol=1e-6, atol=1e-9)
 
 
-def test_an_attack_that_needs_shadows_refuses_to_fit_without_them(world):
-    model, aux_members, aux_nonmembers, _, _ = world
+@pytest.mark.parametrize("name", ["lira-online", "rmia", "rmia-offline"])
+def test_an_attack_that_needs_shadows_refuses_to_fit_without_them(name: str, world):
+    model, aux_members, aux_nonmembers, _, _, _ = world
     with pytest.raises(ConfigError, match="needs shadow models"):
-        ATTACKS.get("lira-online")(seed=0).fit(model, aux_members, aux_nonmembers)
+        ATTACKS.get(name)(seed=0).fit(model, aux_members, aux_nonmembers)
+
+
+def test_the_quantile_attack_refuses_to_fit_without_the_base_model(world):
+    model, aux_members, aux_nonmembers, _, _, _ = world
+    with pytest.raises(ConfigError, match="needs the base model"):
+        ATTACKS.get("quantile")(seed=0).fit(model, aux_members, aux_nonmembers)

@@ -127,6 +127,8 @@ def test_cli_audit_and_report_show_the_audit(audited, tmp_path, capsys):
     assert main(["audit", str(run), "--attacks", "loss,sima", "--bootstrap", "20", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "AUC" in printed and "best attack" in printed
+    assert "TPR at 1.0% FPR is not resolved: it needs >= 100 test non-members, this split has 7" in printed
+    assert "n/r" in printed
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Membership audit" in page and "Clopper" in page and "Control (base model" in page

@@ -9,8 +9,16 @@ import pytest
 from scipy.stats import beta
 
 from privdiff.audit.bounds import clopper_pearson_eps, one_run_eps
-from privdiff.audit.roc import (asr, attack_metrics, auc, null_auc_sd, roc_curve, stratified_bootstrap,
-                                threshold_at_fpr, tpr_at_fpr)
+from privdiff.audit.roc import (
+    asr,
+    attack_metrics,
+    auc,
+    null_auc_sd,
+    roc_curve,
+    stratified_bootstrap,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
 
 MEMBERS = [0.9, 0.8, 0.7, 0.5, 0.3]
 NONMEMBERS = [0.7, 0.4, 0.2, 0.1, 0.05]
@@ -68,7 +76,7 @@ def test_bootstrap_is_deterministic_and_stratified(monkeypatch):
     assert first == stratified_bootstrap(scores, labels, resamples=50, seed=3)
     assert first["auc"][0] < auc(scores, labels) < first["auc"][1]
     seen = []
-    import privdiff.audit.roc as roc
+    from privdiff.audit import roc
 
     real = roc.attack_metrics
     monkeypatch.setattr(roc, "attack_metrics", lambda s, y, levels: seen.append(int(y.sum())) or real(s, y, levels))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,20 +112,30 @@ def stratified_bootstrap(scores: np.ndarray, labels: np.ndarray, *, resamples: i
 
 
 def paired_auc_difference(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, *,
-                          resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
-    """AUC(a) - AUC(b) for two models scored on the same examples (same order), with a paired
-    stratified bootstrap: each resample draws one set of members and non-members for both models."""
+                          resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                          metric: Callable[[np.ndarray, np.ndarray], float] = auc) -> dict:
+    """metric(a) - metric(b) (default AUC) for two score vectors on the same examples (same order: two
+    models, or two attacks), with a paired stratified bootstrap: each resample draws one set of
+    members and non-members for both."""
     labels = np.asarray(labels).astype(bool)
     members, others = np.flatnonzero(labels), np.flatnonzero(~labels)
     rng = numpy_rng(seed, "audit-paired-bootstrap")
     draws = []
     for _ in range(resamples):
         rows = np.concatenate([rng.choice(members, len(members)), rng.choice(others, len(others))])
-        draws.append(auc(scores_a[rows], labels[rows]) - auc(scores_b[rows], labels[rows]))
+        draws.append(metric(scores_a[rows], labels[rows]) - metric(scores_b[rows], labels[rows]))
     q = [(1 - confidence) / 2, (1 + confidence) / 2]
     low, high = (float(x) for x in np.quantile(draws, q))
-    return {**Estimate(auc(scores_a, labels) - auc(scores_b, labels), low, high, len(labels)).to_json(),
+    return {**Estimate(metric(scores_a, labels) - metric(scores_b, labels), low, high, len(labels)).to_json(),
             "resamples": resamples}
+
+
+def tpr_at(alpha: float) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The metric 'interpolated TPR at FPR alpha', for `paired_auc_difference(metric=...)`."""
+    def metric(scores: np.ndarray, labels: np.ndarray) -> float:
+        fpr, tpr, _ = roc_curve(scores, labels)
+        return tpr_at_fpr(fpr, tpr, alpha)[0]
+    return metric
 
 
 def threshold_at_fpr(scores_nonmembers: np.ndarray, alpha: float) -> float:
@@ -143,6 +155,18 @@ def tpr_interval_at_threshold(scores: np.ndarray, labels: np.ndarray, threshold:
     tp, n1, fp, n0 = rates_at_threshold(scores, labels, threshold)
     return {"threshold": threshold, "tp": tp, "n_members": n1, "fp": fp, "n_nonmembers": n0,
             "tpr": tp / n1, "tpr_ci": list(clopper_pearson(tp, n1)), "fpr": fp / n0}
+
+
+def min_nonmembers(alpha: float) -> int:
+    """Test non-members needed to resolve TPR at FPR alpha: the smallest non-zero FPR, 1/n0, must not
+    exceed alpha (spec §5's resolution rule): 20 at 5 %, 100 at 1 %, 1 000 at 0.1 %."""
+    return math.ceil(1 / alpha - 1e-9)
+
+
+def fpr_resolution(n_nonmembers: int, levels: tuple[float, ...] = FPR_LEVELS) -> dict[str, dict]:
+    """Per FPR level: the non-members it needs, and whether `n_nonmembers` resolves it."""
+    return {str(a): {"min_nonmembers": min_nonmembers(a), "resolved": n_nonmembers >= min_nonmembers(a)}
+            for a in levels}
 
 
 def null_auc_sd(n_members: int, n_nonmembers: int) -> float:

@@ -20,19 +20,26 @@ from privdiff.audit.model import Candidates, Denoiser
 from privdiff.audit.plots import roc_plot
 from privdiff.audit.roc import (
     attack_metrics,
+    fpr_resolution,
     null_auc_sd,
     roc_curve,
     stratified_bootstrap,
     tpr_interval_at_threshold,
 )
 from privdiff.audit.shadows import train_shadows
-from privdiff.config import ConfigRoot, RuntimeConfig, choice_checks, raise_first_failure
+from privdiff.config import (
+    ConfigRoot,
+    RuntimeConfig,
+    choice_checks,
+    raise_first_failure,
+)
 from privdiff.diffusion.cache import EncodingCache, open_encoding_cache
 from privdiff.diffusion.task import encode_split
 from privdiff.distributed import current_world
 from privdiff.errors import ConfigError
 from privdiff.metrics.estimate import Estimate
 from privdiff.models.load import load_pipeline
+from privdiff.models.lora import load_lora_into_unet
 from privdiff.runs.files import atomic_replace, atomic_write_json
 from privdiff.runs.folder import RunFolder, open_run
 from privdiff.runs.record import run_record
@@ -64,7 +71,7 @@ class AuditConfig(ConfigRoot):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # the audit's and its shadows' device
     cache: bool = True          # read and write encodings in the run's encoding cache (--no-cache: false)
 
-    def validate(self) -> "AuditConfig":
+    def validate(self) -> AuditConfig:
         """Raises ConfigError on the first invalid value."""
         # attacks stay a list of names, not Literals: the registry in `privdiff.audit.attacks` is the truth
         unknown = next((a for a in self.attacks if a not in ATTACKS), None)
@@ -99,11 +106,11 @@ def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...], cache: Encod
 
 
 def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates], cfg: AuditConfig,
-                    shadows: ShadowSet | None = None) -> dict:
-    """Fit on aux (and the shadows, for attacks that use them), score test, and every figure of membership-audit.md §5
-    with its interval and sample sizes."""
+                    shadows: ShadowSet | None = None, base: Denoiser | None = None) -> dict:
+    """Fit on aux (and the shadows or the base model, for attacks that use them), score test, and every
+    figure of membership-audit.md §5 with its interval and sample sizes."""
     began = time.perf_counter()
-    attack.fit(model, data["member_aux"], data["nonmember_aux"], shadows=shadows)
+    attack.fit(model, data["member_aux"], data["nonmember_aux"], shadows=shadows, base=base)
     fit_s = time.perf_counter() - began
     aux = Candidates.join(data["member_aux"], data["nonmember_aux"])
     aux_labels = np.r_[np.ones(len(data["member_aux"])), np.zeros(len(data["nonmember_aux"]))]
@@ -145,6 +152,55 @@ def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates]
     return {"record": record, "scores": scores, "labels": labels, "ids": test.ids}
 
 
+@dataclass
+class AuditTarget:
+    """What an audit attacks: the target denoiser, the base model (no adapter; loaded only when an
+    attack needs it) and the four manifest roles as candidates."""
+
+    model: Denoiser
+    base: Denoiser | None
+    data: dict[str, Candidates]
+
+
+def audit_target(run: RunFolder, cfg: AuditConfig, adapter: Path | None = None, base_model: str | None = None) -> AuditTarget:
+    """Loads the run's adapted model (or `adapter` on the run's base, or the bare base with
+    `cfg.control`) and encodes the manifest's roles. `base_model`: another base than the run's."""
+    runtime = resolve_runtime(cfg.runtime)
+    pretrained = base_model or run.config.model.pretrained
+    if cfg.control:
+        pipe = load_pipeline(pretrained, device=runtime.device, dtype=runtime.dtype)
+    elif adapter is not None or base_model is not None:  # a file from elsewhere: its own header's LoRA config
+        pipe = load_pipeline(pretrained, device=runtime.device, dtype=runtime.dtype)
+        load_lora_into_unet(pipe.unet, adapter or run.adapter_path)
+        pipe.unet.eval()
+    else:
+        pipe = run_pipeline(run, runtime=runtime)
+    model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
+    base = None
+    if any(ATTACKS[a].needs_base for a in cfg.attacks):
+        base_pipe = pipe if cfg.control else load_pipeline(pretrained, device=runtime.device, dtype=runtime.dtype)
+        base = Denoiser(base_pipe.unet.eval(), base_pipe.scheduler, cfg.batch_size)
+    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"),
+                             audit_cache(run, cfg.cache))
+    return AuditTarget(model, base, data)
+
+
+def attack_target(target: AuditTarget, cfg: AuditConfig, shadows: ShadowSet | None = None,
+                  show_progress: bool = True) -> dict[str, dict]:
+    """`evaluate_attack` for every attack of `cfg`, by name."""
+    from rich.progress import Progress
+
+    results = {}
+    with Progress(disable=not show_progress, transient=True) as progress:
+        bar = progress.add_task("auditing", total=len(cfg.attacks))
+        for name in cfg.attacks:
+            progress.update(bar, description=f"attack: {name}")
+            results[name] = evaluate_attack(ATTACKS[name](cfg.audit_seed), target.model, target.data, cfg, shadows,
+                                            target.base)
+            progress.advance(bar)
+    return results
+
+
 def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progress: bool = True,
               shadows: ShadowSet | None = None) -> dict | None:
     """Audits a finished run; writes RUN_DIR/audit/{audit.json, scores.npz, roc_loglog.png}.
@@ -152,37 +208,23 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     Under torchrun (a process group joined) the LiRA shadows are a farm: every process trains its
     share, and only the main process audits and writes (the others return None).
     """
-    from rich.progress import Progress
-
     began = time.perf_counter()
     cfg = (cfg or AuditConfig()).validate()
-    runtime = resolve_runtime(cfg.runtime)
     run = open_run(run_dir)
     needs_shadows = any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None
     if not current_world().is_main:
         if needs_shadows:
-            train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", False, runtime,
-                          cache=cfg.cache)
+            train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", False,
+                          resolve_runtime(cfg.runtime), cache=cfg.cache)
         return None
-    if cfg.control:
-        pipe = load_pipeline(run.config.model.pretrained, device=runtime.device, dtype=runtime.dtype)
-    else:
-        pipe = run_pipeline(run, runtime=runtime)
-    model = Denoiser(pipe.unet, pipe.scheduler, cfg.batch_size)
-    data = encode_candidates(run, pipe, ("member_aux", "member_test", "nonmember_aux", "nonmember_test"),
-                             audit_cache(run, cfg.cache))
+    target = audit_target(run, cfg)
+    data = target.data
     out_dir = run.path / "audit" / ("control" if cfg.control else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     if needs_shadows:
         shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress,
-                                runtime, cache=cfg.cache)
-    results = {}
-    with Progress(disable=not show_progress, transient=True) as progress:
-        bar = progress.add_task("auditing", total=len(cfg.attacks))
-        for name in cfg.attacks:
-            progress.update(bar, description=f"attack: {name}")
-            results[name] = evaluate_attack(ATTACKS[name](cfg.audit_seed), model, data, cfg, shadows)
-            progress.advance(bar)
+                                resolve_runtime(cfg.runtime), cache=cfg.cache)
+    results = attack_target(target, cfg, shadows, show_progress)
 
     records = {name: r["record"] for name, r in results.items()}
     best = max(records, key=lambda n: records[n]["aux_auc"])
@@ -196,7 +238,7 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
         "manifest_hash": run_manifest(run).dataset_hash, "audit_seed": cfg.audit_seed,
         "config": cfg.to_dict(), "n_members_test": n1, "n_nonmembers_test": n0,
         "n_members_aux": len(data["member_aux"]), "n_nonmembers_aux": len(data["nonmember_aux"]),
-        "null_auc_sd": null_auc_sd(n1, n0), "attacks": records, "best_attack": best,
+        "null_auc_sd": null_auc_sd(n1, n0), "fpr_resolution": fpr_resolution(n0), "attacks": records, "best_attack": best,
         "best_attack_rule": "highest AUC on the auxiliary split",
         "eps_lower_bound": {"cp": {**cp, "attack": best, "threshold_fpr_on_aux": cfg.cp_fpr,
                                    "tp": at["tp"], "fp": at["fp"], "n_members": at["n_members"],

@@ -25,12 +25,19 @@ from privdiff.training.run import run_manifest, run_pipeline, train_like
 
 
 def balanced_masks(num_shadows: int, pool_size: int, seed: int) -> np.ndarray:
-    """(N, |P|) IN masks where every example is IN for exactly N/2 shadows: a uniform matrix, and per
-    example the N/2 shadows with the smallest values (as the LiRA reference code)."""
+    """(N, |P|) IN masks in complementary pairs: shadow 2j trains on a random half of the pool and
+    shadow 2j + 1 on the other half, so every example is IN for exactly N/2 shadows (balanced, as the
+    LiRA reference code requires) and so is it for every even prefix of the shadows: the first 2, 4,
+    ... shadows of one training are themselves a balanced reference set (RMIA with 2 references,
+    LiRA with 8, from the same shadows)."""
     if num_shadows < 2 or num_shadows % 2:
         raise ValueError("the number of shadows must be even and >= 2")
-    order = numpy_rng(seed, "lira-masks").random((num_shadows, pool_size)).argsort(axis=0).argsort(axis=0)
-    return order < num_shadows // 2
+    rng = numpy_rng(seed, "lira-masks")
+    masks = np.zeros((num_shadows, pool_size), dtype=bool)
+    for pair in range(num_shadows // 2):
+        first_half = rng.permutation(pool_size) < pool_size // 2 + rng.integers(0, pool_size % 2 + 1)
+        masks[2 * pair], masks[2 * pair + 1] = first_half, ~first_half
+    return masks
 
 
 def shadow_manifest(base: Manifest, in_ids: set[str]) -> Manifest:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from privdiff.cli import attack, audit, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each adds its commands)
+from privdiff.cli import attack, audit, check, demo, epsilon, evaluate, inspect, sample, split, train  # noqa: F401  (each adds its commands)
 from privdiff.cli.app import app
 from privdiff.errors import FailedOnMainProcess, PrivdiffError
 

@@ -23,8 +23,9 @@ def audit(
     run_dir: Path = typer.Argument(..., help="A finished run folder (its membership.json is used)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML audit config (defaults if omitted)."),
     attacks: str = typer.Option(None, help="Comma-separated attacks: loss, pia, secmi, sima, proxy, "
-                                           "lira-online, lira-offline (default: the first five)."),
-    shadows: int = typer.Option(None, help="Shadow LoRAs for LiRA (even; trained with the run's recipe; default 8)."),
+                                           "quantile, lira-online, lira-offline, rmia, rmia-offline "
+                                           "(default: the first five)."),
+    shadows: int = typer.Option(None, help="Shadow LoRAs for LiRA and RMIA (even; trained with the run's recipe; default 8)."),
     canaries: int = typer.Option(0, help="One-run canary audit with this many canaries (0 = skip)."),
     canary_attack: str = typer.Option(None, help="Attack for the canary audit (default: the best attack)."),
     seed: int = typer.Option(None, help="Audit seed (fixed noises, shadow masks, canaries; default 0)."),
@@ -79,9 +80,18 @@ def audit(
     n1, n0 = result["n_members_test"], result["n_nonmembers_test"]
     console.print(f"test split: {n1} members, {n0} non-members (null AUC sd {result['null_auc_sd']:.3f})",
                   highlight=False)
+    unresolved = {level: need for level, need in result["fpr_resolution"].items() if not need["resolved"]}
+    for level, need in unresolved.items():
+        console.print(f"  TPR at {float(level):.1%} FPR is not resolved: it needs >= {need['min_nonmembers']} test "
+                      f"non-members, this split has {n0} (shown as n/r)", highlight=False)
+
+    def tpr(r: dict, level: str) -> str:
+        return "n/r" if level in unresolved else f"{r['tpr_at_fpr'][level]['value']:.3f}"
+
     for name, r in result["attacks"].items():
-        console.print(f"  {name:<13} AUC {format_estimate(r['auc'])}  TPR@5%FPR {r['tpr_at_fpr']['0.05']['value']:.3f}  "
-                      f"ASR {r['asr']['value']:.3f}  {r['queries_per_example']} queries/ex", highlight=False)
+        console.print(f"  {name:<13} AUC {format_estimate(r['auc'])}  TPR@5%/1%/0.1%FPR {tpr(r, '0.05')} / "
+                      f"{tpr(r, '0.01')} / {tpr(r, '0.001')}  ASR {r['asr']['value']:.3f}  "
+                      f"{r['queries_per_example']} queries/ex", highlight=False)
     cp = result["eps_lower_bound"]["cp"]
     console.print(f"best attack (by aux AUC): {result['best_attack']}; indicative ε lower bound "
                   f"(Clopper-Pearson) {cp['eps']:.2f}", highlight=False)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from privdiff.audit.attacks.base import Attack, ShadowSet, register_attack
+from privdiff.audit.attacks.base import (
+    Attack,
+    ShadowSet,
+    reference_set,
+    register_attack,
+)
 from privdiff.audit.attacks.gray_box import LossThreshold
 from privdiff.audit.model import Candidates, Denoiser
 from privdiff.errors import ConfigError
@@ -15,16 +20,17 @@ class _LiRA(Attack):
     access = "gray+shadow"
     needs_shadows = True
     online: bool
+    references: int | None = None  # the first N shadows (None: all); online needs N even
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)
         self.loss = LossThreshold(seed)
 
     def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates, *,
-            shadows: ShadowSet | None = None) -> None:
+            shadows: ShadowSet | None = None, base: Denoiser | None = None) -> None:
         if shadows is None:
             raise ConfigError(f"{self.name} needs shadow models (audit --shadows N)")
-        self.shadows = shadows
+        self.shadows = reference_set(shadows, self.references, online=True)  # IN and OUT Gaussians, both modes
         self.loss.fit(model, aux_members, aux_nonmembers)  # the timestep is chosen on aux, as for the loss attack
         self.fitted = {"t": self.loss.fitted["t"], "num_shadows": len(self.shadows.models),
                        "num_noises": self.loss.num_noises, "variance": "global (pooled over examples)"}

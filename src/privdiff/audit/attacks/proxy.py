@@ -40,7 +40,7 @@ class ProxyAttack(Attack):
     batch_size = 64
 
     def fit(self, model: Denoiser, aux_members: Candidates, aux_nonmembers: Candidates, *,
-            shadows: ShadowSet | None = None) -> None:
+            shadows: ShadowSet | None = None, base: Denoiser | None = None) -> None:
         data = Candidates.join(aux_members, aux_nonmembers)
         labels = torch.tensor([1] * len(aux_members) + [0] * len(aux_nonmembers))
         rng = numpy_rng(self.seed, "proxy-split")
