@@ -42,7 +42,7 @@ class QuantileRegressionAttack(Attack):
     name = "quantile"
     access = "gray+base"
     needs_base = True
-    grid: ClassVar[tuple[int, ...]] = (50, 100, 200, 300)  # intermediate t leak most (spec §4.1)
+    grid: ClassVar[tuple[int, ...]] = (50, 100, 200, 300)  # intermediate t leak most (membership-audit.md §4.1)
     num_noises = 4
     alpha = 0.05  # the FPR the fitted quantile targets
 
