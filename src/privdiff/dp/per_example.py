@@ -2,7 +2,7 @@
 
 Example i's loss is l_i = (1/K) Σ_k mse(ε_φ(x_t_ik, t_ik, c_i), target_ik) (dp-lora.md §4), and its
 gradient g_i = ∇_φ l_i is what gets clipped, so one example moves the clipped sum by at most C
-whatever K is (§5). Both engines write g_i to `p.grad_sample` as ONE tensor (n, *p.shape) per
+whatever K is (§5). Every engine writes g_i to `p.grad_sample` as ONE tensor (n, *p.shape) per
 parameter, which is what Opacus' DPOptimizer reads (a list would be taken as accumulation).
 
 - `HooksEngine` (default): the K draws are K rows of one batch through an Opacus
@@ -11,7 +11,10 @@ parameter, which is what Opacus' DPOptimizer reads (a list would be taken as acc
   machine it costs about 1.2x a non-private step, against about 2x for the functorch engine.
 - `FunctorchEngine`: `vmap(grad(l_i))` over examples with the K draws as a mini-batch inside l_i
   (the spec's reference construction); used to cross-check the hooks engine.
-All randomness (t, noise) is drawn by the caller and passed in, so both are deterministic.
+- `LoRAEngine`: one plain forward and backward; each peft LoRA layer computes its per-example
+  gradients in closed form inside its own backward (`privdiff.dp.lora_grads`), summing the K rows
+  of each example there: no hooks, no activation capture, no p.grad.
+All randomness (t, noise) is drawn by the caller and passed in, so all are deterministic.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from privdiff.diffusion import noisy_and_target, squared_error
+from privdiff.dp import lora_grads
 from privdiff.errors import ModelError
 
 
@@ -126,6 +130,9 @@ class HooksEngine(PerExampleEngine):
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
         self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
+        if n == 0:  # diffusers UNets fail on a 0-sized batch
+            self.set_empty()
+            return torch.zeros(0)
         noisy, timesteps, contexts, target = draws.rows(self.scheduler)
         for p in self.params.values():
             p.grad_sample, p.grad = None, None
@@ -147,6 +154,9 @@ class FunctorchEngine(PerExampleEngine):
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
         self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
+        if n == 0:  # diffusers UNets fail on a 0-sized batch
+            self.set_empty()
+            return torch.zeros(0)
         noisy, timesteps, contexts, target = draws.rows(self.scheduler)
         def per_example(rows: torch.Tensor) -> torch.Tensor:  # (n·K, ...) -> (n, K, ...)
             return rows.reshape(n, k, *rows.shape[1:])
@@ -162,6 +172,37 @@ class FunctorchEngine(PerExampleEngine):
         return losses.detach()
 
 
+class LoRAEngine(PerExampleEngine):
+    """Closed-form per-example gradients inside the LoRA layers' own backward (`lora_grads`): one
+    ordinary forward and backward of the K·n rows, each layer summing its rows per example."""
+
+    def __init__(self, model, unet, params, scheduler) -> None:
+        super().__init__(model, unet, params, scheduler)
+        self.grouping = lora_grads.Grouping()
+        self.layers = lora_grads.attach(unet, self.grouping)
+
+    def compute(self, draws: ExampleDraws) -> torch.Tensor:
+        self.check_parameters()
+        n, k = draws.num_examples, draws.multiplicity
+        if n == 0:  # diffusers UNets fail on a 0-sized batch
+            self.set_empty()
+            return torch.zeros(0)
+        noisy, timesteps, contexts, target = draws.rows(self.scheduler)
+        for p in self.params.values():
+            p.grad_sample, p.grad = None, None
+        self.grouping.num_examples = n
+        try:
+            row_losses = squared_error(self.model, noisy, timesteps, contexts, target).mean(dim=(1, 2, 3))
+            example_losses = row_losses.reshape(n, k).mean(dim=1)
+            example_losses.sum().backward()
+        finally:
+            self.grouping.num_examples = None
+        return example_losses.detach()
+
+    def close(self) -> None:
+        lora_grads.detach(self.layers)
+
+
 class WithWeights:
     """`unet` called with `weights` in place of its own tensors of those names (frozen weights come from
     the module); keeps the UNet's `config`, which `predict` reads (SDXL's added conditioning)."""
@@ -173,7 +214,8 @@ class WithWeights:
         return functional_call(self.unet, self.weights, args, kwargs)
 
 
-ENGINES: dict[str, type[PerExampleEngine]] = {"hooks": HooksEngine, "functorch": FunctorchEngine}
+ENGINES: dict[str, type[PerExampleEngine]] = {"hooks": HooksEngine, "functorch": FunctorchEngine,
+                                               "lora": LoRAEngine}
 
 
 def per_example_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Closed-form per-example gradients of peft LoRA layers, computed inside their own backward.
+
+A LoRA delta is y = s·B(A x). For the rows of example i (its K draws are K consecutive rows) and
+their tokens t, with g_t = ∂L/∂y_t and h_t = A x_t:
+
+    ∇B_i = s Σ g_t ⊗ h_t        ∇A_i = s Σ (Bᵀ g_t) ⊗ x_t
+
+For a convolutional LoRA (lora_A: the base kernel, lora_B: 1x1) x_t is the unfolded patch at output
+position t. `LoRADelta` saves x and h (what autograd keeps for a plain LoRA step anyway), computes
+the per-example sums as batched matrix products in backward, and adds them to `p.grad_sample`
+(n, *p.shape) instead of producing `p.grad`: no module hooks, no second copy of activations.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as lora_layers
+
+from privdiff.errors import ModelError
+
+
+@dataclass
+class Grouping:
+    """How many examples the current batch holds; None outside a per-example pass (plain forward)."""
+
+    num_examples: int | None = None
+
+
+def _add_grad_sample(param: torch.nn.Parameter, sample: torch.Tensor) -> None:
+    """Accumulates (a layer called twice in one forward adds both calls' contributions)."""
+    current = getattr(param, "grad_sample", None)
+    param.grad_sample = sample if current is None else current + sample
+
+
+class LoRADelta(torch.autograd.Function):
+    """s·B(A x) for a linear or conv LoRA; backward writes per-example gradients to `grad_sample`."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, scale, num_examples, conv):
+        # conv: None for a linear LoRA, else (stride, padding, dilation) of lora_A
+        if conv is None:
+            h = F.linear(x, weight_a)
+            y = F.linear(h, weight_b) * scale
+        else:
+            stride, padding, dilation = conv
+            h = F.conv2d(x, weight_a, stride=stride, padding=padding, dilation=dilation)
+            y = F.conv2d(h, weight_b) * scale
+        ctx.save_for_backward(x, h, weight_a, weight_b)
+        ctx.scale, ctx.num_examples, ctx.conv = scale, num_examples, conv
+        ctx.params = (weight_a, weight_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, h, weight_a, weight_b = ctx.saved_tensors
+        n, scale, conv = ctx.num_examples, ctx.scale, ctx.conv
+        if x.shape[0] % max(n, 1) != 0:
+            raise ModelError(f"a LoRA layer saw {x.shape[0]} rows for {n} examples: rows are not whole examples")
+        if conv is None:
+            grad_h = F.linear(grad_y, weight_b.t()) * scale  # (..., r)
+            g = grad_y.reshape(n, -1, grad_y.shape[-1])
+            grad_b = torch.bmm(g.transpose(1, 2), h.reshape(n, -1, h.shape[-1])) * scale
+            grad_a = torch.bmm(grad_h.reshape(n, -1, grad_h.shape[-1]).transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
+            grad_x = F.linear(grad_h, weight_a.t()) if ctx.needs_input_grad[0] else None
+        else:
+            stride, padding, dilation = conv
+            b = weight_b.reshape(weight_b.shape[0], -1)  # (d_out, r)
+            grad_h = torch.einsum("nohw,or->nrhw", grad_y, b) * scale
+            def by_example(t: torch.Tensor) -> torch.Tensor:  # (n·K, c, ...) -> (n, K, c, positions)
+                return t.reshape(n, t.shape[0] // n, t.shape[1], -1)
+
+            grad_b = torch.einsum("nkol,nkrl->nor", by_example(grad_y), by_example(h)).reshape(
+                n, *weight_b.shape) * scale
+            patches = F.unfold(x, weight_a.shape[2:], dilation=dilation, padding=padding, stride=stride)
+            grad_a = torch.einsum("nkrl,nkcl->nrc", by_example(grad_h), by_example(patches)).reshape(
+                n, *weight_a.shape)
+            grad_x = (torch.nn.grad.conv2d_input(x.shape, weight_a, grad_h, stride=stride, padding=padding,
+                                                 dilation=dilation) if ctx.needs_input_grad[0] else None)
+        param_a, param_b = ctx.params
+        _add_grad_sample(param_a, grad_a.to(param_a.dtype))
+        _add_grad_sample(param_b, grad_b.to(param_b.dtype))
+        return grad_x, None, None, None, None, None  # no p.grad: DP-SGD reads grad_sample only
+
+
+def _per_example_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's vanilla LoRA forward with the delta computed by `LoRADelta` (inside a per-example pass)."""
+    grouping: Grouping = layer._privdiff_grouping
+    plain = (grouping.num_examples is None or layer.disable_adapters or layer.merged
+             or kwargs.get("adapter_names") is not None)
+    if plain:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x, *args, **kwargs)
+    result_dtype = result.dtype
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A.keys():
+            continue
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        conv = None
+        if isinstance(layer, lora_layers.Conv2d):
+            conv = (lora_a.stride, lora_a.padding, lora_a.dilation)
+        delta = LoRADelta.apply(x.to(lora_a.weight.dtype), lora_a.weight, lora_b.weight,
+                                layer.scaling[adapter], grouping.num_examples, conv)
+        result = result + delta
+    return result.to(result_dtype)
+
+
+def _check_supported(name: str, layer: torch.nn.Module) -> None:
+    """Raises:
+        ModelError: a LoRA layer kind or option the closed forms do not cover.
+    """
+    if not isinstance(layer, (lora_layers.Linear, lora_layers.Conv2d)) or getattr(layer, "fan_in_fan_out", False):
+        raise ModelError(f"dp.engine=lora supports LoRA on Linear and Conv2d layers only ({name} is "
+                         f"{type(layer).__name__}); use dp.engine=hooks")
+    for adapter in layer.lora_A.keys():
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        if adapter in layer.lora_variant or lora_b.bias is not None or not isinstance(
+                layer.lora_dropout[adapter], torch.nn.Identity):
+            raise ModelError(f"dp.engine=lora supports plain LoRA only ({name}: DoRA/variants, LoRA bias or "
+                             f"dropout); use dp.engine=hooks")
+        if isinstance(layer, lora_layers.Conv2d) and (lora_a.groups != 1 or lora_b.groups != 1):
+            raise ModelError(f"dp.engine=lora does not support grouped convolutions ({name}); use dp.engine=hooks")
+
+
+def attach(model: torch.nn.Module, grouping: Grouping) -> list[torch.nn.Module]:
+    """Routes every peft LoRA layer of `model` through `LoRADelta`; returns the layers (for `detach`).
+
+    Raises:
+        ModelError: a LoRA layer the closed forms do not cover.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora_layers.LoraLayer)]
+    for name, layer in layers:
+        _check_supported(name, layer)
+    for _, layer in layers:
+        layer._privdiff_grouping = grouping
+        layer.forward = types.MethodType(_per_example_forward, layer)  # an instance attribute: undone by detach
+    return [layer for _, layer in layers]
+
+
+def detach(layers: list[torch.nn.Module]) -> None:
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_privdiff_grouping", None)
