@@ -78,7 +78,7 @@ def engine_grad_samples(task, params, draws, engine: str) -> dict[str, torch.Ten
 
 # linear: self-attention (attn1) and cross-attention (attn2, to_k/to_v on the caption states)
 @pytest.mark.parametrize("targets", [LINEAR_TARGETS, CONV_TARGETS, ["proj_in", "proj_out", "ff.net.2"]],
-                         ids=["attention", "conv", "linear-other"])
+                         ids=["attention", "conv", "proj-ff"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_lora_engine_matches_hooks_and_functorch(make_task, targets, k, n):

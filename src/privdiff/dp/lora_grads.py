@@ -96,7 +96,7 @@ def _per_example_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
     result = layer.base_layer(x, *args, **kwargs)
     result_dtype = result.dtype
     for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A.keys():
+        if adapter not in layer.lora_A:
             continue
         lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
         conv = None
@@ -115,7 +115,7 @@ def _check_supported(name: str, layer: torch.nn.Module) -> None:
     if not isinstance(layer, (lora_layers.Linear, lora_layers.Conv2d)) or getattr(layer, "fan_in_fan_out", False):
         raise ModelError(f"dp.engine=lora supports LoRA on Linear and Conv2d layers only ({name} is "
                          f"{type(layer).__name__}); use dp.engine=hooks")
-    for adapter in layer.lora_A.keys():
+    for adapter in layer.lora_A:
         lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
         if adapter in layer.lora_variant or lora_b.bias is not None or not isinstance(
                 layer.lora_dropout[adapter], torch.nn.Identity):
