@@ -8,6 +8,7 @@ from opacus.optimizers import DPOptimizer
 
 from privdiff.diffusion import squared_error
 from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
+from privdiff.errors import ModelError
 from privdiff.models.lora import add_lora
 from tests.dp.conftest import CONV_TARGETS, LINEAR_TARGETS, dp_config, fresh_task
 
@@ -225,3 +226,13 @@ def test_norms_helper_matches_flat_norm(make_task):
     ENGINES["hooks"](task.unet, task.unet, params, task.scheduler).compute(draws_for(task, torch.arange(3), 2))
     flat = torch.cat([p.grad_sample.reshape(3, -1) for p in params.values()], dim=1)
     torch.testing.assert_close(per_example_norms(list(params.values())), flat.norm(dim=1))
+
+
+def test_lora_engine_refuses_layers_without_a_closed_form(make_task):
+    task = make_task(2)
+    cfg = dp_config(LINEAR_TARGETS).lora
+    cfg.dropout = 0.1  # dropout's mask is not in the closed form (and dp-lora refuses it anyway)
+    params = add_lora(task.unet, cfg)
+    names = [n for n, p in sorted(task.unet.named_parameters()) if p.requires_grad]
+    with pytest.raises(ModelError, match="plain LoRA only"):
+        ENGINES["lora"](task.unet, task.unet, dict(zip(names, params)), task.scheduler)

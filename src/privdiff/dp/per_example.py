@@ -13,8 +13,8 @@ parameter, which is what Opacus' DPOptimizer reads (a list would be taken as acc
 - `LoRAEngine` (default): one plain forward and backward; each peft LoRA layer computes its per-example
   gradients in closed form inside its own backward (`privdiff.dp.lora_grads`), summing the K rows
   of each example there: no hooks, no activation capture, no p.grad. K = 1 DP steps on 2 cores
-  (`bench_dp.py --timing-only`): 1.40x / 1.29x a plain LoRA step (demo / attention-only r8
-  adapter) against 1.86x / 1.53x for hooks and 2.0x / 1.96x for functorch.
+  (`bench_dp.py --timing-only`): 1.39x / 1.20x a plain LoRA step (demo / attention-only r8
+  adapter) against 1.83x / 1.51x for hooks and 1.96x / 1.95x for functorch.
 All randomness (t, noise) is drawn by the caller and passed in, so all are deterministic.
 """
 
