@@ -183,7 +183,7 @@ def test_the_fp32_adapter_loads_into_a_bf16_diffusers_pipeline(finished_tiny_run
 
     adapter = finished_tiny_run / "pytorch_lora_weights.safetensors"
     assert all(t.dtype == torch.float32 for t in load_file(str(adapter)).values())  # as saved, whatever the base
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir), torch_dtype=torch.bfloat16,
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir), dtype=torch.bfloat16,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(adapter))
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())

@@ -8,7 +8,13 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import build_config, device_option, precision_option, runtime_flags
+from privdiff.cli.options import (
+    build_config,
+    device_option,
+    precision_option,
+    runtime_config,
+    runtime_flags,
+)
 
 console = Console(soft_wrap=True)
 attack_app = typer.Typer(no_args_is_help=True, help="Attacks on shared artefacts (see also `privdiff audit`).")
@@ -39,7 +45,6 @@ def weights(
 
     With --adapter: attack one file with an already trained encoder (what would sharing it show?);
     the shipped encoder fits files fine-tuned from the shipped face base, --encoder takes another."""
-    from privdiff.config import RuntimeConfig
     from privdiff.errors import ConfigError
     from privdiff.runtime import require_cpu_fp32, resolve_runtime
     from privdiff.weights.config import WeightsAttackConfig
@@ -48,7 +53,7 @@ def weights(
 
     if encoder is not None and adapter is None:
         raise ConfigError("--encoder goes with --adapter (the file to attack)")
-    require_cpu_fp32(resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto")),
+    require_cpu_fp32(resolve_runtime(runtime_config(device, precision)),
                      "the weights attack")
     if adapter is not None:
         target = Path(out or "runs/weights-attack-adapter")

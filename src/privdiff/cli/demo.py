@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import device_option, precision_option
+from privdiff.cli.options import device_option, precision_option, runtime_config
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
@@ -22,9 +22,8 @@ def demo(
     precision: str = precision_option(),
 ) -> None:
     """Fine-tune a LoRA on the private digits from the shipped base, sample, write runs/demo/."""
-    from privdiff.config import RuntimeConfig
     from privdiff.demo import run_demo
 
-    runtime = RuntimeConfig(device=device or "auto", precision=precision or "auto")
+    runtime = runtime_config(device, precision)
     result = run_demo(out, steps=steps, show_progress=not quiet, runtime=runtime)
     console.print(result.describe(), soft_wrap=True, highlight=False, markup=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from privdiff.config import RunConfig, load_config
+from privdiff.config import RunConfig, RuntimeConfig, load_config
 
 
 def build_config(config_file: Path | None, flags: dict[str, Any], extra: list[str] | None,
@@ -37,6 +37,11 @@ def precision_option() -> Any:
                                                   "fp32 | bf16 | fp16 (not for training).")
 
 
-def runtime_flags(device: str | None, precision: str | None, prefix: str = "runtime.") -> dict[str, str | None]:
-    """--device / --precision as config overrides (`prefix` is where the config keeps them)."""
-    return {f"{prefix}device": device, f"{prefix}precision": precision}
+def runtime_flags(device: str | None, precision: str | None) -> dict[str, str | None]:
+    """--device / --precision as config overrides."""
+    return {"runtime.device": device, "runtime.precision": precision}
+
+
+def runtime_config(device: str | None, precision: str | None) -> Any:
+    """--device / --precision for a command without a config file of its own."""
+    return RuntimeConfig(device=device or "auto", precision=precision or "auto")

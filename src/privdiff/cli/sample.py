@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from privdiff.cli.app import app
-from privdiff.cli.options import device_option, precision_option
+from privdiff.cli.options import device_option, precision_option, runtime_config
 
 console = Console(soft_wrap=True)  # paths must stay copy-pasteable, never wrapped
 
@@ -29,11 +29,10 @@ def sample(
     precision: str = precision_option(),
 ) -> None:
     """Generate a PNG grid with DDIM/DDPM and classifier-free guidance."""
-    from privdiff.config import RuntimeConfig
     from privdiff.models.generation import sample_to_file
     from privdiff.runtime import resolve_runtime
 
-    runtime = resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto"))
+    runtime = resolve_runtime(runtime_config(device, precision))
 
     path = sample_to_file(run_dir=run_dir, lora=lora, pretrained=pretrained, prompts=prompt,
                           num_images=num_images, steps=steps, scheduler=scheduler,

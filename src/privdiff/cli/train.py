@@ -12,6 +12,7 @@ from privdiff.cli.options import (
     build_config,
     device_option,
     precision_option,
+    runtime_config,
     runtime_flags,
 )
 
@@ -141,11 +142,10 @@ def early_stop(
     """Stop RUN early at MATCH's utility: the snapshot whose held-out loss on the aux non-members is closest."""
     import json
 
-    from privdiff.config import RuntimeConfig
     from privdiff.runtime import resolve_runtime
     from privdiff.training.early_stop import early_stop_like
 
-    runtime = resolve_runtime(RuntimeConfig(device=device or "auto", precision=precision or "auto"))
+    runtime = resolve_runtime(runtime_config(device, precision))
     folder = early_stop_like(run, match, out, overwrite=overwrite, runtime=runtime, cache=not no_cache)
     chosen = json.loads((folder / "summary.json").read_text())["early_stopped"]
     console.print(f"step {chosen['step']} of {chosen['of_steps']}: held-out loss {chosen['loss']:.4f} "

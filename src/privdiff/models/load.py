@@ -178,7 +178,7 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
     verify_checksums(folder)
     _quiet_hf_loading()
     try:
-        pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **without)
+        pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, dtype=dtype, **without)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load pipeline from {folder}: {first}") from None

@@ -57,7 +57,8 @@ def build_vae(cfg: TinySDConfig) -> AutoencoderKL:
                          sample_size=cfg.image_size)
 
 
-def build_unet(cfg: TinySDConfig) -> UNet2DConditionModel:
+def build_unet(cfg: TinySDConfig, **extra: object) -> UNet2DConditionModel:
+    """The tiny UNet; `extra` adds config keys (SDXL's added conditioning)."""
     latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
@@ -65,7 +66,7 @@ def build_unet(cfg: TinySDConfig) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups)
+        norm_num_groups=cfg.norm_num_groups, **extra)
 
 
 def text_encoder_config(width: int, layers: int, vocab_size: int, bos: int, eos: int,
@@ -105,16 +106,9 @@ class TinySDXLConfig(TinySDConfig):
 
 
 def build_sdxl_unet(cfg: TinySDXLConfig) -> UNet2DConditionModel:
-    latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     # SDXL's add_embedding reads [pooled text embedding, 6 sinusoidally embedded time ids].
-    return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        block_out_channels=cfg.unet_channels, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups, addition_embed_type="text_time",
-        addition_time_embed_dim=cfg.addition_time_embed_dim,
+    return build_unet(
+        cfg, addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
         projection_class_embeddings_input_dim=cfg.text_width + 6 * cfg.addition_time_embed_dim)
 
 
