@@ -6,7 +6,7 @@ their tokens t, with g_t = ∂L/∂y_t and h_t = A x_t:
     ∇B_i = s Σ g_t ⊗ h_t        ∇A_i = s Σ (Bᵀ g_t) ⊗ x_t
 
 For a convolutional LoRA (lora_A: the base kernel, lora_B: 1x1) x_t is the unfolded patch at output
-position t. `LoRADelta` saves x and h (what autograd keeps for a plain LoRA step anyway), computes
+position t (computed as a grouped convolution's weight gradient, not by unfolding). `LoRADelta` saves x and h (what autograd keeps for a plain LoRA step anyway), computes
 the per-example sums as batched matrix products in backward, and adds them to `p.grad_sample`
 (n, *p.shape) instead of producing `p.grad`: no module hooks, no second copy of activations.
 """
@@ -34,6 +34,25 @@ def _add_grad_sample(param: torch.nn.Parameter, sample: torch.Tensor) -> None:
     """Accumulates (a layer called twice in one forward adds both calls' contributions)."""
     current = getattr(param, "grad_sample", None)
     param.grad_sample = sample if current is None else current + sample
+
+
+def _per_example_conv_weight_grad(x: torch.Tensor, grad_h: torch.Tensor, weight: torch.Tensor, n: int,
+                                  conv: tuple) -> torch.Tensor:
+    """(n, *weight.shape): each example's conv weight gradient, its K rows summed.
+
+    One grouped convolution backward with a group per example and the K rows as its batch
+    (which the weight gradient sums over): 2-10x faster on CPU than unfolding the patches
+    (F.unfold copies the input kernel-size times), and equal to it (tests/dp/test_per_example.py).
+    """
+    stride, padding, dilation = conv
+    k = x.shape[0] // n
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # (n·K, c, h, w) -> (K, n·c, h, w): example i = group i
+        return t.reshape(n, k, *t.shape[1:]).transpose(0, 1).reshape(k, n * t.shape[1], *t.shape[2:])
+
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grouped(grad_h), grouped(x), weight.repeat(n, 1, 1, 1), None, list(stride), list(padding),
+        list(dilation), False, [0, 0], n, [False, True, False])
+    return grad_weight.reshape(n, *weight.shape)
 
 
 class LoRADelta(torch.autograd.Function):
@@ -75,9 +94,7 @@ class LoRADelta(torch.autograd.Function):
 
             grad_b = torch.einsum("nkol,nkrl->nor", by_example(grad_y), by_example(h)).reshape(
                 n, *weight_b.shape) * scale
-            patches = F.unfold(x, weight_a.shape[2:], dilation=dilation, padding=padding, stride=stride)
-            grad_a = torch.einsum("nkrl,nkcl->nrc", by_example(grad_h), by_example(patches)).reshape(
-                n, *weight_a.shape)
+            grad_a = _per_example_conv_weight_grad(x, grad_h, weight_a, n, conv)
             grad_x = (torch.nn.grad.conv2d_input(x.shape, weight_a, grad_h, stride=stride, padding=padding,
                                                  dilation=dilation) if ctx.needs_input_grad[0] else None)
         param_a, param_b = ctx.params

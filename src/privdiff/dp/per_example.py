@@ -79,20 +79,26 @@ class PerExampleEngine(ABC):
             scheduler: the training noise scheduler (x_t and targets come from it).
         """
         self.model, self.unet, self.params, self.scheduler = model, unet, params, scheduler
+        self._owners = []  # (module, attribute, parameter): what `check_parameters` compares
+        for name, p in params.items():
+            owner, _, attr = name.rpartition(".")
+            self._owners.append((unet.get_submodule(owner), attr, p))
 
     @abstractmethod
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
         """Sets `p.grad_sample` = (n, *p.shape) for every parameter; returns the (n,) losses l_i."""
 
     def check_parameters(self) -> None:
-        """The model must still hold the optimizer's Parameter objects (dp-lora.md §11.1).
+        """The model must still hold the optimizer's Parameter objects (dp-lora.md §11.1); the DP
+        step calls it once per step. Each tensor is looked up in the module that held it when the
+        engine was built (a walk over the whole UNet would cost more than the rest of the DP
+        bookkeeping on the demo adapter).
 
         Raises:
             ModelError: an adapter tensor was replaced (e.g. the model was moved to its device after
                 the adapter was added): the optimizer would update tensors the model no longer uses.
         """
-        current = dict(self.unet.named_parameters())
-        if any(current.get(name) is not p for name, p in self.params.items()):
+        if any(owner._parameters.get(attr) is not p for owner, attr, p in self._owners):
             raise ModelError("the model's LoRA parameters were replaced after the DP optimizer was built "
                              "(move the model to its device before adding adapters)")
 
@@ -129,7 +135,6 @@ class HooksEngine(PerExampleEngine):
             self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
 
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
-        self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
         if n == 0:  # diffusers UNets fail on a 0-sized batch
             self.set_empty()
@@ -153,7 +158,6 @@ class HooksEngine(PerExampleEngine):
 
 class FunctorchEngine(PerExampleEngine):
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
-        self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
         if n == 0:  # diffusers UNets fail on a 0-sized batch
             self.set_empty()
@@ -183,7 +187,6 @@ class LoRAEngine(PerExampleEngine):
         self.layers = lora_grads.attach(unet, self.grouping)
 
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
-        self.check_parameters()
         n, k = draws.num_examples, draws.multiplicity
         if n == 0:  # diffusers UNets fail on a 0-sized batch
             self.set_empty()
