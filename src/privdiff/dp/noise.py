@@ -19,11 +19,15 @@ from opacus.optimizers.optimizer import (
 
 
 def _add_cpu_drawn_noise(optimizer: DPOptimizer) -> None:
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm
     for p in optimizer.params:
         _check_processed_flag(p.summed_grad)
-        shape_on_cpu = torch.empty(p.summed_grad.shape, dtype=p.summed_grad.dtype)
-        noise = _generate_noise(std=optimizer.noise_multiplier * optimizer.max_grad_norm, reference=shape_on_cpu,
-                                generator=optimizer.generator, secure_mode=optimizer.secure_mode)
+        if optimizer.secure_mode or std == 0:
+            noise = _generate_noise(std=std, reference=torch.empty(p.summed_grad.shape, dtype=p.summed_grad.dtype),
+                                    generator=optimizer.generator, secure_mode=optimizer.secure_mode)
+        else:  # what `_generate_noise` draws, without its two throw-away allocations
+            noise = torch.normal(mean=0, std=std, size=p.summed_grad.shape, generator=optimizer.generator,
+                                 dtype=p.summed_grad.dtype)
         p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
         _mark_as_processed(p.summed_grad)
 
@@ -43,19 +47,23 @@ class _Bookkeeping:
         return 1
 
     def clip_and_accumulate(self) -> None:
-        samples = [p.grad_sample for p in self.params]
+        samples = [p.grad_sample.flatten(1) for p in self.params]  # (n, size); n may be 0
         if len(samples[0]) == 0:  # the empty Poisson batch: noise only
             norms = torch.zeros((0,), device=samples[0].device)
             factors = norms
         else:
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            norms = torch.stack([g.norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         self.per_sample_norms.append(norms.detach())
         for p, sample in zip(self.params, samples):
-            _check_processed_flag(sample)
-            grad = torch.einsum("i,i...", factors.to(sample.device, p.dtype), sample.to(p.dtype))
+            _check_processed_flag(p.grad_sample)
+            grad = (factors.to(sample.device, p.dtype) @ sample.to(p.dtype)).view_as(p)  # Σ_i c_i g_i
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(sample)
+            _mark_as_processed(p.grad_sample)
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size)
 
 
 class CPUNoiseDPOptimizer(_Bookkeeping, DPOptimizer):
