@@ -66,7 +66,7 @@ def time_side_by_side(ks: list[int], batch: int, steps: int, warmup: int, extra:
     for engine in engines:
         for k in ks:
             name = f"dp-lora K={k}" if engines == ("hooks",) else f"dp-lora {engine} K={k}"
-            methods[name] = prepared("dp-lora", k, batch, [f"dp.engine={engine}", *extra])
+            methods[name] = prepared("dp-lora", k, batch, [*engine_overrides(engine), *extra])
     rows = torch.arange(batch)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for step in range(warmup + steps):
@@ -137,7 +137,14 @@ def utility(epsilons: list[float], steps: int | None, num_samples: int) -> dict:
 
 
 ATTENTION_R8 = ["lora.rank=8", "lora.alpha=8", "lora.target_modules=[to_q, to_k, to_v, to_out.0]"]
-ENGINES = ("hooks", "functorch", "lora")
+ENGINES = ("hooks", "functorch", "lora", "lora-ghost")
+
+
+def engine_overrides(engine: str) -> list[str]:
+    """lora-ghost: the lora engine with ghost norms on every linear LoRA layer (default: chosen by cost)."""
+    if engine == "lora-ghost":
+        return ["dp.engine=lora", "dp.ghost_norms=always"]
+    return [f"dp.engine={engine}"]
 
 
 def print_timing(timing: dict) -> None:
@@ -160,7 +167,7 @@ def timing_only(args: argparse.Namespace) -> None:
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
     timing = {"demo adapter (attention + convs, r 16)": time_side_by_side(ks, 16, steps, warmup, [], engines),
               "attention-only adapter (r 8)": time_side_by_side(ks, 16, steps, warmup, ATTENTION_R8, engines)}
-    settings = [("lora", "lora", 1, [])] + [(f"dp-lora {e} K={k}", "dp-lora", k, [f"dp.engine={e}"])
+    settings = [("lora", "lora", 1, [])] + [(f"dp-lora {e} K={k}", "dp-lora", k, engine_overrides(e))
                                             for e in engines for k in (1, 4)]
     memory = {name: peak_memory(m, k, 16, 2 if args.quick else 3, extra) for name, m, k, extra in settings}
     ratio = {name: v / memory["lora"] if memory["lora"] > 0 else float("nan") for name, v in memory.items()}

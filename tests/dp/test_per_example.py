@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from opacus.optimizers import DPOptimizer
 
 from privdiff.diffusion import squared_error
+from privdiff.dp.lora_grads import uses_ghost_norms
+from privdiff.dp.noise import CPUNoiseDPOptimizer
 from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
 from privdiff.errors import ModelError
 from privdiff.models.lora import add_lora
@@ -236,3 +238,51 @@ def test_lora_engine_refuses_layers_without_a_closed_form(make_task):
     names = [n for n, p in sorted(task.unet.named_parameters()) if p.requires_grad]
     with pytest.raises(ModelError, match="plain LoRA only"):
         ENGINES["lora"](task.unet, task.unet, dict(zip(names, params)), task.scheduler)
+
+
+def ghost_clip(task, params, draws, max_grad_norm, ghost_norms):
+    """The lora engine with a ghost-norm policy, then privdiff's clipping: (per-example norms, clipped sum)."""
+    engine = ENGINES["lora"](task.unet, task.unet, params, task.scheduler, ghost_norms=ghost_norms)
+    engine.compute(draws)
+    engine.check_grad_samples(draws.num_examples)
+    optimizer = CPUNoiseDPOptimizer(torch.optim.SGD(list(params.values()), lr=0.0), noise_multiplier=0.0,
+                                    max_grad_norm=max_grad_norm, expected_batch_size=1)
+    optimizer.clip_and_accumulate()
+    total = torch.cat([p.summed_grad.flatten() for p in params.values()])
+    for p in params.values():
+        p.summed_grad, p.grad_sample = None, None
+    choices = engine.layer_choices()
+    engine.close()
+    return optimizer.per_sample_norms[0], total, choices
+
+
+@pytest.mark.parametrize("targets", [LINEAR_TARGETS, LINEAR_TARGETS + CONV_TARGETS], ids=["attention", "with-conv"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e9], ids=["clipped", "unclipped"])
+def test_ghost_norms_equal_materialised_norms_and_clipped_sums(make_task, targets, k, n, max_grad_norm):
+    """Gram-matrix norms and the row-weighted clipped sum equal the materialised ones (attention and
+    cross-attention linears; conv layers stay materialised beside them)."""
+    task = make_task(8)
+    params = lora_params(task, targets)
+    with torch.no_grad():  # non-zero B, so that A's gradients are not zero
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    draws = draws_for(task, torch.arange(n), k, seed=3)
+    norms, total, choices = ghost_clip(task, params, draws, max_grad_norm, "never")
+    ghost_norms, ghost_total, ghost_choices = ghost_clip(task, params, draws, max_grad_norm, "always")
+    assert set(choices.values()) == {"materialise"}
+    assert {how for name, how in ghost_choices.items() if "conv" not in name} == {"ghost"}
+    assert all(how == "materialise" for name, how in ghost_choices.items() if "conv" in name)
+    assert_close_relative(ghost_norms, norms, "norms")
+    assert_close_relative(ghost_total, total, "clipped sum")
+
+
+def test_ghost_rule_compares_gram_size_with_materialised_size():
+    # cross-attention at SD-1.5 size: 77 text tokens, rank 8, 768 -> 320: 77² = 5929 < 8·1088
+    assert uses_ghost_norms("auto", tokens=77, rank=8, d_in=768, d_out=320)
+    # self-attention on a 64x64 latent: 4096 tokens
+    assert not uses_ghost_norms("auto", tokens=4096, rank=8, d_in=320, d_out=320)
+    assert not uses_ghost_norms("never", tokens=1, rank=8, d_in=768, d_out=320)
+    assert uses_ghost_norms("always", tokens=4096, rank=8, d_in=320, d_out=320)

@@ -13,8 +13,10 @@ the per-example sums as batched matrix products in backward, and adds them to `p
 
 from __future__ import annotations
 
+import math
 import types
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +24,53 @@ from peft.tuners.lora import layer as lora_layers
 
 from privdiff.errors import ModelError
 
+GHOST_POLICIES = ("auto", "never", "always")
+
 
 @dataclass
 class Grouping:
-    """How many examples the current batch holds; None outside a per-example pass (plain forward)."""
+    """How many examples the current batch holds (None outside a per-example pass: plain forward),
+    the ghost-norm policy, and each layer's choice (recorded the first time it runs)."""
 
     num_examples: int | None = None
+    ghost: str = "auto"  # auto: by cost per layer | never | always (every linear LoRA)
+    choices: dict[str, str] = field(default_factory=dict)  # layer name -> "ghost" | "materialise"
+
+
+@dataclass
+class GhostGradient:
+    """A layer's per-example gradient kept implicitly (ghost clipping, Bu et al.'s book-keeping):
+    its per-example squared norms now, and the clipped sum Σ_i c_i ∇_i once the clip factors c are
+    known, from the activations and output gradients the backward already holds."""
+
+    norm_sq: torch.Tensor  # (n,)
+    clipped_sum: Callable[[torch.Tensor], torch.Tensor]  # c (n,) -> Σ_i c_i ∇_i, shaped like the parameter
+
+
+def uses_ghost_norms(policy: str, tokens: int, rank: int, d_in: int, d_out: int) -> bool:
+    """Ghost norms hold two (tokens × tokens) Gram matrices per example; materialising holds
+    rank·(d_in + d_out) numbers: the cheaper one wins (Bu et al.'s per-layer rule)."""
+    if policy == "auto":
+        return tokens * tokens < rank * (d_in + d_out)
+    return policy == "always"
+
+
+def _gram_norm_sq(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(n,) ||Σ_t left_t ⊗ right_t||² per example, from Gram matrices: Σ_{t,t'} (l_t·l_t')(r_t·r_t')."""
+    return (torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))).sum(dim=(1, 2))
+
+
+def _row_weighted_sum(left: torch.Tensor, right: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Σ_i c_i Σ_t left_it ⊗ right_it: one matrix product over all rows, each scaled by its example's c."""
+    weighted = left * factors.to(left.dtype)[:, None, None]
+    return weighted.flatten(0, 1).t() @ right.flatten(0, 1)
+
+
+def _set_ghost(param: torch.nn.Parameter, ghost: GhostGradient) -> None:
+    if getattr(param, "ghost", None) is not None:
+        raise ModelError("a ghost-norm LoRA layer ran twice in one pass (its Gram matrices would miss the cross "
+                         "terms); set dp.ghost_norms=never")
+    param.ghost = ghost
 
 
 def _add_grad_sample(param: torch.nn.Parameter, sample: torch.Tensor) -> None:
@@ -59,7 +102,7 @@ class LoRADelta(torch.autograd.Function):
     """s·B(A x) for a linear or conv LoRA; backward writes per-example gradients to `grad_sample`."""
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, scale, num_examples, conv):
+    def forward(ctx, x, weight_a, weight_b, scale, num_examples, conv, ghost=False):
         # conv: None for a linear LoRA, else (stride, padding, dilation) of lora_A
         if conv is None:
             h = F.linear(x, weight_a)
@@ -69,7 +112,7 @@ class LoRADelta(torch.autograd.Function):
             h = F.conv2d(x, weight_a, stride=stride, padding=padding, dilation=dilation)
             y = F.conv2d(h, weight_b) * scale
         ctx.save_for_backward(x, h, weight_a, weight_b)
-        ctx.scale, ctx.num_examples, ctx.conv = scale, num_examples, conv
+        ctx.scale, ctx.num_examples, ctx.conv, ctx.ghost = scale, num_examples, conv, ghost
         ctx.params = (weight_a, weight_b)
         return y
 
@@ -79,6 +122,16 @@ class LoRADelta(torch.autograd.Function):
         n, scale, conv = ctx.num_examples, ctx.scale, ctx.conv
         if x.shape[0] % max(n, 1) != 0:
             raise ModelError(f"a LoRA layer saw {x.shape[0]} rows for {n} examples: rows are not whole examples")
+        if conv is None and ctx.ghost:
+            grad_h = F.linear(grad_y, weight_b.t()) * scale  # (..., r)
+            g, hs = grad_y.reshape(n, -1, grad_y.shape[-1]), h.reshape(n, -1, h.shape[-1])
+            gh, xs = grad_h.reshape(n, -1, grad_h.shape[-1]), x.reshape(n, -1, x.shape[-1])
+            param_a, param_b = ctx.params
+            _set_ghost(param_b, GhostGradient(_gram_norm_sq(g, hs) * scale**2,
+                                              lambda c: _row_weighted_sum(g, hs, c) * scale))
+            _set_ghost(param_a, GhostGradient(_gram_norm_sq(gh, xs), lambda c: _row_weighted_sum(gh, xs, c)))
+            grad_x = F.linear(grad_h, weight_a.t()) if ctx.needs_input_grad[0] else None
+            return grad_x, None, None, None, None, None, None
         if conv is None:
             grad_h = F.linear(grad_y, weight_b.t()) * scale  # (..., r)
             g = grad_y.reshape(n, -1, grad_y.shape[-1])
@@ -100,7 +153,7 @@ class LoRADelta(torch.autograd.Function):
         param_a, param_b = ctx.params
         _add_grad_sample(param_a, grad_a.to(param_a.dtype))
         _add_grad_sample(param_b, grad_b.to(param_b.dtype))
-        return grad_x, None, None, None, None, None  # no p.grad: DP-SGD reads grad_sample only
+        return grad_x, None, None, None, None, None, None  # no p.grad: DP-SGD reads grad_sample only
 
 
 def _per_example_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -116,11 +169,16 @@ def _per_example_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
         if adapter not in layer.lora_A:
             continue
         lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        conv = None
+        conv, ghost = None, False
         if isinstance(layer, lora_layers.Conv2d):
             conv = (lora_a.stride, lora_a.padding, lora_a.dilation)
+        else:
+            tokens = x.shape[0] // grouping.num_examples * math.prod(x.shape[1:-1])  # K draws × T tokens
+            ghost = uses_ghost_norms(grouping.ghost, tokens, lora_a.weight.shape[0], lora_a.weight.shape[1],
+                                     lora_b.weight.shape[0])
+        grouping.choices.setdefault(layer._privdiff_name, "ghost" if ghost else "materialise")
         delta = LoRADelta.apply(x.to(lora_a.weight.dtype), lora_a.weight, lora_b.weight,
-                                layer.scaling[adapter], grouping.num_examples, conv)
+                                layer.scaling[adapter], grouping.num_examples, conv, ghost)
         result = result + delta
     return result.to(result_dtype)
 
@@ -151,8 +209,8 @@ def attach(model: torch.nn.Module, grouping: Grouping) -> list[torch.nn.Module]:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora_layers.LoraLayer)]
     for name, layer in layers:
         _check_supported(name, layer)
-    for _, layer in layers:
-        layer._privdiff_grouping = grouping
+    for name, layer in layers:
+        layer._privdiff_grouping, layer._privdiff_name = grouping, name
         layer.forward = types.MethodType(_per_example_forward, layer)  # an instance attribute: undone by detach
     return [layer for _, layer in layers]
 
@@ -161,3 +219,4 @@ def detach(layers: list[torch.nn.Module]) -> None:
     for layer in layers:
         layer.__dict__.pop("forward", None)
         layer.__dict__.pop("_privdiff_grouping", None)
+        layer.__dict__.pop("_privdiff_name", None)

@@ -47,19 +47,44 @@ class _Bookkeeping:
         return 1
 
     def clip_and_accumulate(self) -> None:
-        samples = [p.grad_sample.flatten(1) for p in self.params]  # (n, size); n may be 0
-        if len(samples[0]) == 0:  # the empty Poisson batch: noise only
-            norms = torch.zeros((0,), device=samples[0].device)
+        """Opacus' flat clipping over every tensor's per-example gradient, materialised (`grad_sample`)
+        or ghost (`lora_grads.GhostGradient`: its squared norms and its clipped sum)."""
+        ghosts = [getattr(p, "ghost", None) for p in self.params]
+        samples = [None if g is not None else p.grad_sample.flatten(1) for p, g in zip(self.params, ghosts)]
+        n = len(ghosts[0].norm_sq) if ghosts[0] is not None else len(samples[0])
+        if n == 0:  # the empty Poisson batch: noise only
+            norms = torch.zeros((0,), device=self.params[0].device)
             factors = norms
         else:
-            norms = torch.stack([g.norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            if all(g is None for g in ghosts):  # exactly Opacus' arithmetic
+                norms = torch.stack([s.norm(2, dim=-1) for s in samples], dim=1).norm(2, dim=1)
+            else:
+                squares = [g.norm_sq if g is not None else s.norm(2, dim=-1).square() for g, s in zip(ghosts, samples)]
+                norms = torch.stack(squares, dim=1).sum(dim=1).sqrt()
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         self.per_sample_norms.append(norms.detach())
-        for p, sample in zip(self.params, samples):
-            _check_processed_flag(p.grad_sample)
-            grad = (factors.to(sample.device, p.dtype) @ sample.to(p.dtype)).view_as(p)  # Σ_i c_i g_i
+        for p, sample, ghost in zip(self.params, samples, ghosts):
+            if ghost is not None:
+                grad = ghost.clipped_sum(factors).to(p.dtype).view_as(p)
+                p.ghost = None
+            else:
+                _check_processed_flag(p.grad_sample)
+                grad = (factors.to(sample.device, p.dtype) @ sample.to(p.dtype)).view_as(p)  # Σ_i c_i g_i
+                _mark_as_processed(p.grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
+
+    def pre_step(self, closure=None) -> bool:
+        """Opacus' pre_step without its `grad_samples` probe (ghost tensors have no `grad_sample`)."""
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":

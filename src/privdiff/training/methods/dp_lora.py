@@ -129,7 +129,8 @@ class DPLoRA(LoRA):
         self.params = self.trainable_parameters(task)  # the UNet is on its device already (pitfall 1)
         self.names = [name for name, p in sorted(task.unet.named_parameters()) if p.requires_grad]
         model = DPDDP(task.unet) if self.world.distributed else task.unet  # broadcasts rank 0's weights
-        self.engine = ENGINES[dp.engine](model, task.unet, dict(zip(self.names, self.params)), task.scheduler)
+        self.engine = ENGINES[dp.engine](model, task.unet, dict(zip(self.names, self.params)), task.scheduler,
+                                         ghost_norms=dp.ghost_norms)
         optimizer_class = CPUNoiseDistributedDPOptimizer if self.world.distributed else CPUNoiseDPOptimizer
         # Each process divides by B / W and the all-reduce averages over W: the update is Σ / B.
         self.optimizer = optimizer_class(
@@ -277,6 +278,7 @@ class DPLoRA(LoRA):
             "dataset_size": plan.dataset_size,
             "empty_batches": self.empty_batches,
             "engine": dp.engine,
+            "per_example_gradients": self._layer_choices(),
             "world_size": self.world.size,
             "opacus_version": metadata.version("opacus"),
             "dp_accounting_version": metadata.version("dp-accounting"),
@@ -285,6 +287,14 @@ class DPLoRA(LoRA):
             "plan": asdict(plan),
         }
         return self._privacy
+
+    def _layer_choices(self) -> dict[str, Any]:
+        """Which LoRA layers materialised their per-example gradients and which used ghost norms."""
+        engine = getattr(self, "engine", None)
+        choices = engine.layer_choices() if engine is not None else {}
+        ghost = sorted(name for name, how in choices.items() if how == "ghost")
+        return {"ghost_norms": self.config.dp.ghost_norms if self.config.dp.engine == "lora" else "never",
+                "ghost_layers": ghost, "materialised_layers": len(choices) - len(ghost) if choices else None}
 
     def accountant_steps(self) -> int:
         return sum(steps for _, _, steps in self.accountant.history)
