@@ -124,8 +124,9 @@ class LoRADelta(torch.autograd.Function):
             raise ModelError(f"a LoRA layer saw {x.shape[0]} rows for {n} examples: rows are not whole examples")
         if conv is None and ctx.ghost:
             grad_h = F.linear(grad_y, weight_b.t()) * scale  # (..., r)
-            g, hs = grad_y.reshape(n, -1, grad_y.shape[-1]), h.reshape(n, -1, h.shape[-1])
-            gh, xs = grad_h.reshape(n, -1, grad_h.shape[-1]), x.reshape(n, -1, x.shape[-1])
+            # detached: the clipped sums run after backward, in grad mode, and must not grow a graph
+            g, hs = grad_y.detach().reshape(n, -1, grad_y.shape[-1]), h.detach().reshape(n, -1, h.shape[-1])
+            gh, xs = grad_h.detach().reshape(n, -1, grad_h.shape[-1]), x.detach().reshape(n, -1, x.shape[-1])
             param_a, param_b = ctx.params
             _set_ghost(param_b, GhostGradient(_gram_norm_sq(g, hs) * scale**2,
                                               lambda c: _row_weighted_sum(g, hs, c) * scale))

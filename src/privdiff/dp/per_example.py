@@ -139,8 +139,8 @@ class PerExampleEngine(ABC):
 
 
 class HooksEngine(PerExampleEngine):
-    def __init__(self, model, unet, params, scheduler) -> None:
-        super().__init__(model, unet, params, scheduler)
+    def __init__(self, model, unet, params, scheduler, ghost_norms: str = "never") -> None:
+        super().__init__(model, unet, params, scheduler, ghost_norms)
         from opacus import GradSampleModule
 
         with warnings.catch_warnings():  # frozen norm layers are reported as "unsupported": they never train
@@ -194,8 +194,8 @@ class LoRAEngine(PerExampleEngine):
     """Closed-form per-example gradients inside the LoRA layers' own backward (`lora_grads`): one
     ordinary forward and backward of the K·n rows, each layer summing its rows per example."""
 
-    def __init__(self, model, unet, params, scheduler) -> None:
-        super().__init__(model, unet, params, scheduler)
+    def __init__(self, model, unet, params, scheduler, ghost_norms: str = "never") -> None:
+        super().__init__(model, unet, params, scheduler, ghost_norms)
         self.grouping = lora_grads.Grouping(ghost=self.ghost_norms)
         self.layers = lora_grads.attach(unet, self.grouping)
 
