@@ -1,4 +1,4 @@
-"""Evaluation time for 1,000 generated samples (evaluation spec §10) on this machine.
+"""Evaluation time for 1,000 generated samples (evaluation.md §10) on this machine.
 
 Fine-tunes a short LoRA run on the demo data (its utility does not matter here), then times
 `privdiff evaluate` stage by stage. Prints a table and writes JSON

@@ -72,12 +72,14 @@ def time_demo(steps: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (tiny sizes)")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="skip timing `privdiff demo` (about 13 minutes on 2 cores); the step timing only")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_finetune.json")
     args = parser.parse_args()
     steps, warmup = (3, 1) if args.quick else (50, 5)
     step_result = time_steps("lora", steps, warmup, batch_size=16)
     step_result["peak_rss_mib"] = peak_rss_mib()
-    demo = None if args.quick else time_demo(None)  # the demo itself is exercised by the CLI test
+    demo = None if args.quick or args.no_demo else time_demo(None)  # the demo itself is exercised by the CLI test
     result = {"benchmark": "finetune", "quick": args.quick, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "machine": platform.machine(), **run_record(),
               "finetune": step_result, "demo": demo}

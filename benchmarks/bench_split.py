@@ -1,4 +1,4 @@
-"""Split-learning ControlNet costs (split-controlnet spec §7, §11): bytes per example upstream and
+"""Split-learning ControlNet costs (split-controlnet.md §7, §11): bytes per example upstream and
 downstream for both designs (measured on the serialised messages, and at SD-1.5 scale from the
 tensor allow-lists, next to the spec's computed numbers), client time, peak memory and FLOPs per
 example for both designs, and training throughput in-process versus over Flower on loopback.
@@ -36,7 +36,7 @@ VARIANTS = {  # name -> config overrides
     "backward-free (default: s0)": [],
     "backward-free (x_t instead of s0)": ["protocol.send=x_t"],
 }
-# spec §7 [C]: exact tensor bytes per example at SD-1.5 scale (plus 8 B for t)
+# split-controlnet.md §7 [C]: exact tensor bytes per example at SD-1.5 scale (plus 8 B for t)
 SPEC_SD15_BYTES = {"vanilla": 10_787_840, "backward-free (reference: s0 + zero text)": 5_577_728,
                    "backward-free (default: s0)": 5_341_184, "backward-free (x_t instead of s0)": 163_840}
 
@@ -177,7 +177,7 @@ def main() -> None:
     MODELS = load_public_models(None)
     result: dict = {"run": run_record(), "quick": args.quick, "bytes": {}, "client": {}, "throughput": {}}
 
-    rows = [("design", "up B/example", "down B/example", "of which gradient", "SD-1.5 tensor B/ex", "spec §7")]
+    rows = [("design", "up B/example", "down B/example", "of which gradient", "SD-1.5 tensor B/ex", "split-controlnet.md §7")]
     for name, overrides in VARIANTS.items():
         measured = measured_bytes(overrides, 2 if args.quick else 5, base)
         measured["sd15_tensor_bytes_per_example"] = sd15_bytes(overrides)

@@ -1,4 +1,4 @@
-"""Post-hoc defences applied to a shared LoRA file (specs/weights-attack.md §8).
+"""Post-hoc defences applied to a shared LoRA file (docs/design/weights-attack.md §8).
 
 Three transformations of the UNet LoRA tensors, none with a formal guarantee:
 
@@ -11,7 +11,7 @@ Three transformations of the UNet LoRA tensors, none with a formal guarantee:
 in-memory callers (the adaptive attack defends shadow adapters during encoder training; build the
 layers with `lora_math.layers_from_state_dict`). DP-LoRA, the training-time defence of the same
 table, changes how the adapter is trained rather than the file, and lives with the DP training code
-(specs/dp-lora.md), not here.
+(docs/design/dp-lora.md), not here.
 """
 
 from __future__ import annotations

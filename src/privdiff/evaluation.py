@@ -53,7 +53,7 @@ REFERENCES = ("members", "nonmember_test")
 
 @dataclass
 class EvalConfig(ConfigRoot):
-    """Evaluation settings (evaluation spec §10); written into metrics.json."""
+    """Evaluation settings (evaluation.md §10); written into metrics.json."""
 
     num_samples: int = 1000          # quick mode: 256
     eval_seed: int = 0

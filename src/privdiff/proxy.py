@@ -1,5 +1,5 @@
 """The proxy membership attacker: an MLP on the element-wise squared denoising error
-(smp-lora spec §4). Shared by the post-hoc proxy attack and by MP/SMP-LoRA training."""
+(smp-lora.md §4). Shared by the post-hoc proxy attack and by MP/SMP-LoRA training."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Attacks against known answers: the exact optimal denoiser of the members memorises them
-(membership-audit spec §9.4-7)."""
+(membership-audit.md §9.4-7)."""
 
 from __future__ import annotations
 

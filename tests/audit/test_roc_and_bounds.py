@@ -1,4 +1,4 @@
-"""Known answers for the audit metrics and the ε lower bounds (membership-audit spec §5, §6, §9.1-3)."""
+"""Known answers for the audit metrics and the ε lower bounds (membership-audit.md §5, §6, §9.1-3)."""
 
 from __future__ import annotations
 

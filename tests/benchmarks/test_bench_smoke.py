@@ -21,6 +21,7 @@ def test_bench_finetune_quick_writes_json(tmp_path: Path):
     result, stdout = run_quick("bench_finetune.py", tmp_path / "bench.json")
     assert result["finetune"]["steps_per_s"] > 0 and result["finetune"]["peak_rss_mib"] > 0
     assert result["demo"] is None  # quick mode leaves the demo to the CLI test
+    assert {"commit", "date", "hardware", "torch"} <= set(result["meta"])  # the stamp render_docs.py prints
     assert "steps/s" in stdout
 
 

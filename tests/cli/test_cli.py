@@ -149,10 +149,10 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert "kid/members" in page and "https://" not in page and "Membership audit" in page
     audit = json.loads((out / "lora" / "audit" / "audit.json").read_text())
     assert set(audit["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy"}
-    # Signal (spec §9.8): the over-fitted demo LoRA is caught, by the attack chosen on aux (0.906 measured).
+    # Signal (membership-audit.md §9.8): the over-fitted demo LoRA is caught, by the attack chosen on aux (0.906 measured).
     best = audit["attacks"][audit["best_attack"]]
     assert best["auc"]["value"] >= 0.8 and best["auc"]["ci"][0] > 0.5 + 2 * audit["null_auc_sd"], best
-    # Control at the demo's sizes (spec §9.8): on the base model every attack is within 3 null sd of 0.5.
+    # Control at the demo's sizes (membership-audit.md §9.8): on the base model every attack is within 3 null sd of 0.5.
     control = json.loads((out / "lora" / "audit" / "control" / "audit.json").read_text())
     for name, attack in control["attacks"].items():
         assert abs(attack["auc"]["value"] - 0.5) <= 3 * control["null_auc_sd"], (name, attack["auc"])

@@ -1,4 +1,4 @@
-"""Synthetic identities (weights-attack spec §3, §11 test 5): deterministic renders, pools, trigger words."""
+"""Synthetic identities (weights-attack.md §3, §11 test 5): deterministic renders, pools, trigger words."""
 
 from __future__ import annotations
 

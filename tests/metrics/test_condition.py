@@ -1,4 +1,4 @@
-"""Condition fidelity: edge SSIM, disk IoU and colour accuracy (evaluation spec §8, §11.6)."""
+"""Condition fidelity: edge SSIM, disk IoU and colour accuracy (evaluation.md §8, §11.6)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_sobel_edges_of_the_real_target_cover_the_condition_outline(fill):
 
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_sobel_otsu_map_of_a_drawn_outline_matches_it_at_384_px(width):
-    # Spec §11.6 asks for SSIM > 0.9. Measured: at 32 px only 0.09-0.25 (Sobel of a thin line is a
+    # evaluation.md §11.6 asks for SSIM > 0.9. Measured: at 32 px only 0.09-0.25 (Sobel of a thin line is a
     # double edge with a zero ridge on the line); 0.78-0.80 at 128 px, 0.85-0.96 at 256 px; above 0.9
     # for radii 0.15-0.45 only from 384 px, where the empty background dominates the SSIM mean.
     for radius in (0.15, 0.3, 0.45):

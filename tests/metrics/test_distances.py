@@ -1,4 +1,4 @@
-"""FID, KID and precision/recall against independent computations (evaluation spec §11.1-2)."""
+"""FID, KID and precision/recall against independent computations (evaluation.md §11.1-2)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_kid_subset_sd_is_zero_when_both_sets_enter_whole():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_kid_of_two_samples_of_one_distribution_is_near_zero(seed):
-    # m = n = 2s (spec §11.2): with m = n = s the sd is 0 and the check would always fail.
+    # m = n = 2s (evaluation.md §11.2): with m = n = s the sd is 0 and the check would always fail.
     x, y = features(seed, n=400), features(seed + 50, n=400)
     result = kid(x, y, num_subsets=100, subset_size=200, seed=seed)
     assert abs(result.value) < 3 * result.subset_sd

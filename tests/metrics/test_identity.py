@@ -1,4 +1,4 @@
-"""The identity-embedding model and the face base model of the weights attack (weights-attack spec §4, §7)."""
+"""The identity-embedding model and the face base model of the weights attack (weights-attack.md §4, §7)."""
 
 from __future__ import annotations
 

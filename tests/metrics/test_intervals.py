@@ -1,4 +1,4 @@
-"""Bootstrap and Clopper-Pearson intervals (evaluation spec §11.7-8)."""
+"""Bootstrap and Clopper-Pearson intervals (evaluation.md §11.7-8)."""
 
 from __future__ import annotations
 

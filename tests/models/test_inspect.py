@@ -1,4 +1,4 @@
-"""`privdiff inspect`: header metadata leaks of LoRA files, and the scrubbed copy (weights-attack spec §9)."""
+"""`privdiff inspect`: header metadata leaks of LoRA files, and the scrubbed copy (weights-attack.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Analytic recovery (spec §9.3, §13 item 8): the published protocol gives the latents away in closed form."""
+"""Analytic recovery (split-controlnet.md §9.3, §13 item 8): the published protocol gives the latents away in closed form."""
 
 from __future__ import annotations
 

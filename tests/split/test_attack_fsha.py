@@ -1,4 +1,4 @@
-"""FSHA, the malicious vanilla server (split-controlnet spec §9.4, §13 item 13), on the tiny test
+"""FSHA, the malicious vanilla server (split-controlnet.md §9.4, §13 item 13), on the tiny test
 pipeline: the hijack runs over the real protocol, its reconstruction rises over rounds, and the
 backward-free client has no channel for it."""
 
@@ -125,7 +125,7 @@ def test_image_latent_is_the_clients_z0(tiny_pipeline_dir, public_models):
 
 @pytest.mark.slow
 def test_fsha_reconstruction_rises_over_rounds(tiny_pipeline_dir, public_models):
-    """Spec §13 item 13, on design A at the default client learning rate (~70 s on one core).
+    """split-controlnet.md §13 item 13, on design A at the default client learning rate (~70 s on one core).
 
     The GAN swings pixel MSE and SSIM from round to round (at round 100 MSE ranged 0.014–0.048 over 14
     seeds against a no-information baseline of 0.027, so an MSE margin passed on one CPU and failed on

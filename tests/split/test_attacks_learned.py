@@ -1,4 +1,4 @@
-"""Learned and optimisation attacks on split learning (spec §9.1 inverse network, §9.2 UnSplit).
+"""Learned and optimisation attacks on split learning (split-controlnet.md §9.1 inverse network, §9.2 UnSplit).
 
 "Works" is shown on the unprotected configuration (t_start 0, identity, fp32) with the shipped tiny
 base: the test pipeline's autoencoder is untrained (its own reconstruction ceiling is SSIM ≈ 0.04),

@@ -1,4 +1,4 @@
-"""Split learning over Flower on loopback (spec §13 items 5 and 11): a SuperLink, two client SuperNodes
+"""Split learning over Flower on loopback (split-controlnet.md §13 items 5 and 11): a SuperLink, two client SuperNodes
 and an intruder SuperNode with an unknown key, all started and stopped by the test; the ControlNet
 trained through them beats the untrained one on condition fidelity, the intruder is refused, and
 neither the recorded messages nor the bytes on the loopback wire hold a prompt, image or condition."""
@@ -18,7 +18,7 @@ from tests.split.wire_checks import byte_leaks, numeric_leaks, secret_byte_strin
 
 pytestmark = pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep")
 
-# The recipe measured in-process to raise condition fidelity (README), with Flower's round trip
+# The recipe measured in-process to raise condition fidelity (docs/split.md), with Flower's round trip
 # (seconds per message) amortised: 64 examples per request, 16 per step, each round used twice.
 FLOWER_RECIPE = ["data.num_examples=1000", "train.request_size=64", "train.batch_size=16", "train.passes=2",
                  "train.learning_rate=3e-3", "train.steps=600", "train.checkpoint_every=200",

@@ -1,4 +1,4 @@
-"""The hardened option (spec §10, §13 items 8–10): accounting, σ_eff of the best attacker, unbiasedness."""
+"""The hardened option (split-controlnet.md §10, §13 items 8–10): accounting, σ_eff of the best attacker, unbiasedness."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_malformed_framing_is_refused(mutate):
     (["protocol.send=x_t"], 163_840),
 ])
 def test_allow_lists_give_the_spec_message_sizes_at_sd15_scale(overrides, spec_bytes):
-    """Spec §7 [C]: tensor bytes per example at 512 px (latent 4x64x64, conv_in 320, text 77x768),
+    """split-controlnet.md §7 [C]: tensor bytes per example at 512 px (latent 4x64x64, conv_in 320, text 77x768),
     plus 8 B for t."""
     from types import SimpleNamespace
 

@@ -1,5 +1,5 @@
 """The trained ControlNet is saved with save_pretrained and loads into StableDiffusionControlNetPipeline
-(spec §8.5), where it computes what the split training computed."""
+(split-controlnet.md §8.5), where it computes what the split training computed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The roles' contracts (split-controlnet spec §13 items 1–3, 12) on the tiny test pipeline."""
+"""The roles' contracts (split-controlnet.md §13 items 1–3, 12) on the tiny test pipeline."""
 
 from __future__ import annotations
 

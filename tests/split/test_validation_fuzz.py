@@ -1,5 +1,5 @@
 """Malformed and hostile messages are refused with the right reason and never change training state
-(split-controlnet spec §8.3 and §13 item 6)."""
+(split-controlnet.md §8.3 and §13 item 6)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _valid(server, transport, cid="client-0"):
 
 
 def _mutations(base: Message, key: bytes, rng: np.random.Generator, max_bytes: int):
-    """(expected reason, payload) pairs, one per rule of spec §8.3, randomised."""
+    """(expected reason, payload) pairs, one per rule of split-controlnet.md §8.3, randomised."""
     def signed(**changes) -> bytes:
         tensors = {k: v.copy() for k, v in base.tensors.items()}
         tensors.update(changes.pop("tensors", {}))

@@ -1,4 +1,4 @@
-"""What must never cross the wire (split-controlnet spec §13 item 5), checked on actual bytes.
+"""What must never cross the wire (split-controlnet.md §13 item 5), checked on actual bytes.
 
 For every private example we build the byte strings it could leak as: the prompt text, its token
 ids (int64 and int32), and the image and the condition as uint8, and as float16/float32/float64

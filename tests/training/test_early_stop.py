@@ -1,4 +1,4 @@
-"""Early stopping at matched utility (smp-lora spec §8.3 b): the snapshot closest in held-out loss."""
+"""Early stopping at matched utility (smp-lora.md §8.3 b): the snapshot closest in held-out loss."""
 
 from __future__ import annotations
 

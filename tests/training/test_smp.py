@@ -1,4 +1,4 @@
-"""MP-LoRA and SMP-LoRA (smp-lora spec §12): gradients, isolation, draws, data hygiene, bounds, runs."""
+"""MP-LoRA and SMP-LoRA (smp-lora.md §12): gradients, isolation, draws, data hygiene, bounds, runs."""
 
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def test_smp_run_outputs_and_bounds(smp_run: Path):
     steps = [r for r in rows if "epoch" not in r]
     epochs = [r for r in rows if "epoch" in r]
     assert [r["step"] for r in steps] == list(range(1, 17))
-    for r in steps:  # spec §12.9: 0 <= J_SMP <= L_ada / β at every step
+    for r in steps:  # smp-lora.md §12.9: 0 <= J_SMP <= L_ada / β at every step
         assert 0 <= r["objective"] <= r["loss"] / 1.0
         assert r["utility_scale"] == pytest.approx(1 / r["denominator"])
         assert r["privacy_weight"] == pytest.approx(r["loss"] / r["denominator"] ** 2)
@@ -281,7 +281,7 @@ def test_missing_aux_nonmembers_is_refused(tiny_pipeline_dir: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_audit_retrains_the_proxy_from_scratch(smp_run: Path, monkeypatch):
-    """Spec §12.10: the audit never loads the co-trained proxy. Its proxy scores are the same when
+    """smp-lora.md §12.10: the audit never loads the co-trained proxy. Its proxy scores are the same when
     proxy_final.safetensors is replaced by garbage, and no loader ever opens that file."""
     import safetensors.torch
 
@@ -309,7 +309,7 @@ def test_audit_retrains_the_proxy_from_scratch(smp_run: Path, monkeypatch):
 
 @pytest.mark.slow
 def test_lira_shadows_of_an_smp_run_are_trained_with_smp(smp_run: Path, tmp_path: Path):
-    """Spec §8.1: shadow models are trained with the same method (adaptive attacker)."""
+    """smp-lora.md §8.1: shadow models are trained with the same method (adaptive attacker)."""
     from privdiff.audit.shadows import train_shadows
     from privdiff.runs.folder import open_run
 

@@ -1,4 +1,4 @@
-"""Post-hoc defences on shared LoRA files (spec §8, §11.6): what each does, and that the files still load."""
+"""Post-hoc defences on shared LoRA files (weights-attack.md §8, §11.6): what each does, and that the files still load."""
 
 from __future__ import annotations
 

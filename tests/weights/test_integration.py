@@ -2,7 +2,7 @@
 `long` test: `make test-all` runs it, CI does not).
 
 Small scale (8 held-out victims, 800 shadow fine-tune steps). Asserted: the bounds the full run
-(README) also shows, with paired 95 % intervals over victims, and equal compute for the ablation.
+(docs/weights-attack.md) also shows, with paired 95 % intervals over victims, and equal compute for the ablation.
 The spec's claims about the attack (above the random-embedding bound, the step token above the
 ablation) need about 200 shadow identities (40,000 fine-tune steps, over an hour here) and all 180
 held-out victims to separate, so they are measured by the full run, whose per-victim scores ship

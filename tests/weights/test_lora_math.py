@@ -1,4 +1,4 @@
-"""Reading UNet LoRA files in diffusers, peft and kohya form; writing them; SVD re-factoring (spec §5, §11.2-3)."""
+"""Reading UNet LoRA files in diffusers, peft and kohya form; writing them; SVD re-factoring (weights-attack.md §5, §11.2-3)."""
 
 from __future__ import annotations
 

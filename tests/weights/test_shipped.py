@@ -81,7 +81,7 @@ def test_a_modified_or_unlisted_shipped_file_is_refused(tmp_path):
 
 
 def test_the_shipped_run_meets_the_specs_bar_on_all_held_out_victims():
-    """Spec §11 test 8 on the shipped run's per-victim scores: the attack's 95 % interval lies above
+    """weights-attack.md §11 test 8 on the shipped run's per-victim scores: the attack's 95 % interval lies above
     the random-embedding bound's, as does the true prompt's, and the step-token encoder beats the
     ablation trained at the same budget (paired interval above zero)."""
     config = load_config(SHIPPED_ATTACK_DIR / "config.yaml", kind=WeightsAttackConfig)
@@ -101,7 +101,7 @@ def test_the_shipped_run_meets_the_specs_bar_on_all_held_out_victims():
 @pytest.mark.long
 def test_fresh_victims_reproduce_the_shipped_runs_scores(tmp_path, one_thread):
     """Twelve held-out victims fine-tuned anew from the recipe and attacked with the shipped encoder
-    give the shipped run's scores (the README's numbers are what the code computes), and the attack
+    give the shipped run's scores (docs/weights-attack.md's numbers are what the code computes), and the attack
     draws more of each victim than the base model does (paired 95 % interval above zero)."""
     config = load_config(SHIPPED_ATTACK_DIR / "config.yaml", [f"output_dir={tmp_path}"], kind=WeightsAttackConfig)
     run = WeightsAttackRun(config, show_progress=False)

@@ -1,4 +1,4 @@
-"""Empirical epsilon lower bounds (membership-audit spec §6)."""
+"""Empirical epsilon lower bounds (membership-audit.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One-run canary audit (Steinke, Nasr, Jagielski, arXiv 2305.08846; membership-audit spec §6.2).
+"""One-run canary audit (Steinke, Nasr, Jagielski, arXiv 2305.08846; membership-audit.md §6.2).
 
 Canaries are held-out examples of the private distribution that are in no manifest role. Each is
 included independently with probability 1/2, one extra run is trained with the run's recipe on

@@ -1,4 +1,4 @@
-"""The audit's ROC figure: log-log axes with a linear inset (membership-audit spec §5)."""
+"""The audit's ROC figure: log-log axes with a linear inset (membership-audit.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """ROC, AUC, ASR and TPR at low FPR on exact ROCs, with stratified bootstrap intervals
-(membership-audit spec §5). Scores: higher means "member"."""
+(membership-audit.md §5). Scores: higher means "member"."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def asr(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, alpha: float) -> tuple[float, float]:
-    """(interpolated, conservative) TPR at FPR alpha on an exact ROC (spec §5)."""
+    """(interpolated, conservative) TPR at FPR alpha on an exact ROC (membership-audit.md §5)."""
     at_or_below = fpr <= alpha
     f0 = fpr[at_or_below].max()
     t0 = tpr[fpr == f0].max()

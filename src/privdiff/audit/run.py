@@ -1,4 +1,4 @@
-"""`privdiff audit`: every attack on one run, fitted on aux, evaluated on test (spec §8 outputs)."""
+"""`privdiff audit`: every attack on one run, fitted on aux, evaluated on test (membership-audit.md §8 outputs)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def encode_candidates(run: RunFolder, pipe, roles: tuple[str, ...], cache: Encod
 
 def evaluate_attack(attack: Attack, model: Denoiser, data: dict[str, Candidates], cfg: AuditConfig,
                     shadows: ShadowSet | None = None) -> dict:
-    """Fit on aux (and the shadows, for attacks that use them), score test, and every figure of spec §5
+    """Fit on aux (and the shadows, for attacks that use them), score test, and every figure of membership-audit.md §5
     with its interval and sample sizes."""
     began = time.perf_counter()
     attack.fit(model, data["member_aux"], data["nonmember_aux"], shadows=shadows)

@@ -121,7 +121,7 @@ def server(
 
     if not insecure:
         raise ConfigError("TLS deployments start flower-superlink with certificates themselves and submit with "
-                          "`flwr run` (README, 'Split learning on Flower'); this command runs with --insecure only")
+                          "`flwr run` (docs/split.md); this command runs with --insecure only")
     cfg = _config(config, {"output_dir": out, **runtime_flags(device, precision)}, set_)
     summary = serve_on_flower(cfg, keys_file, port=port, overwrite=overwrite, timeout=timeout)
     _print_summary(summary, Path(cfg.output_dir))
@@ -144,7 +144,7 @@ def client(
 
     if not insecure:
         raise ConfigError("TLS SuperNodes are started with flower-supernode and its certificate flags "
-                          "(README, 'Split learning on Flower'); this command runs with --insecure only")
+                          "(docs/split.md); this command runs with --insecure only")
     read_client_identity(key_file)  # fail here, not in the first message, on a bad key file
     node_config: dict = {"partition-id": partition_id, "num-partitions": num_partitions,
                          "key-file": str(key_file.resolve())}
@@ -223,7 +223,7 @@ def attack_grid(
     precision: str = precision_option(),
     set_: list[str] = typer.Option(None, "--set", help="Config overrides applied to every configuration."),
 ) -> None:
-    """Every attack against every defence, with each configuration's utility: the table of the README."""
+    """Every attack against every defence, with each configuration's utility: the table of docs/split.md."""
     from privdiff.split.attacks.grid import markdown_table, run_grid
 
     overrides = [f"{k}={v}" for k, v in runtime_flags(device, precision).items() if v is not None]

@@ -3,7 +3,7 @@
 An identity is an integer seed; `identity_params` turns it into a face (head shape, skin, hair,
 eyes, brows, nose, mouth, accessory, background) and `render_identity` draws image `index` of it
 with per-image jitter (pose, scale, brightness, expression, pixel noise). Everything is a pure
-function of (identity, index), so any image can be re-rendered anywhere (weights-attack spec §3).
+function of (identity, index), so any image can be re-rendered anywhere (weights-attack.md §3).
 
 Identity seeds come in disjoint pools: `base` pre-trains the face base model, `embedding` trains
 the identity-embedding model, `attack` is split by identity into shadow and victim identities.

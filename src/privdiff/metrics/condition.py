@@ -1,6 +1,6 @@
 """Condition fidelity of ControlNet outputs: edge SSIM, and disk IoU and colours for `fill`.
 
-Evaluation spec §8: the edges re-extracted from a generated image (luma, Sobel magnitude normalised
+Evaluation evaluation.md §8: the edges re-extracted from a generated image (luma, Sobel magnitude normalised
 by its maximum, Otsu threshold; Canny 100/200 on request) are compared by SSIM with the binarised
 input condition. For the `fill` dataset (white circle outline on black -> filled coloured circle)
 the disk interior is recovered from the condition alone, so generated images can also be scored by
@@ -76,7 +76,7 @@ def _canny(gray: np.ndarray) -> np.ndarray:
 
 
 def edge_map(image: np.ndarray, method: str = "sobel") -> np.ndarray:
-    """Binary edge map of an image (evaluation spec §8, step 1).
+    """Binary edge map of an image (evaluation.md §8, step 1).
 
     Args:
         image: (H, W, 3) or (N, H, W, 3), uint8 or float in [0, 1].
@@ -104,7 +104,7 @@ def binarize_condition(condition: np.ndarray) -> np.ndarray:
 
 
 def ssim_window(height: int, width: int) -> int:
-    """SSIM window side: 7 below 64 px, 11 from 64 px (spec §8)."""
+    """SSIM window side: 7 below 64 px, 11 from 64 px (evaluation.md §8)."""
     return 7 if min(height, width) < 64 else 11
 
 
@@ -116,7 +116,7 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def edge_ssim(generated: np.ndarray, condition: np.ndarray, method: str = "sobel") -> float | np.ndarray:
-    """SSIM between the edges of the generated image and the binarised condition (spec §8, step 2).
+    """SSIM between the edges of the generated image and the binarised condition (evaluation.md §8, step 2).
 
     Args:
         generated: (H, W, 3) or (N, H, W, 3) generated image(s).
@@ -167,7 +167,7 @@ def _rgb(colour: Colour) -> np.ndarray:
 
 def disk_iou(generated: np.ndarray, condition_or_disk_mask: np.ndarray, circle_rgb: Colour,
              background_rgb: Colour) -> float:
-    """IoU of the pixels coloured like the circle with the true disk interior (`fill`, spec §8).
+    """IoU of the pixels coloured like the circle with the true disk interior (`fill`, evaluation.md §8).
 
     Args:
         generated: (H, W, 3) generated image, uint8 or float in [0, 1].
@@ -200,7 +200,7 @@ def nearest_palette_colour(rgb: Sequence[float]) -> str:
 
 def colour_accuracy(generated: np.ndarray, disk_mask_or_condition: np.ndarray, circle_name: str,
                     background_name: str) -> tuple[bool, bool]:
-    """Whether the median colours inside and outside the disk are the prompt's (`fill`, spec §8).
+    """Whether the median colours inside and outside the disk are the prompt's (`fill`, evaluation.md §8).
 
     Args:
         generated: (H, W, 3) generated image, uint8 or float in [0, 1].

@@ -1,7 +1,7 @@
 """Distances between two feature sets: FID, unbiased KID, and k-NN precision/recall.
 
 All statistics are computed in float64 on (n, d) feature arrays from one extractor
-(evaluation spec §3-§5). Numbers from different extractors are never comparable.
+(evaluation.md §3-§5). Numbers from different extractors are never comparable.
 """
 
 from __future__ import annotations

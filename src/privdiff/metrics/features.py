@@ -1,6 +1,6 @@
 """Pluggable feature extractors for FID/KID/accuracy, all loaded from local files only.
 
-Specs accepted by `load_extractor` (evaluation spec §2):
+Specs accepted by `load_extractor` (evaluation.md §2):
     digits | glyphs | fill       a classifier shipped with privdiff (hash-verified)
     classifier:FOLDER            a classifier folder written by `privdiff extractor train`
     inception:FILE               the standard FID Inception exported as TorchScript (2048-d pool)

@@ -1,4 +1,4 @@
-"""Held-out denoising loss at fixed timesteps with fixed, paired noises (evaluation spec §7)."""
+"""Held-out denoising loss at fixed timesteps with fixed, paired noises (evaluation.md §7)."""
 
 from __future__ import annotations
 

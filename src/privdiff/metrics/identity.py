@@ -1,4 +1,4 @@
-"""The identity-embedding model: who is in an image, for the weights attack (weights-attack spec §7).
+"""The identity-embedding model: who is in an image, for the weights attack (weights-attack.md §7).
 
 A `ClassifierNet` trained with a softmax over the 300 identities of the `embedding` pool (none of
 which is a base, shadow or victim identity); its 64-d feature layer, L2-normalised, is the

@@ -1,4 +1,4 @@
-"""What a LoRA file's header gives away before anyone looks at its weights (weights-attack spec §9).
+"""What a LoRA file's header gives away before anyone looks at its weights (weights-attack.md §9).
 
 Trainers such as kohya sd-scripts write captions, tag counts, dataset folders, seeds and times into
 the safetensors header. `inspect_file` reads the header by hand (no tensor is loaded), classifies

@@ -3,7 +3,7 @@
 The file written is exactly what `pipe.load_lora_weights` reads: `unet.`- (and `text_encoder.`-)
 prefixed peft keys in diffusers naming, plus each adapter's config (rank, alpha, targets) in the
 header so alpha survives the round trip. Nothing else goes in the header unless a method adds it
-explicitly (DP runs add `privdiff.dp.*`): no captions, paths, counts or seeds (specs/README.md,
+explicitly (DP runs add `privdiff.dp.*`): no captions, paths, counts or seeds (docs/design/README.md,
 convention 5).
 """
 

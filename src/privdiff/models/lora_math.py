@@ -11,9 +11,9 @@ UNet module, in a fixed order (sorted by module name), whatever the file's forma
 - kohya sd-scripts: `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
 
 Key conversion is diffusers' own (`lora_state_dict` for kohya, `convert_unet_state_dict_to_peft` for
-the rest). The encoder reads UNet layers only (specs/weights-attack.md §12.3);
+the rest). The encoder reads UNet layers only (docs/design/weights-attack.md §12.3);
 `read_text_encoder_lora` reads a text-encoder adapter so that defences can carry it along.
-`canonical_layers` is the `canonical` input mode of spec §5: each layer re-factored from its exact
+`canonical_layers` is the `canonical` input mode of weights-attack.md §5: each layer re-factored from its exact
 weight change ΔW = (α/r)·B·A, so it depends neither on the initialisation θ₀ nor on the A/B gauge.
 """
 
@@ -376,7 +376,7 @@ def refactor(delta_w: torch.Tensor, rank: int, keep: int | None = None,
 
 
 def canonical_layers(layers: Sequence[LoRALayer]) -> list[LoRALayer]:
-    """The `canonical` input mode (spec §5): every layer re-factored by SVD from its exact ΔW.
+    """The `canonical` input mode (weights-attack.md §5): every layer re-factored by SVD from its exact ΔW.
 
     Same names, ranks and alphas; `scale * up @ down` equals the layer's ΔW (up to float rounding).
     The result is invariant under A -> M A, B -> B M⁻¹ for any invertible M, exactly when the

@@ -1,4 +1,4 @@
-"""The public face base model of the weights attack (weights-attack spec §4): `tiny-sd-identities`.
+"""The public face base model of the weights attack (weights-attack.md §4): `tiny-sd-identities`.
 
 It starts from the shipped glyph base (`tiny-sd-glyphs`) and keeps its tokenizer, text encoder
 and scheduler. The glyph VAE blurs the faces beyond recognition, so it is first fine-tuned briefly

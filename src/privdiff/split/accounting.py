@@ -1,4 +1,4 @@
-"""Local-DP accounting of the hardened protocol (spec §10): noisy target plus latent clipping.
+"""Local-DP accounting of the hardened protocol (split-controlnet.md §10): noisy target plus latent clipping.
 
 Per coordinate, with a = √ᾱ_t and b = √(1 − ᾱ_t), the pair (x_t, n' = n + η) given z0 depends on z0
 only through u = x_t − b/(1 + s²)·n' ~ N(a·z0, b²s²/(1 + s²)). A release is therefore the Gaussian
@@ -89,7 +89,7 @@ def reference_formula_epsilon(t_start: int = 0, num_train_timesteps: int = 1000)
 class ReleaseLedger:
     """Per-example Σ μ² over its releases, of the image latent alone and of image plus condition (kept by
     the client, which alone knows which example was sent). Without condition protection the total is ∞:
-    the condition is recoverable (spec §9.3 step 3), and the image-only figure is reported beside it."""
+    the condition is recoverable (split-controlnet.md §9.3 step 3), and the image-only figure is reported beside it."""
 
     def __init__(self, alphas_cumprod, *, target_noise: float, latent_clip: float | None,
                  condition_clip: float | None, condition_noise: float, delta: float) -> None:

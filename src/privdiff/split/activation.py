@@ -1,8 +1,8 @@
-"""The privacy-preserving activation and the wire precision of the backward-free client (spec §6.1).
+"""The privacy-preserving activation and the wire precision of the backward-free client (split-controlnet.md §6.1).
 
 symsigmoid(x) = |x|·(2σ(x) − 1) = |x|·tanh(x/2): odd, strictly monotone, ≈ x|x|/2 near 0 and ≈ x for
 large |x|. It is invertible (up to the fp16 cast), which is why it is not a protection on its own
-against a server that knows it (spec §9.3); `symsigmoid_inverse` is the attacker's and the tests' tool.
+against a server that knows it (split-controlnet.md §9.3); `symsigmoid_inverse` is the attacker's and the tests' tool.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float
 
 
 def protect(z_c: torch.Tensor, x_t: torch.Tensor, activation: str, precision: str) -> torch.Tensor:
-    """h = precision(activation(z_c + x_t)), the tensor the backward-free client sends (spec §6 step 3)."""
+    """h = precision(activation(z_c + x_t)), the tensor the backward-free client sends (split-controlnet.md §6 step 3)."""
     if activation not in ACTIVATIONS:
         raise ConfigError(f"unknown activation '{activation}' (choose {', '.join(ACTIVATIONS)})")
     if precision not in PRECISIONS:

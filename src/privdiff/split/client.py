@@ -1,7 +1,7 @@
 """The client roles: they hold the private (image, condition, prompt) triples and the secret randomness.
 
-`BackwardFreeClient` (default, spec §6) is frozen and forward-only: no parameter requires grad, it
-holds no optimizer and never calls backward. `VanillaClient` (spec §5) trains the ControlNet's hint
+`BackwardFreeClient` (default, split-controlnet.md §6) is frozen and forward-only: no parameter requires grad, it
+holds no optimizer and never calls backward. `VanillaClient` (split-controlnet.md §5) trains the ControlNet's hint
 block and conv_in and applies the gradient the server pushes back.
 
 A client's whole state is a few integers plus, for vanilla, its small trainable part: `state_dict`
@@ -53,7 +53,7 @@ class ForwardDraws:
     t: torch.Tensor            # (B,) int64
     noise: torch.Tensor        # (B, C, h, w)
     x_t: torch.Tensor          # (B, C, h, w)
-    target: torch.Tensor       # what is sent as the target: noise, or noise + η when hardened (spec §10)
+    target: torch.Tensor       # what is sent as the target: noise, or noise + η when hardened (split-controlnet.md §10)
     generator: torch.Generator  # continues the same secret stream (condition latent sample)
 
 
@@ -184,7 +184,7 @@ class SplitClient:
 
 
 class BackwardFreeClient(SplitClient):
-    """Forward only (spec §6): sends h, s0 (or x_t), t and the target noise; nothing comes back."""
+    """Forward only (split-controlnet.md §6): sends h, s0 (or x_t), t and the target noise; nothing comes back."""
 
     @torch.no_grad()
     def release(self, round_: int, batch_size: int) -> Release:
@@ -206,7 +206,7 @@ class BackwardFreeClient(SplitClient):
 
 
 class VanillaClient(SplitClient):
-    """Vanilla split learning (spec §5): trains the hint block and conv_in from pushed gradients.
+    """Vanilla split learning (split-controlnet.md §5): trains the hint block and conv_in from pushed gradients.
 
     The forward is recomputed from (secret seed, seq, position) when the gradient arrives, so the
     client keeps no activations between messages.

@@ -1,4 +1,4 @@
-"""Settings of a split-learning run (spec §12 defaults), loaded like every other privdiff config."""
+"""Settings of a split-learning run (split-controlnet.md §12 defaults), loaded like every other privdiff config."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class ProtocolConfig:
     send_zero_text: bool = False   # true: send the reference's all-zero text tensor (byte parity)
     max_batch: int = 64            # B_max of the validation rules
     max_abs_value: float = 1.0e4
-    # Hardened option (spec §10): off by default, i.e. the protocol as published.
+    # Hardened option (split-controlnet.md §10): off by default, i.e. the protocol as published.
     target_noise: float = 0.0      # s: send target n + η, η ~ N(0, s²I), instead of n (0 = off)
     latent_clip: float | None = None  # R: z0 <- z0·min(1, R/||z0||) per example (required with target_noise)
     condition_clip: float | None = None  # R_c: clip z_c per example, then add ξ ~ N(0, s_c²I)
@@ -69,7 +69,7 @@ class SplitTrainConfig:
     passes: int = 1                # server steps over each round's examples (backward-free only):
                                    # amortises a slow transport's round trip (Flower: seconds)
     steps: int = 2000              # server optimiser steps
-    learning_rate: float = 3.0e-3  # server AdamW; for the tiny base (spec §12 says 1e-4, which learned no
+    learning_rate: float = 3.0e-3  # server AdamW; for the tiny base (split-controlnet.md §12 says 1e-4, which learned no
                                    # visible control within 500 steps here); SD-scale runs: ~1e-5 (reference)
     weight_decay: float = 1.0e-2
     client_learning_rate: float = 1.0e-4  # vanilla only: the client's hint block and conv_in

@@ -1,7 +1,7 @@
-"""Condition fidelity of a split-trained ControlNet (evaluation spec §8), next to its floor and ceiling.
+"""Condition fidelity of a split-trained ControlNet (evaluation.md §8), next to its floor and ceiling.
 
 Generation runs on the trusted evaluator (the client side): the UNet gets the real prompt, the
-ControlNet zero text (spec §6.3). The floor is the untrained ControlNet (zero convolutions, so
+ControlNet zero text (split-controlnet.md §6.3). The floor is the untrained ControlNet (zero convolutions, so
 the base model alone) with the same seeds; the ceiling is the real target images.
 """
 

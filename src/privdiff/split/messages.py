@@ -1,4 +1,4 @@
-"""Typed split-learning messages and their wire format (spec §8.1, §8.3 rules 1–2).
+"""Typed split-learning messages and their wire format (split-controlnet.md §8.1, §8.3 rules 1–2).
 
 A message is a header (type, protocol version, client id, round, seq, public seeds, metadata,
 auth tag) plus named tensors. On privdiff's own wire it is
@@ -109,7 +109,7 @@ def canonical_bytes(header: dict, specs: dict[str, TensorSpec], load: Callable[[
 
 
 def auth_tag(header: dict, specs: dict[str, TensorSpec], load: Callable[[str], np.ndarray], key: bytes) -> str:
-    """HMAC-SHA256 (hex) of the canonical bytes under the client's key (spec §8.4)."""
+    """HMAC-SHA256 (hex) of the canonical bytes under the client's key (split-controlnet.md §8.4)."""
     return hmac.new(key, canonical_bytes(header, specs, load), hashlib.sha256).hexdigest()
 
 

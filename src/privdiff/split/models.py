@@ -1,5 +1,5 @@
 """The public frozen components both roles load, the server's ControlNet, and the module swaps that
-let one diffusers model run from a received tensor (spec §6, implementation hints)."""
+let one diffusers model run from a received tensor (split-controlnet.md §6, implementation hints)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def load_public_models(pretrained: str | None) -> PublicModels:
 def build_split_controlnet(unet: UNet2DConditionModel, vae_factor: int, seed: int) -> ControlNetModel:
     """The ControlNet copy of `unet` whose hint block downsamples by the autoencoder's factor.
 
-    The hint block downsamples 2^(len(channels) − 1), so it needs log2(f) + 1 entries (spec §4:
+    The hint block downsamples 2^(len(channels) − 1), so it needs log2(f) + 1 entries (split-controlnet.md §4:
     (16, 32, 96) for f4; the default 4-entry block is f8 and fails on f4 latents). Seeded, so the
     vanilla client and the server build bit-identical initial weights.
     """
@@ -121,7 +121,7 @@ def unet_from_stem(unet: UNet2DConditionModel, s0: torch.Tensor, timesteps: torc
 
 
 class BackwardFreeControlNet(ControlNetModel):
-    """A trained backward-free ControlNet, shaped for `StableDiffusionControlNetPipeline` (spec §8.5).
+    """A trained backward-free ControlNet, shaped for `StableDiffusionControlNetPipeline` (split-controlnet.md §8.5).
 
     Its forward takes what the pipeline passes (x_t, the condition image c in [0, 1], the prompt
     embeddings) and does what the client and server did in training: h = precision(activation(

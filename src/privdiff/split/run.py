@@ -187,7 +187,7 @@ def _simulate(config: SplitConfig, folder: Path, resume: bool, overwrite: bool, 
 
 
 def local_privacy(config: SplitConfig, clients) -> dict | None:
-    """Hardened option: each client's worst per-sample μ and ε (spec §10), next to the prediction from
+    """Hardened option: each client's worst per-sample μ and ε (split-controlnet.md §10), next to the prediction from
     t_start; None for the published protocol (no guarantee to report)."""
     ledgers = {c.client_id: c.ledger.summary(config.protocol.t_start) for c in clients if c.ledger is not None}
     if not ledgers:

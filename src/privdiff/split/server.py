@@ -1,9 +1,9 @@
 """The server role: validates what arrives, trains the ControlNet, checkpoints atomically.
 
-Backward-free (spec §6): the ControlNet minus its hint block runs on h with zero text context, the
+Backward-free (split-controlnet.md §6): the ControlNet minus its hint block runs on h with zero text context, the
 frozen UNet runs from s0 (or from conv_in(x_t), computed here from the public weights), the loss is
 the MSE to the received target and only the ControlNet learns; nothing is sent back.
-Vanilla (spec §5): the ControlNet minus hint block and conv_in runs on the client's `control`; the
+Vanilla (split-controlnet.md §5): the ControlNet minus hint block and conv_in runs on the client's `control`; the
 server returns ∂L/∂control to each client.
 """
 
@@ -42,7 +42,7 @@ log = logging.getLogger("privdiff.split")
 
 
 def reply_rules(config: SplitConfig, models: PublicModels) -> dict[str, TensorRule]:
-    """The allow-list of a forward.reply: exact names, dtypes and per-example shapes (spec §8.1)."""
+    """The allow-list of a forward.reply: exact names, dtypes and per-example shapes (split-controlnet.md §8.1)."""
     p = config.protocol
     latent = models.latent_shape(config.data.image_size)
     stem = (models.stem_channels, *latent[1:])

@@ -1,4 +1,4 @@
-"""The timestep policy of the split client (spec §6.2): t ~ U{t_start, …, T − 1}.
+"""The timestep policy of the split client (split-controlnet.md §6.2): t ~ U{t_start, …, T − 1}.
 
 x_t alone is a Gaussian mechanism on z0 whose signal-to-noise ratio falls with t, so leaving out
 small t limits what x_t reveals. The draw uses the client's secret generator: t is sent in the

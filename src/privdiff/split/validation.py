@@ -1,4 +1,4 @@
-"""Server-side checks on every message before it can touch training state (spec §8.3).
+"""Server-side checks on every message before it can touch training state (split-controlnet.md §8.3).
 
 Order: size (before decoding), framing, protocol version and type, client identity, declared
 tensor names/dtypes/shapes (before any tensor is materialised), auth tag, replay and round, then

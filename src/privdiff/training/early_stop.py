@@ -1,4 +1,4 @@
-"""Plain LoRA stopped early at a defended run's utility (smp-lora spec §8.3 b).
+"""Plain LoRA stopped early at a defended run's utility (smp-lora.md §8.3 b).
 
 A defence that slows learning leaks less for that reason alone. The fair comparison is the plain
 LoRA snapshot whose held-out denoising loss on the auxiliary non-members is closest to the defended

@@ -1,1 +1,1 @@
-"""Weights-to-image attack on shared LoRA files (specs/weights-attack.md), and its defences."""
+"""Weights-to-image attack on shared LoRA files (docs/design/weights-attack.md), and its defences."""

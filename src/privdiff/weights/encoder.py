@@ -181,7 +181,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def encoder_loss(noise_pred: torch.Tensor, noise: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                  kl_weight: float, align_target: torch.Tensor | None = None,
                  align_weight: float = 0.0, standardized_mu: torch.Tensor | None = None) -> torch.Tensor:
-    """L_enc = mse(UNet(x_tau, tau, z), n) [+ lambda_align mse(z, text) + beta_KL KL] (spec §5).
+    """L_enc = mse(UNet(x_tau, tau, z), n) [+ lambda_align mse(z, text) + beta_KL KL] (weights-attack.md §5).
 
     With both weights 0 the extra terms are not even computed, so the loss is the noise-prediction
     MSE exactly (§11.4). The KL is taken in prompt-prior units when `standardized_mu` is given

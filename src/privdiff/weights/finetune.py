@@ -44,7 +44,7 @@ StepHook = Callable[[int, UNet2DConditionModel, DiffusionTask], None]
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """The victims' and shadows' recipe (spec §4, privdiff column).
+    """The victims' and shadows' recipe (weights-attack.md §4, privdiff column).
 
     The text-encoder LoRA of the spec's column (r 4, α 4 on q_proj/v_proj) is on: it is trained
     jointly with the UNet's and written to the same file; the attack still reads the UNet adapter
@@ -94,7 +94,7 @@ class FineTuned:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Attack-time sampling (spec §7 [D]): G images, DDIM, classifier-free guidance.
+    """Attack-time sampling (weights-attack.md §7 [D]): G images, DDIM, classifier-free guidance.
 
     Guidance 3, not the spec's 7.5: on shadow-validation identities 7.5 over-saturates the tiny
     model and lowers the true-prompt identity similarity (0.72 against 0.75 at lr 1e-2, S 200).
@@ -181,7 +181,7 @@ class FinetuneBench:
             steps: fine-tune steps (default: the recipe's S).
             on_step: called after every step with (r, unet, task): the step-embedding paradigm's hook.
             dp_epsilon: train with DP-LoRA at this epsilon (delta 1e-5, no prior term, no
-                text-encoder adapter: spec §8).
+                text-encoder adapter: weights-attack.md §8).
             seed_key: names the run's random stream (default: the identity).
 
         Returns:

@@ -78,8 +78,8 @@ class EncoderTrainingConfig:
         budget_steps: total shadow fine-tune steps: the compute unit compared across ablations.
             40,000 (about 200 shadow identities at S = 400): at 5,000 the encoder only reached
             the random-embedding bound on the face base; with the default recipe, 40,000 puts the
-            attack's interval above the random bound's on 180 victims (README).
-        learning_rate, weight_decay: AdamW of the encoder (spec §6: 5e-3, 5e-4).
+            attack's interval above the random bound's on 180 victims (docs/weights-attack.md).
+        learning_rate, weight_decay: AdamW of the encoder (weights-attack.md §6: 5e-3, 5e-4).
         kl_weight, align_weight: beta_KL and lambda_align (0 and 0: the later reference code).
         encoder_images: instance images per pair in an update (spec: one).
         concurrent_runs: shadow runs whose pairs are pooled and shuffled before the encoder sees

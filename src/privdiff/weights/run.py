@@ -1,4 +1,4 @@
-"""`privdiff attack weights`: the whole weights-to-image experiment in one run folder (spec §10).
+"""`privdiff attack weights`: the whole weights-to-image experiment in one run folder (weights-attack.md §10).
 
 1. Victims: held-out identities fine-tuned with the recipe; their adapters saved as files.
 2. Metadata: each victim file's header is read first; a trigger word found there is the

@@ -2,7 +2,7 @@
 own (`privdiff attack weights --adapter FILE`) without first training an encoder for an hour.
 
 It is the encoder of one full run on all 180 held-out victims, packed with that run's config,
-results (RECIPE.yaml), per-victim scores (victims.json, what the README's headline table is computed
+results (RECIPE.yaml), per-victim scores (victims.json, what docs/weights-attack.md's headline table is computed
 from) and versions:
 
     privdiff attack weights --victims 180 --out RUN

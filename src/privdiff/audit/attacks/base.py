@@ -1,4 +1,4 @@
-"""The one scoring interface every membership attack plugs into (membership-audit spec §3)."""
+"""The one scoring interface every membership attack plugs into (membership-audit.md §3)."""
 
 from __future__ import annotations
 

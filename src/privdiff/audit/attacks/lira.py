@@ -1,4 +1,4 @@
-"""LiRA with shadow LoRAs, online and offline (Carlini et al., arXiv 2112.03570; spec §4.6)."""
+"""LiRA with shadow LoRAs, online and offline (Carlini et al., arXiv 2112.03570; membership-audit.md §4.6)."""
 
 from __future__ import annotations
 

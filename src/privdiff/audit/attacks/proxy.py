@@ -1,4 +1,4 @@
-"""The proxy MLP retrained from scratch after training (Luo-style, membership-audit spec §4.5)."""
+"""The proxy MLP retrained from scratch after training (Luo-style, membership-audit.md §4.5)."""
 
 from __future__ import annotations
 

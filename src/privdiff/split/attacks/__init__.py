@@ -1,4 +1,4 @@
-"""Attacks by an honest-but-curious (or, for FSHA, malicious) server on split learning (spec §9).
+"""Attacks by an honest-but-curious (or, for FSHA, malicious) server on split learning (split-controlnet.md §9).
 
 Every attack implements `SplitAttack` (`fit` on public data, `engage` with the victim's training,
 `reconstruct` from one observation), is registered in `SPLIT_ATTACKS` under its CLI name, and is

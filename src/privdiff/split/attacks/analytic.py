@@ -1,9 +1,9 @@
-"""Analytic recovery (spec §9.3): what the published backward-free protocol gives away in closed form.
+"""Analytic recovery (split-controlnet.md §9.3): what the published backward-free protocol gives away in closed form.
 
 1. x_t from s0 = conv_in(x_t) by least squares through the public conv (conjugate gradients on the
    normal equations, matrix-free: the conv and its transpose);
 2. z0 from the target: (x_t − b·n)/a; with the hardened noisy target n' = n + η the best linear
-   estimate uses u = x_t − b/(1 + s²)·n' (spec §10), whose error is σ_eff per coordinate;
+   estimate uses u = x_t − b/(1 + s²)·n' (split-controlnet.md §10), whose error is σ_eff per coordinate;
 3. the condition latent: symsigmoid⁻¹(h) − x_t;
 4. both decoded with the public autoencoder.
 Nothing here is learned: it needs only the public weights and what one message carries.

@@ -1,4 +1,4 @@
-"""What every attack on split learning shares (spec §9): the server's view, the truth it is scored
+"""What every attack on split learning shares (split-controlnet.md §9): the server's view, the truth it is scored
 against, and one interface.
 
 Victims are drawn by the real client code: an `Observer` runs a client on a dataset, sends real
@@ -25,7 +25,7 @@ from privdiff.split.messages import encode, parse
 from privdiff.split.models import PublicModels
 from privdiff.split.setup import make_client
 
-PUBLIC_SEED = 7919  # the attacker's auxiliary fill triples: same generator, another seed (spec §3)
+PUBLIC_SEED = 7919  # the attacker's auxiliary fill triples: same generator, another seed (split-controlnet.md §3)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Feature-space hijacking (spec §9.4; Pasquini, Ateniese, Bernaschi, arXiv 2012.02670).
+"""Feature-space hijacking (split-controlnet.md §9.4; Pasquini, Ateniese, Bernaschi, arXiv 2012.02670).
 
 A malicious server in the vanilla design does not have to push the task gradient back: it can push
 any tensor of the right shape, and the client steps its own optimizer on it. FSHA uses that channel
@@ -138,7 +138,7 @@ class FSHAAttack(SplitAttack):
     makes the client's feature of c the pilot's feature of the same c until the GAN finds that
     solution by itself. `critic="joint"` (default) uses what design A leaks
     in closed form: the image latent ẑ0 = (x̂_t − √(1−ᾱ_t)·target)/√ᾱ_t, x̂_t from s0 through the
-    public conv_in (spec §9.3 steps 1–2). D(feature, ẑ0) then learns which features go with which
+    public conv_in (split-controlnet.md §9.3 steps 1–2). D(feature, ẑ0) then learns which features go with which
     image (real pairs: f̃(c) with E(x) of the same public triple), and its gradient pulls each client
     feature towards the pilot's feature of *its* condition.
     """
@@ -184,7 +184,7 @@ class FSHAAttack(SplitAttack):
         """Builds f̃, f̃⁻¹ and D and pretrains the autoencoder on the public conditions."""
         if data.design not in self.designs:
             raise ConfigError(f"fsha needs protocol.design=vanilla: the {data.design} client takes no "
-                              "gradients from the server, so there is nothing to hijack (spec §9.4)")
+                              "gradients from the server, so there is nothing to hijack (split-controlnet.md §9.4)")
         super().fit(data)
         models = data.models
         channels = models.stem_channels
@@ -273,7 +273,7 @@ class FSHAAttack(SplitAttack):
         control − s0 = hint(c) + (W' − W)∗x_t + (b' − b): the second term appears as soon as pushes
         move the client's conv_in' away from the public conv_in (measured: larger than the hint
         output after 100 rounds at client lr 1e-2). It is linear in x_t, which the server has (from
-        s0 through the public conv, spec §9.3 step 1), so a least-squares fit of the batch's residual
+        s0 through the public conv, split-controlnet.md §9.3 step 1), so a least-squares fit of the batch's residual
         on x_t's patches (plus a constant) estimates W' − W, and its x_t part is removed.
         """
         control = torch.as_tensor(tensors["control"]).float()
@@ -296,7 +296,7 @@ class FSHAAttack(SplitAttack):
 
     @torch.no_grad()
     def image_latent(self, tensors: dict) -> torch.Tensor:
-        """ẑ0 from s0, t and the target in closed form (spec §9.3 steps 1–2)."""
+        """ẑ0 from s0, t and the target in closed form (split-controlnet.md §9.3 steps 1–2)."""
         models = self.data.models
         x_t, _ = least_squares_through_conv(models.unet.conv_in, torch.as_tensor(tensors["s0"]).float())
         a, b = signal_and_noise_scales(models.scheduler.alphas_cumprod, torch.as_tensor(tensors["t"]))

@@ -1,4 +1,4 @@
-"""Attack × defence grid (spec §9.5, issue 8): which protocol configurations resist which attacks,
+"""Attack × defence grid (split-controlnet.md §9.5, issue 8): which protocol configurations resist which attacks,
 measured, with the utility of each configuration measured beside it.
 
 Each defence is a set of protocol overrides. For each: every applicable attack is run and scored
@@ -198,7 +198,7 @@ def utility_cell(utility: dict | None) -> str:
 
 
 def markdown_table(grid: dict) -> str:
-    """The README / report table: per defence, each attack's image and condition SSIM and verdict,
+    """The docs/split.md / report table: per defence, each attack's image and condition SSIM and verdict,
     the baseline and ceiling, the utility and the accounted ε."""
     attacks = attacks_in(grid["rows"])
     head = ["defence"] + [f"{a} image / condition" for a in attacks] + \

@@ -1,4 +1,4 @@
-"""Inverse-network attack (spec §9.1; He, Zhang, Lee, ACSAC 2019): a decoder learned on public data.
+"""Inverse-network attack (split-controlnet.md §9.1; He, Zhang, Lee, ACSAC 2019): a decoder learned on public data.
 
 The server passes public fill triples through the public client code (`Observer` with the secret
 seed `AttackData.seed`, the attacker's own) and trains a conv decoder g from what it would receive to the image and the condition. For

@@ -1,4 +1,4 @@
-"""Running one attack against one protocol configuration and scoring it (spec §9.5).
+"""Running one attack against one protocol configuration and scoring it (split-controlnet.md §9.5).
 
 The victims are held-out triples (the `test` split of the run's dataset) sent by the real client
 code with a secret seed the attacker never sees; the attacker fits on public triples of another seed.

@@ -1,4 +1,4 @@
-"""Reconstruction quality (spec §9.5): SSIM, PSNR and MSE of image and condition, overall and per
+"""Reconstruction quality (split-controlnet.md §9.5): SSIM, PSNR and MSE of image and condition, overall and per
 timestep bucket, with bootstrap intervals, next to the autoencoder ceiling and a no-information
 baseline (the mean public image)."""
 

@@ -1,4 +1,4 @@
-"""UnSplit (spec §9.2; Erdoğan, Küpçü, Çiçek, arXiv 2108.09033): invert the client by optimisation.
+"""UnSplit (split-controlnet.md §9.2; Erdoğan, Küpçü, Çiçek, arXiv 2108.09033): invert the client by optimisation.
 
 Dummy inputs x̃, c̃ ∈ [0, 1] (sigmoid of free logits) and, when the target is noisy, the noise ñ are
 optimised so that the public client function reproduces what the server received:

@@ -3,7 +3,7 @@
 The same command lines serve `privdiff split server|client` and the loopback deployment that the
 integration test and `privdiff split simulate --transport flower` start themselves (by PID, in a
 private FLWR_HOME). Insecure mode is for loopback only; a real deployment adds TLS certificates
-and SuperNode authentication (see the README).
+and SuperNode authentication (see docs/split.md).
 
 `WireRecorder` is a TCP relay between the SuperNodes and the SuperLink that keeps the bytes that
 cross it, so tests can check what actually travels between client and server machines.

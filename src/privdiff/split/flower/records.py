@@ -18,7 +18,7 @@ from privdiff.split.validation import Refused
 HEADER_RECORD = "privdiff"
 TENSOR_RECORD = "tensors"
 _ALLOWED_DTYPES = ("float16", "float32", "float64", "int64", "int32", "uint8")
-# privdiff types -> Flower message types ("query.forward" / "train.gradient", spec §8.2)
+# privdiff types -> Flower message types ("query.forward" / "train.gradient", split-controlnet.md §8.2)
 FLOWER_TYPES = {"forward.request": "query.forward", "gradient.push": "train.gradient"}
 
 

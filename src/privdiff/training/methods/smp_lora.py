@@ -1,6 +1,6 @@
 """MP-LoRA and SMP-LoRA: LoRA trained against a co-trained proxy membership attacker (smp-lora spec).
 
-One LoRA step (spec §6): the adaptation loss L at draw (t1, n1) and the proxy's member
+One LoRA step (smp-lora.md §6): the adaptation loss L at draw (t1, n1) and the proxy's member
 cross-entropy CE_m on the element-wise squared error at an independent draw (t2, n2), with
 gradients flowing through that feature into the LoRA weights; the LoRA steps on
 J_MP = L - λ·CE_m or J_SMP = L / (β + λ·CE_m + 1e-5). Then k proxy Adam steps on balanced
@@ -140,7 +140,7 @@ class SMPLoRA(LoRA):
                 smp.proxy_lr / self.config.train.learning_rate}
 
     def weights(self, loss: float, ce: float) -> dict[str, float]:
-        """The denominator D, the privacy-gradient weight λ·L/D² and the utility scale 1/D (spec §5)."""
+        """The denominator D, the privacy-gradient weight λ·L/D² and the utility scale 1/D (smp-lora.md §5)."""
         smp = self.config.smp
         denominator = smp.beta + smp.lam * ce + SMP_CONSTANT
         return {"denominator": denominator, "privacy_weight": smp.lam * loss / denominator**2,
@@ -289,7 +289,7 @@ class SMPLoRA(LoRA):
 
 @METHODS.register
 class MPLoRA(SMPLoRA):
-    """Min-max membership-privacy LoRA: minimises L - λ·CE_m (unbounded below, spec §5)."""
+    """Min-max membership-privacy LoRA: minimises L - λ·CE_m (unbounded below, smp-lora.md §5)."""
 
     name = "mp-lora"
 
@@ -300,7 +300,7 @@ class MPLoRA(SMPLoRA):
         return {"denominator": None, "privacy_weight": self.config.smp.lam, "utility_scale": 1.0}
 
     def diverged(self) -> bool:
-        """Spec §11: J below -10 x the initial L_ada, or a non-finite step."""
+        """smp-lora.md §11: J below -10 x the initial L_ada, or a non-finite step."""
         initial = self.initial_loss or 0.0
         return self.nonfinite_steps > 0 or self.min_objective < -10 * initial
 
