@@ -103,9 +103,12 @@ class PerExampleEngine(ABC):
             ModelError: an adapter tensor was replaced (e.g. the model was moved to its device after
                 the adapter was added): the optimizer would update tensors the model no longer uses.
         """
-        if any(owner._parameters.get(attr) is not p for owner, attr, p in self._owners):
+        if not self.model_holds_parameters():
             raise ModelError("the model's LoRA parameters were replaced after the DP optimizer was built "
                              "(move the model to its device before adding adapters)")
+
+    def model_holds_parameters(self) -> bool:
+        return all(owner._parameters.get(attr) is p for owner, attr, p in self._owners)
 
     def check_grad_samples(self, num_examples: int) -> None:
         """Every trainable tensor got its (n, *shape) per-example gradient.

@@ -221,9 +221,8 @@ class DPLoRA(LoRA):
         return metrics
 
     def _adapter_snapshot(self) -> torch.Tensor:
-        """The LoRA tensors, flattened into one copy. Read from the optimizer's tensors: the step
-        first checks (`check_parameters`) that the UNet still holds exactly those, so a tensor
-        swapped behind the optimizer's back is caught there."""
+        """The optimizer's LoRA tensors, flattened into one copy (the model holding exactly those
+        tensors is checked before and after the step)."""
         with torch.no_grad():
             return torch.cat([p.detach().reshape(-1) for p in self.params])
 
@@ -233,7 +232,7 @@ class DPLoRA(LoRA):
         The one legitimate standstill: no noise and an empty batch."""
         if self.plan.noise_multiplier == 0 and self.global_batch_size == 0:
             return
-        if torch.equal(self._adapter_snapshot(), before):
+        if not self.engine.model_holds_parameters() or torch.equal(self._adapter_snapshot(), before):
             raise ModelError(f"DP step {self.step_index + 1} did not change the LoRA weights the model uses: "
                              f"the optimizer updates other tensors (the adapter was replaced after the optimizer "
                              f"was built, e.g. the model moved to its device after adding adapters), or the "
