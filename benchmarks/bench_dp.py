@@ -4,8 +4,10 @@ plain LoRA on the demo's data.
 
 Prints tables and writes JSON (default: benchmarks/results/bench_dp.json).
 
-    python benchmarks/bench_dp.py            # full: 30 timed steps per setting + 4 trained, evaluated runs
-    python benchmarks/bench_dp.py --quick    # smoke run: few steps, tiny runs
+    python benchmarks/bench_dp.py                 # full: 30 timed steps per setting + 4 trained, evaluated runs
+    python benchmarks/bench_dp.py --quick         # smoke run: few steps, tiny runs
+    python benchmarks/bench_dp.py --timing-only   # step time of plain LoRA and of every DP engine at
+                                                  # K = 1, 2, 4 (both adapters) and step memory per engine
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ def step_seconds(method, task, step: int, rows: torch.Tensor) -> float:
     return time.perf_counter() - began
 
 
-def time_side_by_side(ks: list[int], batch: int, steps: int, warmup: int, extra: list[str]) -> dict:
-    """Median step time of plain LoRA and of DP-LoRA at each K, interleaved step by step so that
-    machine noise hits every setting alike."""
+def time_side_by_side(ks: list[int], batch: int, steps: int, warmup: int, extra: list[str],
+                      engines: tuple[str, ...] = ("hooks",)) -> dict:
+    """Median step time of plain LoRA and of DP-LoRA with each engine at each K, interleaved step by
+    step so that machine noise hits every setting alike."""
     methods = {"lora": prepared("lora", 1, batch, [f"train.batch_size={batch}", *extra])}
-    for k in ks:
-        methods[f"dp-lora K={k}"] = prepared("dp-lora", k, batch, extra)
+    for engine in engines:
+        for k in ks:
+            name = f"dp-lora K={k}" if engines == ("hooks",) else f"dp-lora {engine} K={k}"
+            methods[name] = prepared("dp-lora", k, batch, [*engine_overrides(engine), *extra])
     rows = torch.arange(batch)
     times: dict[str, list[float]] = {name: [] for name in methods}
     for step in range(warmup + steps):
@@ -82,7 +87,8 @@ def step_memory_mib(method_name: str, k: int, batch: int, steps: int, extra: lis
 
     import psutil
 
-    method, task = prepared(method_name, k, batch, extra)
+    method, task = prepared(method_name, k, batch, [f"train.batch_size={batch}", *extra]
+                            if method_name == "lora" else extra)
     gc.collect()
     process, peak, done = psutil.Process(), [0], threading.Event()
     baseline = process.memory_info().rss
@@ -130,31 +136,78 @@ def utility(epsilons: list[float], steps: int | None, num_samples: int) -> dict:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run (tiny sizes)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_dp.json")
-    args = parser.parse_args()
-    ks = [1, 2] if args.quick else [1, 2, 4, 8]
-    steps, warmup = (2, 1) if args.quick else (30, 3)
-    attention = ["lora.rank=8", "lora.alpha=8", "lora.target_modules=[to_q, to_k, to_v, to_out.0]"]
-    timing = {"demo adapter (attention + convs, r 16)": time_side_by_side(ks, 16, steps, warmup, []),
-              "attention-only adapter (r 8)": time_side_by_side(ks[:1], 16, steps, warmup, attention)}
-    memory = {name: peak_memory(m, k, 16, 2 if args.quick else 5, [])
-              for name, m, k in (("lora", "lora", 1), ("dp-lora K=1", "dp-lora", 1),
-                                 ("dp-lora K=4", "dp-lora", 4))}
-    util = utility([8.0] if args.quick else [1.0, 4.0, 8.0], 3 if args.quick else None, 20 if args.quick else 256)
-    result = {"benchmark": "dp", "quick": args.quick, "torch_threads": torch.get_num_threads(), **run_record(),
-              "timing": timing, "step_memory_mib": memory,
-              "step_memory_ratio": {name: v / memory["lora"] for name, v in memory.items()}, "utility": util}
+ATTENTION_R8 = ["lora.rank=8", "lora.alpha=8", "lora.target_modules=[to_q, to_k, to_v, to_out.0]"]
+ENGINES = ("hooks", "functorch", "lora", "lora-ghost")
 
+
+def engine_overrides(engine: str) -> list[str]:
+    """lora-ghost: the lora engine with ghost norms on every linear LoRA layer (default: chosen by cost)."""
+    if engine == "lora-ghost":
+        return ["dp.engine=lora", "dp.ghost_norms=always"]
+    return [f"dp.engine={engine}"]
+
+
+def print_timing(timing: dict) -> None:
     for adapter, t in timing.items():
         print(f"\nstep time, batch {t['batch_size']}, {adapter} (median of {t['timed_steps']}, interleaved)")
         print_table([("method", "step (s)", "/ lora")] + [
             (name, f"{t['median_step_s'][name]:.3f}", f"{t['ratio_to_lora'][name]:.2f}") for name in t["median_step_s"]])
+
+
+def print_memory(memory: dict, ratio: dict) -> None:
     print("\npeak working memory of a step, batch 16 (RSS above the loaded model, separate processes)")
     print_table([("method", "step memory (MiB)", "/ lora")] + [
-        (name, f"{v:.0f}", f"{result['step_memory_ratio'][name]:.2f}") for name, v in memory.items()])
+        (name, f"{v:.0f}", f"{ratio[name]:.2f}") for name, v in memory.items()])
+
+
+def timing_only(args: argparse.Namespace) -> None:
+    """Plain LoRA against every DP engine at K = 1, 2, 4 on both adapters, and step memory per engine."""
+    ks = [1, 2, 4]
+    engines = tuple(args.engines)
+    steps, warmup = (2, 1) if args.quick else (args.steps, 2)
+    timing = {"demo adapter (attention + convs, r 16)": time_side_by_side(ks, 16, steps, warmup, [], engines),
+              "attention-only adapter (r 8)": time_side_by_side(ks, 16, steps, warmup, ATTENTION_R8, engines)}
+    settings = [("lora", "lora", 1, [])] + [(f"dp-lora {e} K={k}", "dp-lora", k, engine_overrides(e))
+                                            for e in engines for k in (1, 4)]
+    memory = {name: peak_memory(m, k, 16, 2 if args.quick else 3, extra) for name, m, k, extra in settings}
+    ratio = {name: v / memory["lora"] if memory["lora"] > 0 else float("nan") for name, v in memory.items()}
+    result = {"benchmark": "dp-timing", "quick": args.quick, "torch_threads": torch.get_num_threads(),
+              **run_record(), "timing": timing, "step_memory_mib": memory, "step_memory_ratio": ratio}
+    print_timing(timing)
+    print_memory(memory, ratio)
+    write_json(args.out.with_name(args.out.stem + "_timing.json") if args.out == DEFAULT_OUT else args.out, result)
+
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "bench_dp.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (tiny sizes)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only step times (plain LoRA vs each DP engine, K = 1, 2, 4) and step memory")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
+                        help="DP engines timed by --timing-only")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per setting for --timing-only")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="JSON file (--timing-only default: results/bench_dp_timing.json)")
+    args = parser.parse_args()
+    if args.timing_only:
+        timing_only(args)
+        return
+    ks = [1, 2] if args.quick else [1, 2, 4, 8]
+    steps, warmup = (2, 1) if args.quick else (30, 3)
+    timing = {"demo adapter (attention + convs, r 16)": time_side_by_side(ks, 16, steps, warmup, []),
+              "attention-only adapter (r 8)": time_side_by_side(ks[:1], 16, steps, warmup, ATTENTION_R8)}
+    memory = {name: peak_memory(m, k, 16, 2 if args.quick else 5, [])
+              for name, m, k in (("lora", "lora", 1), ("dp-lora K=1", "dp-lora", 1),
+                                 ("dp-lora K=4", "dp-lora", 4))}
+    util = utility([8.0] if args.quick else [1.0, 4.0, 8.0], 3 if args.quick else None, 20 if args.quick else 256)
+    ratio = {name: v / memory["lora"] for name, v in memory.items()}
+    result = {"benchmark": "dp", "quick": args.quick, "torch_threads": torch.get_num_threads(), **run_record(),
+              "timing": timing, "step_memory_mib": memory, "step_memory_ratio": ratio, "utility": util}
+    print_timing(timing)
+    print_memory(memory, ratio)
     print("\nutility on the demo data (quick evaluation)")
     header = ("run", "epsilon", "train (s)") + UTILITY_KEYS
     rows = [header]

@@ -2,7 +2,8 @@
 SDXL-size) models with random weights (`privdiff.models.architectures`), on this machine.
 
 Each measurement runs in its own process, so no peak mixes with another's: a LoRA training step
-(physical batch 1), a DP-LoRA step (K = 1; physical batch 1 and 2), an audit query (the loss attack's
+(physical batch 1), a DP-LoRA step (K = 1; physical batch 1 and 2), the two alternated step by step
+in one process on two copies of the UNet (the DP/LoRA ratio, side by side), an audit query (the loss attack's
 per-example loss, one UNet forward), the backward-free split client's forward, and exporting the LoRA
 adapter (`save_lora`) and loading it with diffusers' `load_lora_weights`. Every call runs once as a
 warm-up, then `--repeat` times timed; memory is the resident set (or CUDA allocation) sampled during
@@ -256,7 +257,30 @@ def lora_export_and_load(args) -> Callable[[int], dict]:
     return export_and_load
 
 
+def dp_over_lora(args) -> Callable[[int], dict]:
+    """A plain LoRA step and a DP-LoRA step (K = 1, the default engine) on two copies of one UNet,
+    alternated call by call so that machine noise hits both alike; returns every pair timed so far."""
+    import copy
+
+    unet, scheduler = build_unet_and_scheduler(args.size, args.device, PRECISIONS[args.precision], args.image_size)
+    tasks = {"lora": random_task(unet, scheduler, args.size, args.image_size),
+             "dp-lora": random_task(copy.deepcopy(unet), scheduler, args.size, args.image_size)}
+    methods = {name: prepared_method(name, args.batch, task) for name, task in tasks.items()}
+    pairs: list[dict] = []
+
+    def both(index: int) -> dict:
+        timed = {}
+        for name, method in methods.items():
+            began = time.perf_counter()
+            run_step(method, tasks[name], index, args.batch)
+            timed[f"{name}_s"] = time.perf_counter() - began
+        pairs.append(timed)
+        return {"pairs": list(pairs)}
+    return both
+
+
 MEASUREMENTS: dict[str, Callable] = {
+    "dp-over-lora": dp_over_lora,
     "lora": lambda args: training_step(args, "lora"),
     "dp-lora": lambda args: training_step(args, "dp-lora"),
     "audit": audit_query,
@@ -302,6 +326,7 @@ def plan(args) -> list[tuple[str, str, int, dict]]:
     """(row name, child kind, batch, overrides of the child's options) in the order they run."""
     rows = [("LoRA step", "lora", 1, {})]
     rows += [("DP-LoRA step (K=1)", "dp-lora", b, {}) for b in args.dp_batches]
+    rows += [("LoRA then DP-LoRA step, alternated", "dp-over-lora", 1, {})]
     rows += [("audit query (loss attack)", "audit", 1, {})]
     if args.device == "cpu":  # the split client keeps its data on the CPU; it computes in float32
         rows += [("split client forward (backward-free)", "split", 1, {"precision": "fp32"})]
@@ -343,6 +368,7 @@ def main() -> None:
     parser.add_argument("--dp-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="smoke run: --size tiny --repeat 1")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_scale.json")
+    parser.add_argument("--only", nargs="+", choices=tuple(MEASUREMENTS), help="run only these measurements")
     parser.add_argument("--child", choices=tuple(MEASUREMENTS), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,6 +384,8 @@ def main() -> None:
               "precision": args.precision, "repeat": args.repeat, "machine": machine(), **run_record(),
               "measurements": []}
     for name, kind, batch, overrides in plan(args):
+        if args.only and kind not in args.only:
+            continue
         print(f"measuring {name}, batch {batch} ...", flush=True)
         measured = run_child(args, kind, batch, overrides)
         result["measurements"].append({"name": name, "kind": kind, "batch": batch, **measured})
@@ -374,7 +402,18 @@ def main() -> None:
                f"{m['median_call_s'] / m['batch']:.2f}", gib(m["rss_peak_during_calls_mib"]), gib(m["working_mib"]))
         rows.append(row + ((gib(m["cuda_peak_mib"]),) if cuda else ()))
     print_table(rows)
-    export = next(m for m in result["measurements"] if m["kind"] == "export")
+    by_kind = {m["kind"]: m for m in result["measurements"]}
+    if "dp-over-lora" in by_kind:
+        pairs = by_kind["dp-over-lora"]["outputs"]["pairs"][1:]  # the first pair is the warm-up
+        lora_s, dp_s = (float(np.median([p[f"{k}_s"] for p in pairs])) for k in ("lora", "dp-lora"))
+        result["dp_over_lora"] = {"lora_step_s": lora_s, "dp_step_s": dp_s, "ratio": dp_s / lora_s,
+                                  "pairs": len(pairs)}
+        print(f"DP-LoRA step / LoRA step, alternated in one process: {dp_s:.2f} s / {lora_s:.2f} s "
+              f"= {dp_s / lora_s:.3f}")
+    if "export" not in by_kind:
+        write_json(args.out, result)
+        return
+    export = by_kind["export"]
     print(f"export {export['median_export_s']:.2f} s + load_lora_weights {export['median_load_s']:.2f} s; "
           f"adapter {export['outputs']['adapter_bytes'] / 2**20:.1f} MiB in {export['outputs']['tensors']} tensors; "
           f"total {result['total_s'] / 60:.1f} min")

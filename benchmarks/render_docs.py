@@ -121,9 +121,37 @@ def weights_variants(data: dict) -> Rows:
     return rows
 
 
+def dp_timing_by_setting(data: dict) -> Rows:
+    """One row per method / engine / K, one column per adapter: median step time and ratio to LoRA."""
+    adapters = list(data["timing"])
+    settings: list[str] = []
+    for timing in data["timing"].values():
+        settings += [m for m in timing["median_step_s"] if m not in settings]
+    rows = [["setting", *(f"{a}, batch {data['timing'][a]['batch_size']}" for a in adapters)]]
+    for setting in settings:
+        cells = []
+        for adapter in adapters:
+            timing = data["timing"][adapter]
+            seconds, ratio = timing["median_step_s"].get(setting), timing["ratio_to_lora"].get(setting)
+            cells.append("" if seconds is None else f"{seconds * 1000:.1f} ms ({ratio:.2f}x)")
+        rows.append([setting, *cells])
+    return rows
+
+
+def dp_ratio_at_scale(data: dict) -> Rows:
+    ratio = data["dp_over_lora"]
+    return [["model", "LoRA step", "DP-LoRA step (K = 1)", "DP / LoRA", "pairs timed"],
+            [f"{data['size']} at {data['image_size']} px, {data['device']} {data['precision']}, batch 1",
+             f"{ratio['lora_step_s']:.2f} s", f"{ratio['dp_step_s']:.2f} s", f"{ratio['ratio']:.3f}",
+             str(ratio["pairs"])]]
+
+
 RENDERERS: dict[str, Callable[[dict], Rows]] = {
     "bench_dp.timing": dp_timing,
     "bench_dp.memory": dp_memory,
+    "bench_dp_timing.timing": dp_timing_by_setting,
+    "bench_dp_timing.memory": dp_memory,
+    "bench_scale_dp_ratio.ratio": dp_ratio_at_scale,
     "bench_dp.utility": dp_utility,
     "bench_audit.attacks": audit_attacks,
     "bench_finetune.steps": finetune_steps,

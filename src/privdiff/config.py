@@ -118,7 +118,8 @@ class DPConfig:
     epochs: float | None = 50.0  # steps = ceil(epochs / q); null = use train.steps
     accountant: Literal["prv", "rdp"] = "prv"  # prv (tight) | rdp (comparability with older work)
     eps_error: float = 1e-3  # PRV accuracy; its epsilon is an upper bound about this much above PLD
-    engine: Literal["hooks", "functorch"] = "hooks"  # per-example gradients: hooks (Opacus, fast) | functorch (vmap)
+    engine: Literal["lora", "hooks", "functorch"] = "lora"  # per-example gradients: lora (closed form in the LoRA layers, fastest) | hooks (Opacus) | functorch (vmap)
+    ghost_norms: Literal["auto", "never", "always"] = "auto"  # lora engine: per layer, materialise per-example gradients or keep them implicit (Gram-matrix norms) by cost | never | always (every linear LoRA)
     secure_rng: bool = False  # Opacus secure mode (needs torchcsprng) for noise and Poisson masks
 
 

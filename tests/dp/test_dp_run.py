@@ -38,6 +38,8 @@ def test_summary_and_header_record_the_guarantee(dp_run: Path):
     assert privacy["epsilon"] == pytest.approx(opacus_epsilon(history, 1e-5, "prv", 1e-3))
     assert privacy["epsilon_pld"] == pytest.approx(pld_epsilon(history, 1e-5))
     assert 0.99 * 4.0 <= privacy["epsilon"] <= 4.0
+    layers = privacy["per_example_gradients"]  # the lora engine's per-layer choice is on record
+    assert layers["ghost_norms"] == "auto" and layers["materialised_layers"] + len(layers["ghost_layers"]) > 0
     assert header["privdiff.method"] == "dp-lora"
     for key in HEADER_FIELDS:
         value = header[f"privdiff.dp.{key}"]

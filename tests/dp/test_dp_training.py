@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
+from privdiff.diffusion import squared_error
 from privdiff.distributed import World
 from privdiff.dp.poisson import poisson_rows
 from privdiff.errors import ModelError
 from privdiff.seeding import generator
+from privdiff.training.loop import make_batch
 from privdiff.training.methods.dp_lora import plan_privacy
 from tests.dp.conftest import LINEAR_TARGETS, capture_updates, dp_config, prepared_method, run_step, zero_gradients
 
@@ -55,7 +57,7 @@ def test_with_noise_everything_moves_at_step_one(make_task):
     assert all(not torch.equal(b, p) for b, p in zip(before, method.params))
 
 
-@pytest.mark.parametrize("engine", ["hooks", "functorch"])
+@pytest.mark.parametrize("engine", ["hooks", "functorch", "lora"])
 def test_adapters_replaced_after_the_optimizer_is_caught(make_task, engine):
     """Regression for the wrong build order: the model's LoRA tensors are no longer the optimizer's."""
     task = make_task(16)
@@ -190,3 +192,29 @@ def test_plan_resolves_the_spec_defaults():
     assert plan_privacy(dp_config(expected_batch_size=64), 20_000).delta == pytest.approx(5e-6)
     small = plan_privacy(dp_config(), 12)
     assert small.expected_batch_size == 3
+
+
+@pytest.mark.parametrize("engine", ["hooks", "lora", "lora-ghost"])
+def test_without_noise_or_clipping_the_dp_update_is_the_plain_gradient(make_task, engine):
+    """σ = 0 and C = ∞: G/B is the ordinary gradient of the mean loss on the same draws (to 1e-5: float32
+    sums in another order; both engines are about 2e-6 off)."""
+    task = make_task(8)
+    method = prepared_method(task, dp_config(LINEAR_TARGETS + ["conv1"], noise_multiplier=0.0, max_grad_norm=1e9,
+                                             expected_batch_size=5, noise_multiplicity=2,
+                                             engine=engine.split("-")[0],
+                                             ghost_norms="always" if engine.endswith("ghost") else "never"))
+    with torch.no_grad():  # non-zero B, so that A has a gradient too
+        for p in method.params:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    updates = capture_updates(method)
+    rng = generator(method.config.train.seed, "step", 0)
+    method.batch_indices(0, task.num_examples, rng)
+    batch = make_batch(task, torch.arange(5), 0.0, rng)
+    method.step(task, batch, rng)
+    noisy, t, c, target = method.draws(task, batch, slice(None)).rows(task.scheduler)
+    method.engine.close()
+    for p in method.params:
+        p.grad = None
+    squared_error(task.unet, noisy, t, c, target).mean().backward()
+    for update, p in zip(updates[0], method.params):
+        assert torch.linalg.vector_norm(update - p.grad) <= 1e-5 * torch.linalg.vector_norm(p.grad) + 1e-12

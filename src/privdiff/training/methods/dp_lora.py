@@ -29,7 +29,7 @@ from privdiff.dp.accounting import (
     pld_epsilon,
 )
 from privdiff.dp.noise import CPUNoiseDistributedDPOptimizer, CPUNoiseDPOptimizer
-from privdiff.dp.per_example import ENGINES, ExampleDraws, per_example_norms
+from privdiff.dp.per_example import ENGINES, ExampleDraws
 from privdiff.dp.poisson import local_share, poisson_rows, secure_generator
 from privdiff.errors import ConfigError, ModelError
 from privdiff.seeding import derive_seed, generator
@@ -129,7 +129,8 @@ class DPLoRA(LoRA):
         self.params = self.trainable_parameters(task)  # the UNet is on its device already (pitfall 1)
         self.names = [name for name, p in sorted(task.unet.named_parameters()) if p.requires_grad]
         model = DPDDP(task.unet) if self.world.distributed else task.unet  # broadcasts rank 0's weights
-        self.engine = ENGINES[dp.engine](model, task.unet, dict(zip(self.names, self.params)), task.scheduler)
+        self.engine = ENGINES[dp.engine](model, task.unet, dict(zip(self.names, self.params)), task.scheduler,
+                                         ghost_norms=dp.ghost_norms)
         optimizer_class = CPUNoiseDistributedDPOptimizer if self.world.distributed else CPUNoiseDPOptimizer
         # Each process divides by B / W and the all-reduce averages over W: the update is Σ / B.
         self.optimizer = optimizer_class(
@@ -176,8 +177,10 @@ class DPLoRA(LoRA):
             self.optimizer.generator = torch.Generator().manual_seed(  # a CPU stream: see dp.noise
                 derive_seed(self.config.train.seed, "dp-noise", self.step_index))
         count = len(batch.indices)
-        losses, norms = [], []
-        before = self._adapter_checksum()
+        losses = []
+        self.optimizer.per_sample_norms = []  # the clipping fills it (one (n,) tensor per chunk)
+        self.engine.check_parameters()
+        before = self._adapter_snapshot()
         if count == 0:
             self.engine.set_empty()  # no forward: diffusers UNets fail on a 0-sized batch
             self.optimizer.step()  # noise-only update, one accountant step
@@ -188,7 +191,6 @@ class DPLoRA(LoRA):
                 draws = self.draws(task, batch, chunk)
                 losses.append(self.engine.compute(draws))
                 self.engine.check_grad_samples(draws.num_examples)
-                norms.append(per_example_norms(self.params))
                 if j < len(starts) - 1:
                     self.optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
                 self.optimizer.step()
@@ -197,7 +199,7 @@ class DPLoRA(LoRA):
         self.optimizer.zero_grad()
         self.empty_batches += int(self.global_batch_size == 0)
         self._check_adapter_moved(before)
-        return self._step_metrics(losses, norms)
+        return self._step_metrics(losses, [n for n in self.optimizer.per_sample_norms if len(n)])
 
     def _step_metrics(self, losses: list[torch.Tensor], norms: list[torch.Tensor]) -> dict[str, float]:
         loss = torch.cat(losses) if losses else torch.zeros(0)
@@ -218,14 +220,11 @@ class DPLoRA(LoRA):
             metrics["epsilon_rdp"] = eps if math.isfinite(eps) else math.nan
         return metrics
 
-    def _adapter_checksum(self) -> torch.Tensor:
-        """(2,) sum and sum of squares of the LoRA tensors the UNet holds now, looked up by name, so a
-        tensor swapped behind the optimizer's back counts as unchanged."""
-        current = dict(self.unet.named_parameters())
-        values = [current[name].detach().double() for name in self.names if name in current]
-        if len(values) != len(self.names):
-            raise ModelError("the model lost LoRA parameters during DP training (the adapter was removed or renamed)")
-        return torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in values]).sum(dim=0).cpu()
+    def _adapter_snapshot(self) -> torch.Tensor:
+        """The optimizer's LoRA tensors, flattened into one copy (the model holding exactly those
+        tensors is checked before and after the step)."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def _check_adapter_moved(self, before: torch.Tensor) -> None:
         """Every DP step must move the adapter the model uses (dp-lora.md §11): a PEFT or Opacus
@@ -233,7 +232,7 @@ class DPLoRA(LoRA):
         The one legitimate standstill: no noise and an empty batch."""
         if self.plan.noise_multiplier == 0 and self.global_batch_size == 0:
             return
-        if torch.equal(self._adapter_checksum(), before):
+        if not self.engine.model_holds_parameters() or torch.equal(self._adapter_snapshot(), before):
             raise ModelError(f"DP step {self.step_index + 1} did not change the LoRA weights the model uses: "
                              f"the optimizer updates other tensors (the adapter was replaced after the optimizer "
                              f"was built, e.g. the model moved to its device after adding adapters), or the "
@@ -278,6 +277,7 @@ class DPLoRA(LoRA):
             "dataset_size": plan.dataset_size,
             "empty_batches": self.empty_batches,
             "engine": dp.engine,
+            "per_example_gradients": self._layer_choices(),
             "world_size": self.world.size,
             "opacus_version": metadata.version("opacus"),
             "dp_accounting_version": metadata.version("dp-accounting"),
@@ -286,6 +286,14 @@ class DPLoRA(LoRA):
             "plan": asdict(plan),
         }
         return self._privacy
+
+    def _layer_choices(self) -> dict[str, Any]:
+        """Which LoRA layers materialised their per-example gradients and which used ghost norms."""
+        engine = getattr(self, "engine", None)
+        choices = engine.layer_choices() if engine is not None else {}
+        ghost = sorted(name for name, how in choices.items() if how == "ghost")
+        return {"ghost_norms": self.config.dp.ghost_norms if self.config.dp.engine == "lora" else "never",
+                "ghost_layers": ghost, "materialised_layers": len(choices) - len(ghost) if choices else None}
 
     def accountant_steps(self) -> int:
         return sum(steps for _, _, steps in self.accountant.history)
