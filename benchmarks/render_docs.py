@@ -138,6 +138,33 @@ def dp_timing_by_setting(data: dict) -> Rows:
     return rows
 
 
+def _ci(entry: dict, spec: str = ".3f", signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    low, high = entry["ci"]
+    return f"{entry['value']:{sign}{spec}} [{low:{sign}{spec}}, {high:{sign}{spec}}]"
+
+
+def attack_strength(data: dict) -> Rows:
+    """Every attack on the demo's plain LoRA: test AUC and TPR at 5 % FPR with intervals, cost, control."""
+    rows = [["attack", "test AUC [95 % CI]", "TPR @ 5 % FPR [95 % CI]", "queries / example", "fit (s)",
+             "examples / s", "control AUC"]]
+    for name, record in data["target"].items():
+        control = data["control"].get(name)
+        rows.append([name, _ci(record["auc"]), _ci(record["tpr_at_fpr"]["0.05"]), str(record["queries_per_example"]),
+                     f"{record['fit_seconds']:.1f}", f"{record['examples_per_second']:.1f}",
+                     _ci(control["auc"]) if control else ""])
+    return rows
+
+
+def attack_strength_paired(data: dict) -> Rows:
+    """Paired differences (same examples, same bootstrap resamples)."""
+    rows = [["difference", "AUC", "TPR @ 5 % FPR", "TPR @ 1 % FPR"]]
+    for pair, d in data["paired"].items():
+        rows.append([pair.replace(" - ", " − "), _ci(d["auc"], signed=True), _ci(d["tpr@0.05"], signed=True),
+                     _ci(d["tpr@0.01"], signed=True)])
+    return rows
+
+
 def dp_ratio_at_scale(data: dict) -> Rows:
     ratio = data["dp_over_lora"]
     return [["model", "LoRA step", "DP-LoRA step (K = 1)", "DP / LoRA", "pairs timed"],
@@ -152,6 +179,8 @@ RENDERERS: dict[str, Callable[[dict], Rows]] = {
     "bench_dp_timing.timing": dp_timing_by_setting,
     "bench_dp_timing.memory": dp_memory,
     "bench_scale_dp_ratio.ratio": dp_ratio_at_scale,
+    "bench_attack_strength.attacks": attack_strength,
+    "bench_attack_strength.paired": attack_strength_paired,
     "bench_dp.utility": dp_utility,
     "bench_audit.attacks": audit_attacks,
     "bench_finetune.steps": finetune_steps,
