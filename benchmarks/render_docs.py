@@ -165,6 +165,40 @@ def attack_strength_paired(data: dict) -> Rows:
     return rows
 
 
+def demo_phases(data: dict) -> Rows:
+    """`privdiff demo` per phase, wall and CPU seconds, one column per timed run."""
+    runs = data["runs"]
+    rows = [["phase", *(f"run {i + 1}: wall / CPU (s)" for i in range(len(runs)))]]
+    for phase in runs[0]["phases_s"]:
+        rows.append([phase, *(f"{r['phases_s'][phase]:.1f} / {r['phases_cpu_s'][phase]:.1f}" for r in runs)])
+    rows.append(["start-up (imports, CLI)", *(f"{r['startup_s']:.1f}" for r in runs)])
+    rows.append(["**total** (wall, as `time privdiff demo` sees it)", *(f"**{r['wall_time_s']:.1f}**" for r in runs)])
+    rows.append(["load average before the run", *(f"{r['load_average_before'][0]:.2f}" for r in runs)])
+    return rows
+
+
+def demo_claims(data: dict) -> Rows:
+    """The demo's three claims as the last timed run measured them."""
+    claims = data["runs"][-1]["claims"]
+    lora, dp, control = claims["lora caught"], claims["dp-lora at chance"], claims["control at chance"]
+    return [["claim", "figures", "holds"],
+            ["plain LoRA caught", f"best attack on aux {lora['attack']}: test AUC {_ci(lora['auc'])}, lower end above "
+             f"0.5 + 2 null sd = {lora['lower_end_above']:.3f}", str(lora["holds"])],
+            ["DP-LoRA at chance", f"({dp['epsilon']:.3f}, {dp['delta']:g})-DP; best attack {dp['best_attack']}: AUC "
+             f"{_ci(dp['auc'])}; largest gap {dp['largest_auc_gap']:.3f} within 3 null sd = {dp['band']:.3f}",
+             str(dp["holds"])],
+            ["control at chance", f"largest gap {control['largest_auc_gap']:.3f} within 3 null sd = "
+             f"{control['band']:.3f}", str(control["holds"])]]
+
+
+def scale_out(data: dict) -> Rows:
+    rows = [["job", "1 process × 2 threads", "2 processes × 1 thread", "t(1×2) / t(2×1)"]]
+    for job, t in data["jobs"].items():
+        rows.append([job, f"{t['1_process_2_threads_s']:.1f} s", f"{t['2_processes_1_thread_s']:.1f} s",
+                     f"{t['scaling_efficiency']:.2f}"])
+    return rows
+
+
 def dp_ratio_at_scale(data: dict) -> Rows:
     ratio = data["dp_over_lora"]
     return [["model", "LoRA step", "DP-LoRA step (K = 1)", "DP / LoRA", "pairs timed"],
@@ -180,6 +214,9 @@ RENDERERS: dict[str, Callable[[dict], Rows]] = {
     "bench_dp_timing.memory": dp_memory,
     "bench_scale_dp_ratio.ratio": dp_ratio_at_scale,
     "bench_attack_strength.attacks": attack_strength,
+    "bench_demo.phases": demo_phases,
+    "bench_scale_out.jobs": scale_out,
+    "bench_demo.claims": demo_claims,
     "bench_attack_strength.paired": attack_strength_paired,
     "bench_dp.utility": dp_utility,
     "bench_audit.attacks": audit_attacks,

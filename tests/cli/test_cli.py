@@ -174,6 +174,13 @@ def test_demo_end_to_end(tmp_path: Path, capsys):
     assert all(claim["holds"] for claim in record["claims"].values()), record["claims"]
     assert {"train lora", "train dp-lora", "audit control", "report"} <= set(record["phases_s"])
     assert not (out / "smp-lora").exists() and "Matched utility" not in page  # behind --full
+    # privdiff check, the release gate (issue 31): the plain LoRA fails on membership, the DP-LoRA passes.
+    for run, code, verdict in (("lora", 1, "fail"), ("dp-lora", 0, "pass")):
+        adapter = out / run / "pytorch_lora_weights.safetensors"
+        assert main(["check", str(adapter), "--data", str(out / run), "--out", str(tmp_path / f"check-{run}"),
+                     "--attacks", "sima,loss", "--quiet"]) == code, run
+        checked = json.loads((tmp_path / f"check-{run}" / "check.json").read_text())
+        assert checked["axes"]["membership"]["verdict"] == verdict and checked["axes"]["header"]["verdict"] == "pass"
 
 
 @pytest.mark.long

@@ -178,3 +178,14 @@ def test_calibration_where_prv_would_not_fit_lands_below_target_by_pld():
 def test_sigma_near_zero_reports_rdps_bound_instead_of_overflowing():
     e = compute_epsilon([(0.001, 0.25, 100000)], DELTA)
     assert e.accountant == "rdp" and e.value > 1e6 and "PLD needs" in e.note
+
+
+def test_rdp_epsilon_equals_opacus_rdp_accountant_exactly():
+    """ε_RDP comes from a cached per-step RDP curve (the step logs ask for it often): the same number
+    as Opacus' RDPAccountant on the same history, composed entries included."""
+    from opacus.accountants import RDPAccountant
+
+    for history in ([(1.0, 0.1, 100)], [(0.7, 0.05, 1000), (1.3, 0.2, 7)], [(0.3, 0.5, 10)]):
+        accountant = RDPAccountant()
+        accountant.history = history
+        assert opacus_epsilon(history, DELTA, "rdp") == accountant.get_epsilon(DELTA)
