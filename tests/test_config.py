@@ -97,7 +97,7 @@ def test_every_config_root_loads_saves_and_loads_back(kind, tmp_path: Path):
 @pytest.mark.parametrize("kind, key, choices", [
     (RunConfig, "sample.scheduler", "ddim, ddpm"),
     (RunConfig, "dp.accountant", "prv, rdp"),
-    (RunConfig, "dp.engine", "hooks, functorch"),
+    (RunConfig, "dp.engine", "lora, hooks, functorch"),
     (SplitConfig, "protocol.design", "backward-free, vanilla"),
     (SplitConfig, "protocol.activation", "identity, symsigmoid"),
     (SplitConfig, "protocol.precision", "fp16, fp32"),

@@ -210,12 +210,13 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     """
     began = time.perf_counter()
     cfg = (cfg or AuditConfig()).validate()
+    runtime = resolve_runtime(cfg.runtime)  # an unusable device is refused before anything is read
     run = open_run(run_dir)
     needs_shadows = any(ATTACKS[a].needs_shadows for a in cfg.attacks) and shadows is None
     if not current_world().is_main:
         if needs_shadows:
-            train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", False,
-                          resolve_runtime(cfg.runtime), cache=cfg.cache)
+            train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", False, runtime,
+                          cache=cfg.cache)
         return None
     target = audit_target(run, cfg)
     data = target.data
@@ -223,7 +224,7 @@ def run_audit(run_dir: str | Path, cfg: AuditConfig | None = None, *, show_progr
     out_dir.mkdir(parents=True, exist_ok=True)
     if needs_shadows:
         shadows = train_shadows(run, cfg.shadows, cfg.audit_seed, run.path / "audit" / "shadows", show_progress,
-                                resolve_runtime(cfg.runtime), cache=cfg.cache)
+                                runtime, cache=cfg.cache)
     results = attack_target(target, cfg, shadows, show_progress)
 
     records = {name: r["record"] for name, r in results.items()}
