@@ -23,7 +23,7 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/privdiff demo --full
 
-# CI runs `make test` (lint-imports, then about 6 min of tests on 2 cores with the venv installed); `make test-all` adds the long end-to-end tests (about 50 min).
+# CI runs `make test` (lint-imports, then about 9.5 min of tests on 2 cores with the venv installed); `make test-all` adds the long end-to-end tests.
 test: $(STAMP)
 	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not long" --durations=25
