@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/privdiff demo
 
-# `make demo-full` adds SMP-LoRA and the early-stopped plain LoRA (about 5 min in all on 2 cores).
+# `make demo-full` adds SMP-LoRA and the early-stopped plain LoRA (about 4.5 min in all on 2 cores).
 demo-full: $(STAMP)
 	$(BIN)/privdiff demo --full
 

@@ -215,6 +215,7 @@ RENDERERS: dict[str, Callable[[dict], Rows]] = {
     "bench_scale_dp_ratio.ratio": dp_ratio_at_scale,
     "bench_attack_strength.attacks": attack_strength,
     "bench_demo.phases": demo_phases,
+    "bench_demo_full.phases": demo_phases,
     "bench_scale_out.jobs": scale_out,
     "bench_demo.claims": demo_claims,
     "bench_attack_strength.paired": attack_strength_paired,

@@ -46,7 +46,8 @@ def test_bench_evaluate_quick_writes_json(tmp_path: Path):
 @pytest.mark.long
 def test_bench_audit_quick_writes_json(tmp_path: Path):
     result, stdout = run_quick("bench_audit.py", tmp_path / "bench.json")
-    assert set(result["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline"}
+    assert set(result["attacks"]) == {"loss", "pia", "secmi", "sima", "proxy", "lira-online", "lira-offline",
+                                      "rmia", "rmia-offline", "quantile"}
     assert all(r["queries_per_example"] >= 1 and r["examples_per_second"] > 0 for r in result["attacks"].values())
     assert "queries/example" in stdout
 
@@ -96,7 +97,9 @@ def test_bench_encoding_cache_quick_writes_json(tmp_path: Path):
 def test_bench_scale_quick_measures_every_operation_in_its_own_process(tmp_path: Path):
     result, stdout = run_quick("bench_scale.py", tmp_path / "bench.json")
     kinds = [(m["kind"], m["batch"]) for m in result["measurements"]]
-    assert kinds == [("lora", 1), ("dp-lora", 1), ("dp-lora", 2), ("audit", 1), ("split", 1), ("export", 1)]
+    assert kinds == [("lora", 1), ("dp-lora", 1), ("dp-lora", 2), ("dp-over-lora", 1), ("audit", 1), ("split", 1),
+                     ("export", 1)]
+    assert result["dp_over_lora"]["ratio"] > 0 and result["dp_over_lora"]["pairs"] >= 1
     assert all(m["median_call_s"] > 0 and m["rss_peak_during_calls_mib"] > 0 for m in result["measurements"])
     assert result["measurements"][-1]["outputs"]["tensors"] > 0 and "load_lora_weights" in stdout
 

@@ -15,8 +15,8 @@ parameter, which is what Opacus' DPOptimizer reads (a list would be taken as acc
   of each example there: no hooks, no activation capture, no p.grad. Linear layers with few tokens
   keep them implicit instead (ghost norms, `dp.ghost_norms`): per-example norms from Gram matrices,
   the clipped sum computed once the clip factors are known. K = 1 DP steps on 2 cores
-  (`bench_dp.py --timing-only`): 1.39x / 1.20x a plain LoRA step (demo / attention-only r8
-  adapter) against 1.83x / 1.51x for hooks and 1.96x / 1.95x for functorch.
+  (`bench_dp.py --timing-only`, docs/dp-lora.md): 1.21x / 1.02x a plain LoRA step (demo /
+  attention-only r8 adapter) against 1.62x / 1.26x for hooks; 0.97x at SD-1.5 size.
 All randomness (t, noise) is drawn by the caller and passed in, so all are deterministic.
 """
 
