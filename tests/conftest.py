@@ -135,3 +135,13 @@ def finished_tiny_run(tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPath
 
 FAST_EVAL = {"num_samples": 20, "num_inference_steps": 3, "bootstrap": 20, "kid_subsets": 5,
              "batch_size": 8}
+
+
+def without_keys(value, unstable: set[str]):
+    """`value` (nested dicts and lists) without the dict entries named in `unstable`, at any depth:
+    what two runs that differ only in timings and run records have in common."""
+    if isinstance(value, dict):
+        return {k: without_keys(v, unstable) for k, v in value.items() if k not in unstable}
+    if isinstance(value, list):
+        return [without_keys(v, unstable) for v in value]
+    return value

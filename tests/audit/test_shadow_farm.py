@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import without_keys
+
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 # Timings, the run's own path and the process's thread count differ between any two audits.
 UNSTABLE = {"wall_time_s", "fit_seconds", "examples_per_second", "run", "torch_threads"}
@@ -32,11 +34,7 @@ def audit(run: Path, nproc: int) -> dict:
 
 
 def stable(value):
-    if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if k not in UNSTABLE}
-    if isinstance(value, list):
-        return [stable(v) for v in value]
-    return value
+    return without_keys(value, UNSTABLE)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from privdiff.runs.farm import FINISHED_MARKER
 from privdiff.weights.finetune import FinetuneBench, FinetuneRecipe
 from privdiff.weights.paradigm import EncoderTrainer, EncoderTrainingConfig
 from privdiff.weights.shadow_runs import PAIRS_FILE, farm_shadow_runs, plan_shadow_runs
+from tests.conftest import without_keys
 
 SHADOWS = attack_split()[0][:3]
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -76,11 +77,7 @@ UNSTABLE = {"timings", "run", "wall_time_s", "encoder_seconds", "finetune_second
 
 
 def stable(value):
-    if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if k not in UNSTABLE}
-    if isinstance(value, list):
-        return [stable(v) for v in value]
-    return value
+    return without_keys(value, UNSTABLE)
 
 
 def farm_attack(out: Path, nproc: int, pipeline: Path, *extra: str) -> dict:

@@ -127,6 +127,15 @@ class PerExampleEngine(ABC):
                 raise ModelError(f"no per-example gradient for LoRA tensor {name} (expected "
                                  f"{(num_examples, *p.shape)}, got {got}): the per-example engine was bypassed")
 
+    def backward_example_losses(self, model, draws: ExampleDraws) -> torch.Tensor:
+        """One forward and backward of the n·K rows through `model` (the per-example machinery sits in
+        it) with loss Σ_i l_i, l_i the mean of example i's K row losses; returns the (n,) l_i."""
+        noisy, timesteps, contexts, target = draws.rows(self.scheduler)
+        row_losses = squared_error(model, noisy, timesteps, contexts, target).mean(dim=(1, 2, 3))
+        example_losses = row_losses.reshape(draws.num_examples, draws.multiplicity).mean(dim=1)
+        example_losses.sum().backward()
+        return example_losses.detach()
+
     def layer_choices(self) -> dict[str, str]:
         """How each LoRA layer produced its per-example gradients: "materialise" or "ghost"."""
         return {}
@@ -155,18 +164,15 @@ class HooksEngine(PerExampleEngine):
         if n == 0:  # diffusers UNets fail on a 0-sized batch
             self.set_empty()
             return torch.zeros(0)
-        noisy, timesteps, contexts, target = draws.rows(self.scheduler)
         for p in self.params.values():
             p.grad_sample, p.grad = None, None
-        row_losses = squared_error(self.wrapped, noisy, timesteps, contexts, target).mean(dim=(1, 2, 3))
-        example_losses = row_losses.reshape(n, k).mean(dim=1)
         with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients": expected
             warnings.simplefilter("ignore", UserWarning)
-            example_losses.sum().backward()  # per-row gradients are those of l_i's terms row_loss / K
+            example_losses = self.backward_example_losses(self.wrapped, draws)  # per-row: l_i's terms / K
         for p in self.params.values():
             p.grad_sample = p.grad_sample.reshape(n, k, *p.shape).sum(dim=1)
             p.grad = None
-        return example_losses.detach()
+        return example_losses
 
     def close(self) -> None:
         self.wrapped._close()
@@ -206,21 +212,17 @@ class LoRAEngine(PerExampleEngine):
         return dict(self.grouping.choices)
 
     def compute(self, draws: ExampleDraws) -> torch.Tensor:
-        n, k = draws.num_examples, draws.multiplicity
+        n = draws.num_examples
         if n == 0:  # diffusers UNets fail on a 0-sized batch
             self.set_empty()
             return torch.zeros(0)
-        noisy, timesteps, contexts, target = draws.rows(self.scheduler)
         for p in self.params.values():
             p.grad_sample, p.grad, p.ghost = None, None, None
         self.grouping.num_examples = n
         try:
-            row_losses = squared_error(self.model, noisy, timesteps, contexts, target).mean(dim=(1, 2, 3))
-            example_losses = row_losses.reshape(n, k).mean(dim=1)
-            example_losses.sum().backward()
+            return self.backward_example_losses(self.model, draws)
         finally:
             self.grouping.num_examples = None
-        return example_losses.detach()
 
     def close(self) -> None:
         lora_grads.detach(self.layers)
