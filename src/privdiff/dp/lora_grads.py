@@ -24,9 +24,6 @@ from peft.tuners.lora import layer as lora_layers
 
 from privdiff.errors import ModelError
 
-GHOST_POLICIES = ("auto", "never", "always")
-
-
 @dataclass
 class Grouping:
     """How many examples the current batch holds (None outside a per-example pass: plain forward),
