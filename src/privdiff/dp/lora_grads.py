@@ -24,6 +24,7 @@ from peft.tuners.lora import layer as lora_layers
 
 from privdiff.errors import ModelError
 
+
 @dataclass
 class Grouping:
     """How many examples the current batch holds (None outside a per-example pass: plain forward),
